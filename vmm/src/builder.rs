@@ -1,0 +1,364 @@
+//! The one place that wires a VM together from a `VmConfig`: memory, kernel, devices, command
+//! line, vCPUs, and the event loop that waits for the VM to end.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::virtio::VirtioDevice;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::Kvm;
+use linux_loader::loader::Cmdline;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::boot::{self, BootError};
+use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::host::KvmKind;
+use crate::vstate::vcpu::{AssistStats, Vcpu, VcpuError, VmExit};
+use crate::vstate::vm::{Vm, VmError};
+
+/// hull's own kernel command line:
+/// - the console on COM1, and only COM1 probed;
+/// - `reboot=k`: the guest resets through the i8042, which ends the VMM cleanly;
+/// - `panic=1`: a panicking guest resets after a second instead of hanging.
+const BASE_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=1";
+
+/// Errors while building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// The VM could not be created.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The guest could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A device could not be attached.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A vCPU could not be created, configured or started.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The console file cannot be opened.
+    #[error("cannot open console file {path}")]
+    Console {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// An eventfd or signal handler could not be set up.
+    #[error("cannot set up {what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Builds the kernel command line: hull's base, `quiet` unless boot messages are wanted, the
+/// host's needs, the devices, then the user's additions (which may override earlier ones).
+pub fn kernel_cmdline(
+    config: &VmConfig,
+    kind: KvmKind,
+    device_args: &[String],
+) -> Result<Cmdline, VmmError> {
+    let mut cmdline = boot::new_cmdline();
+    let mut push = |arg: &str| -> Result<(), VmmError> {
+        if arg.trim().is_empty() {
+            return Ok(());
+        }
+        cmdline
+            .insert_str(arg)
+            .map_err(|source| VmmError::Boot(BootError::Cmdline(source)))
+    };
+    push(BASE_CMDLINE)?;
+    if !config.boot_messages {
+        push("quiet")?;
+    }
+    if let Some(extra) = kind.extra_cmdline() {
+        push(extra)?;
+    }
+    for arg in device_args {
+        push(arg)?;
+    }
+    push(&config.cmdline)?;
+    Ok(cmdline)
+}
+
+fn open_console(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match console {
+        // Unbuffered: a console shows each byte as the guest sends it.
+        ConsoleConfig::Stdout => Box::new(File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| VmmError::Setup {
+                    what: "the console on standard output",
+                    source,
+                })?,
+        )),
+        ConsoleConfig::Null => Box::new(std::io::sink()),
+        ConsoleConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::Console {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// Waits for the end of the VM: a reset from the i8042 or an exit reported by a vCPU.
+struct ExitHandler {
+    reset_evt: EventFd,
+    exit_evt: EventFd,
+    exits: Receiver<VmExit>,
+    result: Option<VmExit>,
+}
+
+impl MutEventSubscriber for ExitHandler {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == std::os::fd::AsRawFd::as_raw_fd(&self.reset_evt) {
+            let _ = self.reset_evt.read();
+            self.result.get_or_insert(VmExit::Reset);
+        } else if fd == std::os::fd::AsRawFd::as_raw_fd(&self.exit_evt) {
+            let _ = self.exit_evt.read();
+            if let Ok(exit) = self.exits.try_recv() {
+                self.result.get_or_insert(exit);
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for evt in [&self.reset_evt, &self.exit_evt] {
+            if let Err(err) = ops.add(Events::new(evt, EventSet::IN)) {
+                log::error!("cannot watch the VM's end events: {err:?}");
+            }
+        }
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    /// Keeps the VM (and its memory) alive while the vCPUs run.
+    _vm: Vm,
+    vcpus: Vec<Vcpu>,
+    /// Owns the devices (through the buses the vCPUs share) for the VM's lifetime.
+    _device_manager: DeviceManager,
+    event_manager: EventManager<Subscriber>,
+    exit_handler: Arc<Mutex<ExitHandler>>,
+    exit_tx: Sender<VmExit>,
+    exit_evt: EventFd,
+    cmdline: String,
+}
+
+/// How a VM run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Why the VM ended.
+    pub exit: VmExit,
+    /// Instructions the emulation assist completed, summed over vCPUs.
+    pub assists: AssistStats,
+}
+
+fn setup_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Setup { what, source }
+}
+
+/// Builds a VM from `config` on a host whose KVM is `kind`.
+pub fn build(config: &VmConfig, kind: KvmKind) -> Result<Vmm, VmmError> {
+    build_with_devices(config, kind, Vec::new())
+}
+
+/// Builds a VM from `config` with extra virtio devices, announced to the guest in order.
+pub fn build_with_devices(
+    config: &VmConfig,
+    kind: KvmKind,
+    virtio_devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+) -> Result<Vmm, VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+    config.validate(kvm.get_max_vcpus())?;
+
+    let memory = boot::create_memory(u64::from(config.mem_size_mib))?;
+    let vm = Vm::new(&kvm, memory)?;
+    let kernel = boot::load_kernel(vm.memory(), &config.kernel)?;
+    let initramfs = config
+        .initramfs
+        .as_deref()
+        .map(|path| boot::load_initramfs(vm.memory(), path, kernel.end))
+        .transpose()?;
+
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the reset eventfd"))?;
+    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the exit eventfd"))?;
+    let mut device_manager = DeviceManager::new();
+    device_manager.attach_legacy(
+        vm.fd(),
+        open_console(&config.console)?,
+        reset_evt
+            .try_clone()
+            .map_err(setup_err("the reset eventfd"))?,
+    )?;
+    for device in virtio_devices {
+        device_manager.attach_virtio(vm.fd(), vm.memory(), device)?;
+    }
+
+    let cmdline = kernel_cmdline(config, kind, &device_manager.cmdline_args())?;
+    boot::configure_system(vm.memory(), &cmdline, initramfs)?;
+
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let mut vcpu = Vcpu::new(&vm, index, device_manager.buses().clone())?;
+        vcpu.configure(&kvm, config.vcpus, kernel.entry)?;
+        vcpus.push(vcpu);
+    }
+
+    let (exit_tx, exit_rx) = channel();
+    let exit_handler = Arc::new(Mutex::new(ExitHandler {
+        reset_evt,
+        exit_evt: exit_evt
+            .try_clone()
+            .map_err(setup_err("the exit eventfd"))?,
+        exits: exit_rx,
+        result: None,
+    }));
+    let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+    event_manager.add_subscriber(exit_handler.clone());
+
+    Ok(Vmm {
+        _vm: vm,
+        vcpus,
+        _device_manager: device_manager,
+        event_manager,
+        exit_handler,
+        exit_tx,
+        exit_evt,
+        cmdline: cmdline
+            .as_cstring()
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    })
+}
+
+/// Signal that knocks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Vmm {
+    /// The kernel command line the guest boots with.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Runs the VM until it ends, then stops every vCPU.
+    pub fn run(mut self) -> Result<RunOutcome, VmmError> {
+        register_signal_handler(kick_signal(), on_kick).map_err(|e| VmmError::Setup {
+            what: "the vCPU kick signal",
+            source: e.into(),
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus.drain(..) {
+            let evt = self
+                .exit_evt
+                .try_clone()
+                .map_err(setup_err("the exit eventfd"))?;
+            threads.push(vcpu.start(stop.clone(), self.exit_tx.clone(), evt)?);
+        }
+
+        let exit = loop {
+            self.event_manager.run().map_err(VmmError::EventLoop)?;
+            let mut handler = self
+                .exit_handler
+                .lock()
+                .expect("the exit handler never panics while locked");
+            if let Some(exit) = handler.result.take() {
+                break exit;
+            }
+        };
+
+        // Knock every vCPU out of KVM_RUN until its thread is done. A kick that lands just
+        // before a thread enters KVM_RUN is lost, so kick again until each one has finished.
+        stop.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            for thread in threads.iter().filter(|t| !t.is_finished()) {
+                let _ = thread.kill(kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut assists = AssistStats::default();
+        for thread in threads {
+            if thread.is_finished() {
+                if let Ok(stats) = thread.join() {
+                    assists.int3 += stats.int3;
+                    assists.fwait += stats.fwait;
+                }
+            }
+        }
+        Ok(RunOutcome { exit, assists })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_order_and_host_measures() {
+        let mut config = VmConfig::new("/k".into());
+        config.cmdline = "hull.poweroff=ready".into();
+        let devices = vec!["virtio_mmio.device=4K@0xd0000000:5".to_owned()];
+        let line = kernel_cmdline(&config, KvmKind::Pvm, &devices)
+            .unwrap()
+            .as_cstring()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        assert_eq!(
+            line,
+            "console=ttyS0 8250.nr_uarts=1 reboot=k panic=1 quiet \
+             clearcpuid=xsave,smap,popcnt,cx16 hull_pvm_syscall \
+             virtio_mmio.device=4K@0xd0000000:5 hull.poweroff=ready"
+        );
+        config.boot_messages = true;
+        config.cmdline.clear();
+        let line = kernel_cmdline(&config, KvmKind::Hardware, &[])
+            .unwrap()
+            .as_cstring()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        assert_eq!(line, BASE_CMDLINE);
+    }
+
+    #[test]
+    fn overlong_cmdline_is_an_error() {
+        let mut config = VmConfig::new("/k".into());
+        config.cmdline = "x".repeat(4096);
+        let err = kernel_cmdline(&config, KvmKind::Hardware, &[]).unwrap_err();
+        assert!(err.to_string().contains("command line"), "{err}");
+    }
+}

@@ -1,0 +1,20 @@
+//! hull-vmm: one KVM micro-VM per container.
+//!
+//! `builder` wires a VM from a plain `VmConfig`: guest memory and the kernel (`arch`), the
+//! in-kernel interrupt controllers (`vstate::vm`), devices on port and MMIO buses
+//! (`device_manager`), and one thread per vCPU (`vstate::vcpu`). On PVM hosts (`host`) the
+//! kernel command line carries the host's workarounds and `emulation` completes the few
+//! instructions the host's emulator refuses.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod device_manager;
+pub mod emulation;
+pub mod host;
+pub mod vstate;
+
+pub use builder::{build, build_with_devices, RunOutcome, Vmm, VmmError};
+pub use config::{ConsoleConfig, VmConfig};
+pub use host::KvmKind;
+pub use vstate::vcpu::VmExit;

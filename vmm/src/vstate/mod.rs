@@ -1,0 +1,4 @@
+//! KVM state: the VM (memory, interrupt controllers) and its vCPUs with their run loops.
+
+pub mod vcpu;
+pub mod vm;

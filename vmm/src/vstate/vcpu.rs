@@ -1,0 +1,544 @@
+//! vCPUs: boot-time configuration and the run loop.
+//!
+//! Each vCPU runs on its own thread. Exits are dispatched by `handle_exit`, a plain function
+//! that knows no device addresses: port and MMIO accesses go to the buses. What ends the VM
+//! (a reset, a triple fault, an instruction nobody can run) is sent to the VMM thread, which
+//! stops the other vCPUs.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use devices::Bus;
+use kvm_bindings::{
+    kvm_lapic_state, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{cpuid, msr, regs};
+use crate::emulation::{self, Assist};
+use crate::vstate::vm::Vm;
+
+/// Errors while creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl on the vCPU failed.
+    #[error("vcpu{index}: {what}")]
+    Kvm {
+        index: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Boot structures could not be written.
+    #[error("vcpu{index}: boot state")]
+    Regs {
+        index: u8,
+        #[source]
+        source: regs::RegsError,
+    },
+    /// The vCPU thread could not be started.
+    #[error("vcpu{index}: cannot start its thread")]
+    Thread {
+        index: u8,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset the machine (i8042 reset or a KVM reset event): hull's way to power off.
+    Reset,
+    /// The guest powered off through a KVM system event.
+    PowerOff,
+    /// The guest triple-faulted; the text is a diagnosis.
+    TripleFault(String),
+    /// The VM cannot go on; the text says why.
+    Failed(String),
+}
+
+impl VmExit {
+    /// The exit status of hull-vmm for this ending.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::Reset | VmExit::PowerOff => 0,
+            VmExit::TripleFault(_) | VmExit::Failed(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Reset => f.write_str("the guest reset the machine"),
+            VmExit::PowerOff => f.write_str("the guest powered off"),
+            VmExit::TripleFault(diag) => write!(f, "the guest triple-faulted: {diag}"),
+            VmExit::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The buses a vCPU hands its I/O exits to.
+#[derive(Clone, Default)]
+pub struct IoBuses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Run the guest again.
+    Continue,
+    /// The host's instruction emulator gave up; see `kvm_run.emulation_failure`.
+    EmulationFailure,
+    /// The guest triple-faulted; the caller adds a diagnosis from the vCPU state.
+    TripleFault,
+    /// The VM ends.
+    Stop(VmExit),
+}
+
+/// Dispatches one vCPU exit.
+pub fn handle_exit(exit: VcpuExit<'_>, io: &IoBuses) -> ExitAction {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            io.pio.read(u64::from(port), data);
+            ExitAction::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            io.pio.write(u64::from(port), data);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            io.mmio.read(addr, data);
+            ExitAction::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            io.mmio.write(addr, data);
+            ExitAction::Continue
+        }
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => ExitAction::Continue,
+        VcpuExit::InternalError => ExitAction::EmulationFailure,
+        VcpuExit::Shutdown => ExitAction::TripleFault,
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => ExitAction::Stop(VmExit::Reset),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => ExitAction::Stop(VmExit::PowerOff),
+        VcpuExit::Hlt => ExitAction::Stop(VmExit::Failed(
+            "the guest halted a vCPU outside the in-kernel interrupt controller".into(),
+        )),
+        VcpuExit::FailEntry(reason, cpu) => ExitAction::Stop(VmExit::Failed(format!(
+            "KVM could not enter the guest on cpu {cpu}: hardware entry failure reason {reason:#x}"
+        ))),
+        other => ExitAction::Stop(VmExit::Failed(format!("unexpected vCPU exit {other:?}"))),
+    }
+}
+
+/// Counts of instructions the emulation assist completed, for diagnostics and benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AssistStats {
+    /// INT3 stepped over with a breakpoint injected.
+    pub int3: u64,
+    /// FWAIT stepped over.
+    pub fwait: u64,
+}
+
+/// One vCPU, configured and ready to run.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    io: IoBuses,
+    memory: GuestMemoryMmap,
+    stats: AssistStats,
+}
+
+/// Local APIC register offsets and delivery modes used to wire LINT0/LINT1.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+    u32::from_le_bytes(bytes)
+}
+
+fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+        lapic.regs[offset + i] = byte as _;
+    }
+}
+
+fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
+    (reg & !0x700) | (mode << 8)
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `vm`.
+    pub fn new(vm: &Vm, index: u8, io: IoBuses) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Kvm {
+                index,
+                what: "cannot create the vCPU",
+                source,
+            })?;
+        Ok(Self {
+            index,
+            fd,
+            io,
+            memory: vm.memory().clone(),
+            stats: AssistStats::default(),
+        })
+    }
+
+    fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Kvm {
+            index,
+            what,
+            source,
+        }
+    }
+
+    /// Sets CPUID, MSRs and the local APIC's legacy interrupt lines; the boot vCPU (index 0)
+    /// also gets the 64-bit boot state with RIP at `entry`. The others wait for INIT/SIPI.
+    pub fn configure(
+        &mut self,
+        kvm: &Kvm,
+        vcpu_count: u8,
+        entry: GuestAddress,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.kvm_err("cannot read the supported CPUID"))?;
+        cpuid::filter(cpuid.as_mut_slice(), self.index, vcpu_count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.kvm_err("cannot set CPUID"))?;
+
+        let msrs = msr::boot_msrs();
+        let written = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.kvm_err("cannot set the boot MSRs"))?;
+        if written < msrs.as_slice().len() {
+            // KVM stops at the first MSR it refuses; the kernel copes with its default value.
+            log::warn!(
+                "vcpu{}: KVM refused boot MSR {:#x}",
+                self.index,
+                msrs.as_slice()[written].index
+            );
+        }
+
+        let mut lapic = self
+            .fd
+            .get_lapic()
+            .map_err(self.kvm_err("cannot read the local APIC"))?;
+        let lvt0 = lapic_reg(&lapic, APIC_LVT0);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT0,
+            with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+        );
+        let lvt1 = lapic_reg(&lapic, APIC_LVT1);
+        set_lapic_reg(
+            &mut lapic,
+            APIC_LVT1,
+            with_delivery_mode(lvt1, APIC_MODE_NMI),
+        );
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.kvm_err("cannot set the local APIC"))?;
+
+        if self.index == 0 {
+            let sregs = self
+                .fd
+                .get_sregs()
+                .map_err(self.kvm_err("cannot read special registers"))?;
+            let index = self.index;
+            let sregs = regs::setup_sregs(&self.memory, sregs)
+                .map_err(|source| VcpuError::Regs { index, source })?;
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(self.kvm_err("cannot set special registers"))?;
+            self.fd
+                .set_regs(&regs::boot_regs(entry.0))
+                .map_err(self.kvm_err("cannot set registers"))?;
+            self.fd
+                .set_fpu(&regs::boot_fpu())
+                .map_err(self.kvm_err("cannot set the FPU"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the run loop on its own thread. When the VM must end, the reason goes to
+    /// `exits` and `exit_evt` is signalled; `stop` tells the loop to return.
+    pub fn start(
+        mut self,
+        stop: Arc<AtomicBool>,
+        exits: Sender<VmExit>,
+        exit_evt: EventFd,
+    ) -> Result<JoinHandle<AssistStats>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                if let Some(exit) = self.run(&stop) {
+                    // The VMM thread may already be gone if another vCPU ended the VM.
+                    let _ = exits.send(exit);
+                    if let Err(err) = exit_evt.write(1) {
+                        log::error!("vcpu{index}: cannot signal the VM's end: {err}");
+                    }
+                }
+                self.stats
+            })
+            .map_err(|source| VcpuError::Thread { index, source })
+    }
+
+    /// Runs the guest until it ends the VM (returns why) or `stop` is set (returns `None`).
+    fn run(&mut self, stop: &AtomicBool) -> Option<VmExit> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return None;
+            }
+            let action = match self.fd.run() {
+                Ok(exit) => handle_exit(exit, &self.io),
+                Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    ExitAction::Continue
+                }
+                Err(err) => ExitAction::Stop(VmExit::Failed(format!(
+                    "vcpu{}: KVM_RUN failed: {err}",
+                    self.index
+                ))),
+            };
+            match action {
+                ExitAction::Continue => {}
+                ExitAction::EmulationFailure => {
+                    if let Err(exit) = self.emulation_assist() {
+                        return Some(exit);
+                    }
+                }
+                ExitAction::TripleFault => {
+                    return Some(VmExit::TripleFault(self.diagnosis()));
+                }
+                ExitAction::Stop(exit) => return Some(exit),
+            }
+        }
+    }
+
+    /// Completes an instruction the host's emulator refused (PVM hosts), or says why not.
+    fn emulation_assist(&mut self) -> Result<(), VmExit> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR (that is how we got here), for
+        // which KVM fills the `internal`/`emulation_failure` member of the union; both are
+        // plain integers, valid for any bit pattern.
+        let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+        if failure.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            // SAFETY: as above; `internal` overlays the same bytes and is plain integers.
+            let internal = unsafe { run.__bindgen_anon_1.internal };
+            let ndata = (internal.ndata as usize).min(internal.data.len());
+            return Err(VmExit::Failed(format!(
+                "vcpu{}: KVM internal error, suberror {}, data {:x?}; {}",
+                self.index,
+                internal.suberror,
+                &internal.data[..ndata],
+                self.diagnosis()
+            )));
+        }
+        // SAFETY: the union member holds plain bytes, valid for any bit pattern.
+        let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+        let mut regs = self.fd.get_regs().map_err(|e| {
+            VmExit::Failed(format!("vcpu{}: cannot read registers: {e}", self.index))
+        })?;
+        let bytes = if failure.flags
+            & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+            != 0
+        {
+            insn.insn_bytes[..usize::from(insn.insn_size).min(insn.insn_bytes.len())].to_vec()
+        } else {
+            self.code_at_rip(regs.rip)
+        };
+        let (len, inject) = match emulation::assist(&bytes) {
+            Assist::Skip { len } => {
+                self.stats.fwait += 1;
+                (len, None)
+            }
+            Assist::SkipAndInject { len, vector } => {
+                self.stats.int3 += 1;
+                (len, Some(vector))
+            }
+            Assist::Unhandled(insn) => {
+                return Err(VmExit::Failed(format!(
+                    "vcpu{}: the host cannot emulate guest instruction {insn} at RIP {:#x}",
+                    self.index, regs.rip
+                )))
+            }
+        };
+        regs.rip = regs.rip.wrapping_add(len);
+        let fail = |what: &str, e: kvm_ioctls::Error| {
+            VmExit::Failed(format!("vcpu{}: emulation assist: {what}: {e}", self.index))
+        };
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| fail("cannot set registers", e))?;
+        if let Some(vector) = inject {
+            let mut events = self
+                .fd
+                .get_vcpu_events()
+                .map_err(|e| fail("cannot read pending events", e))?;
+            events.exception.injected = 1;
+            events.exception.nr = vector;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+            events.exception.pending = 0;
+            self.fd
+                .set_vcpu_events(&events)
+                .map_err(|e| fail("cannot inject the exception", e))?;
+        }
+        Ok(())
+    }
+
+    /// Up to 15 bytes of guest code at `rip`, read through the guest's page tables.
+    fn code_at_rip(&self, rip: u64) -> Vec<u8> {
+        let Ok(sregs) = self.fd.get_sregs() else {
+            return Vec::new();
+        };
+        let Some(gpa) = regs::translate_gva(&self.memory, &sregs, rip) else {
+            return Vec::new();
+        };
+        let mut bytes = vec![0u8; 15];
+        // Stop at the end of the page: the next one may map elsewhere.
+        let in_page = (0x1000 - (gpa & 0xfff)) as usize;
+        bytes.truncate(in_page.min(15));
+        match self.memory.read_slice(&mut bytes, GuestAddress(gpa)) {
+            Ok(()) => bytes,
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The vCPU's state at a fatal exit: RIP, the instruction bytes there, control registers.
+    fn diagnosis(&self) -> String {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return format!("vcpu{}: registers unreadable", self.index);
+        };
+        let code = self.code_at_rip(regs.rip);
+        let insn = if code.is_empty() {
+            "unreadable".to_owned()
+        } else {
+            emulation::describe(&code).to_string()
+        };
+        format!(
+            "vcpu{} at RIP {:#x} (instruction {insn}), RSP {:#x}, CR0 {:#x}, CR3 {:#x}, \
+             CR4 {:#x}, EFER {:#x}",
+            self.index, regs.rip, regs.rsp, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use devices::BusDevice;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Port {
+        last_write: Option<(u64, Vec<u8>)>,
+    }
+
+    impl BusDevice for Port {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(0x40 + offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.last_write = Some((offset, data.to_vec()));
+        }
+    }
+
+    fn buses() -> (IoBuses, Arc<Mutex<Port>>, Arc<Mutex<Port>>) {
+        let pio_dev = Arc::new(Mutex::new(Port::default()));
+        let mmio_dev = Arc::new(Mutex::new(Port::default()));
+        let mut io = IoBuses::default();
+        io.pio.insert(pio_dev.clone(), 0x3f8, 8).unwrap();
+        io.mmio
+            .insert(mmio_dev.clone(), 0xd000_0000, 0x1000)
+            .unwrap();
+        (io, pio_dev, mmio_dev)
+    }
+
+    #[test]
+    fn io_exits_go_to_the_buses() {
+        let (io, pio, mmio) = buses();
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x3f8, b"A"), &io),
+            ExitAction::Continue
+        );
+        assert_eq!(pio.lock().unwrap().last_write, Some((0, b"A".to_vec())));
+        let mut byte = [0u8];
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x3fd, &mut byte), &io),
+            ExitAction::Continue
+        );
+        assert_eq!(byte, [0x45]);
+        let mut word = [0u8; 4];
+        handle_exit(VcpuExit::MmioRead(0xd000_0004, &mut word), &io);
+        assert_eq!(word, [0x44; 4]);
+        handle_exit(VcpuExit::MmioWrite(0xd000_0070, &[1, 0, 0, 0]), &io);
+        assert_eq!(
+            mmio.lock().unwrap().last_write,
+            Some((0x70, vec![1, 0, 0, 0]))
+        );
+        // Nobody home: reads as ones, the guest goes on.
+        let mut none = [0u8; 2];
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x2f8, &mut none), &io),
+            ExitAction::Continue
+        );
+        assert_eq!(none, [0xff; 2]);
+    }
+
+    #[test]
+    fn ending_exits_stop_the_vm() {
+        let io = IoBuses::default();
+        assert_eq!(
+            handle_exit(VcpuExit::Shutdown, &io),
+            ExitAction::TripleFault
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::InternalError, &io),
+            ExitAction::EmulationFailure
+        );
+        assert_eq!(
+            handle_exit(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &io),
+            ExitAction::Stop(VmExit::Reset)
+        );
+        let ExitAction::Stop(VmExit::Failed(why)) = handle_exit(VcpuExit::FailEntry(0x21, 0), &io)
+        else {
+            panic!("a failed entry must stop the VM");
+        };
+        assert!(why.contains("0x21"), "{why}");
+        assert_eq!(VmExit::Reset.exit_code(), 0);
+        assert_eq!(VmExit::TripleFault(String::new()).exit_code(), 1);
+    }
+
+    #[test]
+    fn lapic_lint_wiring() {
+        let mut lapic = kvm_lapic_state::default();
+        set_lapic_reg(&mut lapic, APIC_LVT0, 0x0001_0000);
+        let lvt0 = with_delivery_mode(lapic_reg(&lapic, APIC_LVT0), APIC_MODE_EXTINT);
+        assert_eq!(lvt0, 0x0001_0700);
+        assert_eq!(with_delivery_mode(0x700, APIC_MODE_NMI), 0x400);
+    }
+}
