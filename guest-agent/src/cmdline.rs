@@ -1,0 +1,144 @@
+//! The kernel command line, as `/proc/cmdline` shows it.
+//!
+//! The host passes its requests to the agent as `hull.*` parameters. The kernel does not hand
+//! dotted parameters to init as arguments or environment, so the agent reads them from
+//! `/proc/cmdline`. Splitting follows the kernel's own `next_arg()`: parameters are separated by
+//! white space, double quotes group (`a="b c"`), and only a quote opening the parameter or its
+//! value and the one closing it are removed.
+
+use std::path::Path;
+
+/// The parameter that asks the agent to power off right after the readiness line.
+pub const POWEROFF_PARAM: &str = "hull.poweroff";
+/// The value of [`POWEROFF_PARAM`] for "power off once ready".
+pub const POWEROFF_READY: &str = "ready";
+
+/// Errors reading the command line.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdlineError {
+    #[error("cannot read kernel command line {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A parsed kernel command line: `name` or `name=value` parameters, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cmdline {
+    params: Vec<(String, Option<String>)>,
+}
+
+impl Cmdline {
+    /// Parses a command line the way the kernel splits it.
+    pub fn parse(text: &str) -> Self {
+        let mut params = Vec::new();
+        let mut chars = text.chars().peekable();
+        loop {
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            if chars.peek().is_none() {
+                break;
+            }
+            let mut word = String::new();
+            let mut in_quote = false;
+            while let Some(c) = chars.next_if(|c| in_quote || !c.is_whitespace()) {
+                if c == '"' {
+                    in_quote = !in_quote;
+                }
+                word.push(c);
+            }
+            params.push(split_param(&word));
+        }
+        Self { params }
+    }
+
+    /// Reads and parses the command line from `path` (normally `/proc/cmdline`).
+    pub fn read(path: &Path) -> Result<Self, CmdlineError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CmdlineError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self::parse(&text))
+    }
+
+    /// The value of the last `name=value` parameter called `name`, as the kernel lets the last
+    /// one win. A bare `name` has no value.
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    /// Whether the host asked for a power-off right after the readiness line.
+    pub fn poweroff_when_ready(&self) -> bool {
+        self.value(POWEROFF_PARAM) == Some(POWEROFF_READY)
+    }
+}
+
+/// Splits one word into name and value and removes quotes where the kernel does: a quote
+/// opening the word or the value, and then the quote closing it.
+fn split_param(word: &str) -> (String, Option<String>) {
+    let (word, quoted) = match word.strip_prefix('"') {
+        Some(rest) => (rest, true),
+        None => (word, false),
+    };
+    let strip_end = |s: &str| s.strip_suffix('"').unwrap_or(s).to_owned();
+    match word.split_once('=') {
+        Some((name, value)) => match value.strip_prefix('"') {
+            Some(value) => (name.to_owned(), Some(strip_end(value))),
+            None if quoted => (name.to_owned(), Some(strip_end(value))),
+            None => (name.to_owned(), Some(value.to_owned())),
+        },
+        None if quoted => (strip_end(word), None),
+        None => (word.to_owned(), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_on_white_space_and_equals() {
+        let c = Cmdline::parse("console=ttyS0 reboot=k  panic=-1\tquiet\n");
+        assert_eq!(c.value("console"), Some("ttyS0"));
+        assert_eq!(c.value("reboot"), Some("k"));
+        assert_eq!(c.value("panic"), Some("-1"));
+        assert_eq!(c.value("quiet"), None);
+        assert_eq!(c.value("missing"), None);
+    }
+
+    #[test]
+    fn quotes_group_values_and_are_removed() {
+        let c = Cmdline::parse(r#"a="b c" d=e"f g"h "x=y z" "bare""#);
+        assert_eq!(c.value("a"), Some("b c"));
+        // Like the kernel, quotes inside a value stay.
+        assert_eq!(c.value("d"), Some(r#"e"f g"h"#));
+        assert_eq!(c.value("x"), Some("y z"));
+        assert_eq!(
+            Cmdline::parse(r#""bare""#).params,
+            [("bare".to_owned(), None)]
+        );
+    }
+
+    #[test]
+    fn poweroff_flag() {
+        assert!(Cmdline::parse("console=ttyS0 hull.poweroff=ready").poweroff_when_ready());
+        assert!(Cmdline::parse("hull.poweroff=\"ready\"\n").poweroff_when_ready());
+        assert!(!Cmdline::parse("console=ttyS0").poweroff_when_ready());
+        assert!(!Cmdline::parse("hull.poweroff").poweroff_when_ready());
+        assert!(!Cmdline::parse("hull.poweroff=readyx").poweroff_when_ready());
+        assert!(!Cmdline::parse("xhull.poweroff=ready").poweroff_when_ready());
+        // The last one wins, as in the kernel.
+        assert!(!Cmdline::parse("hull.poweroff=ready hull.poweroff=no").poweroff_when_ready());
+    }
+
+    #[test]
+    fn empty_and_blank() {
+        assert_eq!(Cmdline::parse(""), Cmdline::default());
+        assert_eq!(Cmdline::parse(" \n"), Cmdline::default());
+    }
+}

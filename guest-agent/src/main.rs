@@ -1,0 +1,173 @@
+//! `hull-agent`: PID 1 of every hull micro-VM.
+//!
+//! The kernel starts it as `/init` from the initramfs (see `mkinitramfs.py`). It mounts the early
+//! file systems, prints one readiness line for the host, then reaps children and waits for a
+//! power-off request, until the next version adds the host protocol over vsock. As PID 1 it never
+//! exits: every way out, including errors and panics, goes through `power::power_off`, which
+//! syncs and resets the VM (the VMM's clean end).
+//!
+//! Started by anything but the guest kernel it refuses to act (exit status 2), except in the test
+//! mode `mode.rs` describes, in a throwaway PID and mount namespace on a host.
+
+#![forbid(unsafe_code)]
+
+mod cmdline;
+mod console;
+mod init;
+mod mode;
+mod power;
+mod ready;
+mod reaper;
+mod signals;
+
+use std::error::Error;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+
+use crate::cmdline::Cmdline;
+use crate::mode::{Facts, Mode, TestConfig};
+use crate::ready::Ready;
+use crate::signals::{Action, Signals};
+
+const USAGE: &str = "\
+usage: hull-agent [--version | --help]
+
+hull-agent is PID 1 of a hull micro-VM and runs only there: the guest kernel starts it as /init
+from the initramfs. Anywhere else it refuses to act and exits with status 2. The host tests run
+it as PID 1 of a throwaway PID and mount namespace with HULL_AGENT_TEST_ROOT and
+HULL_AGENT_TEST_PARENT_PIDNS set (see docs/agent.md).";
+
+fn main() {
+    let facts = Facts::of_this_process();
+    if facts.pid != 1 {
+        // Not init: a plain command line tool that only answers --version and --help.
+        match std::env::args().nth(1).as_deref() {
+            Some("--version" | "-V") => {
+                println!("hull-agent {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0)
+            }
+            Some("--help" | "-h") => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            _ => {}
+        }
+    }
+    // As PID 1 the kernel may pass unknown boot parameters as arguments: they are ignored.
+    match mode::decide(&facts) {
+        Ok(mode) => run(mode),
+        Err(err) => {
+            eprintln!("hull-agent: refusing to act as init: {err}\n\n{USAGE}");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// Runs as init. Never returns.
+fn run(mode: Mode) -> ! {
+    power::set_target(mode.power_target());
+    std::panic::set_hook(Box::new(|info| power::fatal(&format!("panic: {info}"))));
+
+    let mut signals = Signals::block().unwrap_or_else(|e| power::fatal(&error_chain(&e)));
+    if let Err(e) = prepare(&mode) {
+        power::fatal(&e);
+    }
+    // Children that ended before SIGCHLD was blocked sent their signal for nothing.
+    log_reaped(&mode, reaper::reap_all());
+
+    let cmdline = match &mode {
+        Mode::Test(TestConfig {
+            cmdline: Some(text),
+            ..
+        }) => Cmdline::parse(text),
+        _ => Cmdline::read(&mode.root().join("proc/cmdline"))
+            .unwrap_or_else(|e| power::fatal(&error_chain(&e))),
+    };
+    let line = Ready::gather(&mode.root().join("proc/uptime"))
+        .and_then(|ready| ready.line())
+        .unwrap_or_else(|e| power::fatal(&error_chain(&e)));
+    console::emit(&line);
+    if cmdline.poweroff_when_ready() {
+        power::power_off("requested on the kernel command line");
+    }
+    if let Mode::Test(config) = &mode {
+        run_test_hooks(config);
+    }
+
+    loop {
+        match signals.wait() {
+            Ok((_, Action::Reap)) => log_reaped(&mode, reaper::reap_all()),
+            Ok((signal, Action::PowerOff)) => power::power_off(signal.as_str()),
+            Err(e) => power::fatal(&error_chain(&e)),
+        }
+    }
+}
+
+/// Everything before the readiness line that can fail fatally.
+fn prepare(mode: &Mode) -> Result<(), String> {
+    match mode {
+        Mode::Guest => {
+            // Ctrl-alt-del then sends SIGINT to init instead of resetting without a sync.
+            if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+                console::log(&format!("warning: cannot disable ctrl-alt-del reset: {e}"));
+            }
+        }
+        Mode::Test(_) => enter_private_mount_namespace()?,
+    }
+    init::mount_early(&mode.root()).map_err(|e| error_chain(&e))
+}
+
+/// Test mode: whatever the harness did, nothing mounted here may reach the host's namespace.
+fn enter_private_mount_namespace() -> Result<(), String> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(CLONE_NEWNS): {e}"))?;
+    mount(
+        None::<&str>,
+        Path::new("/"),
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making / private: {e}"))
+}
+
+/// Test mode: what the host tests ask for after the readiness line.
+fn run_test_hooks(config: &TestConfig) {
+    if let Some(command) = &config.exec {
+        // The child is reaped by the main loop, like any other.
+        match Command::new("/bin/sh")
+            .args(["-c", command])
+            .stdin(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => console::log(&format!("started test command, pid={}", child.id())),
+            Err(e) => console::log(&format!("cannot start test command: {e}")),
+        }
+    }
+    if config.panic {
+        panic!("test panic requested with {}", mode::ENV_TEST_PANIC);
+    }
+}
+
+fn log_reaped(mode: &Mode, reaped: Vec<reaper::Reaped>) {
+    // In the guest, orphans are reaped quietly: the console is for the host.
+    if matches!(mode, Mode::Test(_)) {
+        for r in reaped {
+            console::log(&format!("reaped {r}"));
+        }
+    }
+}
+
+/// An error and its causes on one line, `outer: inner: ...`.
+pub fn error_chain(err: &dyn Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
