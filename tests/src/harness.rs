@@ -1,0 +1,239 @@
+//! Finding hull's binaries and guest artifacts, and running a VMM with a deadline.
+//!
+//! Every VM a test starts is a child process that is killed if the deadline passes or the
+//! test panics, so a failing test never leaves a VMM behind.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+        .to_owned()
+}
+
+/// A binary built from this workspace: `$HULL_<NAME>` if set, else next to the running
+/// test's `deps/` directory (the profile directory cargo builds binaries into).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let var = format!("HULL_{}", name.replace('-', "_").to_uppercase());
+    if let Some(path) = std::env::var_os(var) {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("the running test has a path");
+    let mut dir = exe
+        .parent()
+        .expect("a binary lives in a directory")
+        .to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// The guest kernel and initramfs `make` builds: `$HULL_KERNEL` / `$HULL_INITRAMFS`, or
+/// `build/guest/` in the workspace.
+pub fn guest_artifacts() -> (PathBuf, PathBuf) {
+    let dir = workspace_root().join("build/guest");
+    let kernel = std::env::var_os("HULL_KERNEL").map_or_else(|| dir.join("vmlinux"), PathBuf::from);
+    let initramfs = std::env::var_os("HULL_INITRAMFS")
+        .map_or_else(|| dir.join("initramfs.cpio"), PathBuf::from);
+    (kernel, initramfs)
+}
+
+/// A fresh directory under the system temp dir, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `hull-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hull-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("the temp dir is writable");
+        Self(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What a finished process printed, and how it ended.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything on standard output.
+    pub stdout: String,
+    /// Everything on standard error.
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+}
+
+/// A child process whose output lines arrive on channels; killed on drop.
+pub struct Running {
+    child: Child,
+    started: Instant,
+    stdout_lines: Receiver<(Instant, String)>,
+    stderr: Receiver<String>,
+    stdout_seen: String,
+}
+
+impl Running {
+    /// Spawns `cmd` with piped standard output and error.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let (tx, stdout_lines) = channel();
+        let out = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(out);
+            let mut line = Vec::new();
+            // Lines as they come, the last one even without a newline.
+            while reader
+                .read_until(b'\n', &mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                let text = String::from_utf8_lossy(&line).into_owned();
+                if tx.send((Instant::now(), text)).is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        });
+        let (tx, stderr) = channel();
+        let mut err = child.stderr.take().expect("stderr is piped");
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text);
+            let _ = tx.send(text);
+        });
+        Self {
+            child,
+            started,
+            stdout_lines,
+            stderr,
+            stdout_seen: String::new(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// When the process was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Waits until a line of standard output satisfies `pred`; returns it and when it came.
+    /// Panics with everything printed so far if `deadline` passes or output ends first.
+    pub fn wait_for_line(
+        &mut self,
+        deadline: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> (String, Instant) {
+        let end = self.started + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.stdout_lines.recv_timeout(left) {
+                Ok((at, line)) => {
+                    self.stdout_seen.push_str(&line);
+                    if pred(&line) {
+                        return (line, at);
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let finished = self.finish_now();
+                    panic!(
+                        "no matching output line within {deadline:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                        finished.stdout, finished.stderr
+                    );
+                }
+            }
+        }
+    }
+
+    fn finish_now(&mut self) -> Finished {
+        let status = self.child.wait().expect("waiting for a child cannot fail");
+        let elapsed = self.started.elapsed();
+        while let Ok((_, line)) = self.stdout_lines.recv_timeout(Duration::from_secs(5)) {
+            self.stdout_seen.push_str(&line);
+        }
+        Finished {
+            status,
+            stdout: std::mem::take(&mut self.stdout_seen),
+            stderr: self
+                .stderr
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_default(),
+            elapsed,
+        }
+    }
+
+    /// Waits for the process to exit; kills it and panics with its output after `deadline`
+    /// (counted from its start).
+    pub fn wait(mut self, deadline: Duration) -> Finished {
+        let end = self.started + deadline;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return self.finish_now(),
+                Ok(None) if Instant::now() >= end => {
+                    let _ = self.child.kill();
+                    let finished = self.finish_now();
+                    panic!(
+                        "process still running after {deadline:?}; killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                        finished.stdout, finished.stderr
+                    );
+                }
+                Ok(None) => {
+                    // Drain output as it comes so the pipes never fill up.
+                    if let Ok((_, line)) = self.stdout_lines.recv_timeout(Duration::from_millis(5))
+                    {
+                        self.stdout_seen.push_str(&line);
+                    }
+                }
+                Err(e) => panic!("cannot wait for the child: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `cmd` to completion within `deadline`.
+pub fn run(cmd: Command, deadline: Duration) -> Finished {
+    Running::spawn(cmd).wait(deadline)
+}
