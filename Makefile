@@ -1,0 +1,62 @@
+# hull: the two commands a user needs are `make demo` and `make test`. CI runs `.ci/run`,
+# which runs `make test`. Every target installs what it is missing (Debian packages) first.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := demo
+
+GUEST_DIR := build/guest
+KERNEL := $(GUEST_DIR)/vmlinux
+AGENT := $(GUEST_DIR)/hull-agent
+INITRAMFS := $(GUEST_DIR)/initramfs.cpio
+HULL_VMM := target/release/hull-vmm
+CARGO ?= cargo
+
+# Debian packages the host side needs (the kernel build installs its own).
+HOST_PACKAGES := python3 binutils util-linux cpio
+
+.PHONY: demo test kernel agent build bench lint deps clean
+
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: hull needs a Rust toolchain (rustup) on PATH" >&2; exit 1; }
+	@missing=(); for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing+=($$p); done; \
+	if [ $${#missing[@]} -gt 0 ]; then \
+		echo "installing $${missing[*]}"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $${missing[@]}; \
+	fi
+
+# The guest kernel: cached by a hash of its inputs, so this is instant after the first build.
+kernel: deps
+	kernel-config/build.sh $(GUEST_DIR) >/dev/null
+
+# The static guest agent and the uncompressed initramfs whose /init it is.
+agent: deps
+	guest-agent/build.sh $(GUEST_DIR)
+	python3 guest-agent/mkinitramfs.py $(INITRAMFS) $(AGENT)
+
+# hull and hull-vmm.
+build: deps
+	$(CARGO) build --release --workspace --bins
+
+# Boot a micro-VM with our kernel and agent; it prints the agent's readiness line and powers off.
+demo: kernel agent build
+	@echo "booting a hull micro-VM (kernel $(KERNEL), initramfs $(INITRAMFS))"
+	@start=$$(date +%s.%N); \
+	$(HULL_VMM) --kernel $(KERNEL) --initramfs $(INITRAMFS) --cmdline hull.poweroff=ready; \
+	echo "micro-VM powered off after $$(echo "$$(date +%s.%N) - $$start" | bc) s"
+
+# Unit tests, the agent as PID 1 in a throwaway namespace, KVM tests with tiny guests, and
+# the end-to-end boot of the real kernel and agent.
+test: kernel agent build
+	$(CARGO) test --release --workspace
+
+bench: kernel agent build
+	$(CARGO) run --release -q -p hull-bench -- --kernel $(KERNEL) --initramfs $(INITRAMFS)
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	rm -rf build target
