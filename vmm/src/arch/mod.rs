@@ -5,4 +5,5 @@ pub mod boot;
 pub mod cpuid;
 pub mod layout;
 pub mod msr;
+pub mod paging;
 pub mod regs;

@@ -168,37 +168,11 @@ pub fn boot_fpu() -> kvm_fpu {
     }
 }
 
-/// Translates a guest-virtual address through the guest's 4-level page tables (for
-/// diagnostics only: reading the instruction bytes at a faulting RIP).
-pub fn translate_gva(mem: &impl GuestMemory, sregs: &kvm_sregs, gva: u64) -> Option<u64> {
-    if sregs.cr0 & X86_CR0_PG == 0 {
-        return Some(gva);
-    }
-    if sregs.efer & EFER_LMA == 0 {
-        return None; // 32-bit paging is never used by a 64-bit kernel
-    }
-    const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-    let mut table = sregs.cr3 & ADDR_MASK;
-    for level in (0..4u32).rev() {
-        let shift = 12 + 9 * level;
-        let index = (gva >> shift) & 0x1ff;
-        let entry: u64 = mem.read_obj(GuestAddress(table + index * 8)).ok()?;
-        if entry & PTE_PRESENT == 0 {
-            return None;
-        }
-        if level > 0 && level < 3 && entry & PTE_HUGE != 0 {
-            let page_mask = (1u64 << shift) - 1;
-            return Some((entry & ADDR_MASK & !page_mask) | (gva & page_mask));
-        }
-        table = entry & ADDR_MASK;
-    }
-    Some(table | (gva & 0xfff))
-}
-
 #[cfg(test)]
 mod tests {
     use vm_memory::GuestMemoryMmap;
 
+    use super::super::paging::Access;
     use super::*;
 
     fn memory() -> GuestMemoryMmap {
@@ -233,13 +207,14 @@ mod tests {
         assert_eq!(sregs.gdt.limit, 31);
         let gdt1: u64 = mem.read_obj(GuestAddress(GDT_START + 8)).unwrap();
         assert_eq!(gdt1, gdt_entry(0xa09b, 0, 0xfffff));
-        // The map is the identity for the whole first GiB, through 2 MiB pages.
-        for gva in [0u64, 0x7000, 0x1000_0000 + 0x123, (1 << 30) - 1] {
-            assert_eq!(translate_gva(&mem, &sregs, gva), Some(gva));
-        }
-        assert_eq!(translate_gva(&mem, &sregs, 1 << 30), None);
         let last_pde: u64 = mem.read_obj(GuestAddress(PDE_START + 511 * 8)).unwrap();
         assert_eq!(last_pde, (511 << 21) | 0x83);
+        // The map is the identity for the whole first GiB, through 2 MiB pages.
+        let walk = |gva| super::super::paging::translate(&mem, &sregs, gva, Access::Read, false);
+        for gva in [0u64, 0x7000, 0x1000_0000 + 0x123, (1 << 30) - 1] {
+            assert_eq!(walk(gva), Ok(gva));
+        }
+        assert!(walk(1 << 30).is_err());
     }
 
     #[test]

@@ -17,10 +17,10 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::{cpuid, msr, regs};
+use crate::arch::{cpuid, msr, paging, regs};
 use crate::emulation::{self, Assist};
 use crate::vstate::vm::Vm;
 
@@ -408,22 +408,21 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Up to 15 bytes of guest code at `rip`, read through the guest's page tables.
+    /// Up to 15 bytes of guest code at `rip`, read through the guest's page tables (fewer
+    /// when the next page is not mapped).
     fn code_at_rip(&self, rip: u64) -> Vec<u8> {
         let Ok(sregs) = self.fd.get_sregs() else {
             return Vec::new();
         };
-        let Some(gpa) = regs::translate_gva(&self.memory, &sregs, rip) else {
-            return Vec::new();
-        };
-        let mut bytes = vec![0u8; 15];
-        // Stop at the end of the page: the next one may map elsewhere.
-        let in_page = (0x1000 - (gpa & 0xfff)) as usize;
-        bytes.truncate(in_page.min(15));
-        match self.memory.read_slice(&mut bytes, GuestAddress(gpa)) {
-            Ok(()) => bytes,
-            Err(_) => Vec::new(),
+        let user = sregs.cs.dpl == 3;
+        let mut bytes = [0u8; 15];
+        let in_page = (paging::PAGE_SIZE - (rip & (paging::PAGE_SIZE - 1))) as usize;
+        for len in [bytes.len(), in_page.min(bytes.len())] {
+            if paging::read_virt(&self.memory, &sregs, rip, &mut bytes[..len], user).is_ok() {
+                return bytes[..len].to_vec();
+            }
         }
+        Vec::new()
     }
 
     /// The vCPU's state at a fatal exit: RIP, the instruction bytes there, control registers.
