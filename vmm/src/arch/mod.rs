@@ -7,3 +7,4 @@ pub mod layout;
 pub mod msr;
 pub mod paging;
 pub mod regs;
+pub mod xsave;
