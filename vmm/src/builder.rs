@@ -315,6 +315,7 @@ impl Vmm {
                 if let Ok(stats) = thread.join() {
                     assists.int3 += stats.int3;
                     assists.fwait += stats.fwait;
+                    assists.xstate += stats.xstate;
                 }
             }
         }
@@ -340,7 +341,7 @@ mod tests {
         assert_eq!(
             line,
             "console=ttyS0 8250.nr_uarts=1 reboot=k panic=1 quiet \
-             clearcpuid=xsave,smap,popcnt,cx16 hull_pvm_syscall \
+             clearcpuid=smap,popcnt,cx16 hull_pvm_syscall \
              virtio_mmio.device=4K@0xd0000000:5 hull.poweroff=ready"
         );
         config.boot_messages = true;

@@ -9,12 +9,19 @@
 //! - `FWAIT`, executed once per task exit: with no x87 exception pending it does nothing, so
 //!   step over it.
 //!
-//! Anything else ends the VM with a message naming the instruction. This is one plain function
-//! so each case is unit-tested without KVM.
+//! - the XSAVE family (XSAVE, XSAVEOPT, XSAVEC, XSAVES, XRSTOR, XRSTORS) and XSETBV/XGETBV,
+//!   which the guest kernel runs on every context switch once it may use XSAVE: decoded here,
+//!   executed by the vCPU against its `KVM_GET_XSAVE` state (see `arch::xsave`).
+//!
+//! Anything else ends the VM with a message naming the instruction. Deciding is one plain
+//! function so each case is unit-tested without KVM.
 
 use std::fmt;
 
-use iced_x86::{Code, Decoder, DecoderOptions};
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, OpKind, Register};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+
+use crate::arch::xsave::XsaveOp;
 
 /// Vector of the breakpoint exception (`#BP`).
 pub const BP_VECTOR: u8 = 3;
@@ -26,6 +33,17 @@ pub enum Assist {
     Skip { len: u64 },
     /// Advance RIP by `len` and inject exception `vector` (a trap: RIP points past it).
     SkipAndInject { len: u64, vector: u8 },
+    /// An XSAVE-family instruction with its memory operand: execute it, then advance RIP.
+    ExtendedState {
+        op: XsaveOp,
+        /// The REX.W (64-bit) form, which stores the 64-bit FPU instruction and data pointers.
+        rex_w: bool,
+        insn: Box<Instruction>,
+    },
+    /// XSETBV: write XCR[ECX] from EDX:EAX.
+    Xsetbv { len: u64 },
+    /// XGETBV: read XCR[ECX] into EDX:EAX.
+    Xgetbv { len: u64 },
     /// hull cannot complete this instruction; the VM must stop.
     Unhandled(UnhandledInstruction),
 }
@@ -77,14 +95,81 @@ pub fn assist(bytes: &[u8]) -> Assist {
         return Assist::Unhandled(describe(bytes));
     }
     let len = insn.len() as u64;
+    let xstate = |op, rex_w| Assist::ExtendedState {
+        op,
+        rex_w,
+        insn: Box::new(insn),
+    };
     match insn.code() {
         Code::Int3 => Assist::SkipAndInject {
             len,
             vector: BP_VECTOR,
         },
         Code::Wait => Assist::Skip { len },
+        Code::Xsave_mem => xstate(XsaveOp::Xsave, false),
+        Code::Xsave64_mem => xstate(XsaveOp::Xsave, true),
+        Code::Xsaveopt_mem => xstate(XsaveOp::Xsaveopt, false),
+        Code::Xsaveopt64_mem => xstate(XsaveOp::Xsaveopt, true),
+        Code::Xsavec_mem => xstate(XsaveOp::Xsavec, false),
+        Code::Xsavec64_mem => xstate(XsaveOp::Xsavec, true),
+        Code::Xsaves_mem => xstate(XsaveOp::Xsaves, false),
+        Code::Xsaves64_mem => xstate(XsaveOp::Xsaves, true),
+        Code::Xrstor_mem => xstate(XsaveOp::Xrstor, false),
+        Code::Xrstor64_mem => xstate(XsaveOp::Xrstor, true),
+        Code::Xrstors_mem => xstate(XsaveOp::Xrstors, false),
+        Code::Xrstors64_mem => xstate(XsaveOp::Xrstors, true),
+        Code::Xsetbv => Assist::Xsetbv { len },
+        Code::Xgetbv => Assist::Xgetbv { len },
         _ => Assist::Unhandled(describe(bytes)),
     }
+}
+
+/// The value of a general-purpose register an address can use (64- or 32-bit).
+fn gpr(regs: &kvm_regs, reg: Register) -> Option<u64> {
+    let full = reg.full_register();
+    let value = match full {
+        Register::RAX => regs.rax,
+        Register::RBX => regs.rbx,
+        Register::RCX => regs.rcx,
+        Register::RDX => regs.rdx,
+        Register::RSI => regs.rsi,
+        Register::RDI => regs.rdi,
+        Register::RSP => regs.rsp,
+        Register::RBP => regs.rbp,
+        Register::R8 => regs.r8,
+        Register::R9 => regs.r9,
+        Register::R10 => regs.r10,
+        Register::R11 => regs.r11,
+        Register::R12 => regs.r12,
+        Register::R13 => regs.r13,
+        Register::R14 => regs.r14,
+        Register::R15 => regs.r15,
+        Register::RIP => regs.rip,
+        _ => return None,
+    };
+    // A 32-bit address register (address-size prefix) is zero-extended.
+    Some(if reg.is_gpr32() {
+        value & 0xffff_ffff
+    } else {
+        value
+    })
+}
+
+/// The linear address of `insn`'s memory operand, decoded at `regs.rip`: base, index, scale
+/// and displacement from the registers, plus the FS or GS base for those segment overrides
+/// (the other segments have base 0 in 64-bit mode).
+pub fn memory_operand_address(
+    insn: &Instruction,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+) -> Option<u64> {
+    let operand = (0..insn.op_count()).find(|&i| insn.op_kind(i) == OpKind::Memory)?;
+    insn.virtual_address(operand, 0, |reg, _, _| match reg {
+        Register::FS => Some(sregs.fs.base),
+        Register::GS => Some(sregs.gs.base),
+        Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+        other => gpr(regs, other),
+    })
 }
 
 #[cfg(test)]
@@ -106,12 +191,68 @@ mod tests {
     }
 
     #[test]
-    fn other_instructions_are_named() {
-        // xrstor64 [rdi]
-        let Assist::Unhandled(insn) = assist(&[0x48, 0x0f, 0xae, 0x2f]) else {
-            panic!("xrstor must not be assisted yet");
+    fn xsave_family_is_decoded_with_its_operand() {
+        let regs = kvm_regs {
+            rdi: 0xffff_8880_0123_4000,
+            rax: 0x10,
+            rip: 0xffff_ffff_8100_0000,
+            ..Default::default()
         };
-        assert_eq!(insn.to_string(), "xrstor64 (bytes 48 0f ae 2f)");
+        let sregs = kvm_sregs {
+            gs: kvm_bindings::kvm_segment {
+                base: 0xffff_8880_7fc0_0000,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // (bytes, op, rex_w, operand address)
+        let cases: [(&[u8], XsaveOp, bool, u64); 6] = [
+            (&[0x48, 0x0f, 0xae, 0x27], XsaveOp::Xsave, true, regs.rdi), // xsave64 [rdi]
+            (&[0x48, 0x0f, 0xae, 0x2f], XsaveOp::Xrstor, true, regs.rdi), // xrstor64 [rdi]
+            (&[0x48, 0x0f, 0xc7, 0x2f], XsaveOp::Xsaves, true, regs.rdi), // xsaves64 [rdi]
+            (&[0x48, 0x0f, 0xc7, 0x1f], XsaveOp::Xrstors, true, regs.rdi), // xrstors64 [rdi]
+            (
+                &[0x48, 0x0f, 0xae, 0x77, 0x40],
+                XsaveOp::Xsaveopt,
+                true,
+                regs.rdi + 0x40,
+            ),
+            // xsavec [gs:rax*2+8]: a segment override, an index, a 32-bit form
+            (
+                &[0x65, 0x0f, 0xc7, 0x24, 0x45, 0x08, 0, 0, 0],
+                XsaveOp::Xsavec,
+                false,
+                sregs.gs.base + 0x28,
+            ),
+        ];
+        for (bytes, op, rex_w, addr) in cases {
+            let Assist::ExtendedState {
+                op: got,
+                rex_w: w,
+                insn,
+            } = assist(bytes)
+            else {
+                panic!("{bytes:x?} not decoded as an XSAVE-family instruction");
+            };
+            assert_eq!((got, w), (op, rex_w), "{bytes:x?}");
+            assert_eq!(insn.len(), bytes.len());
+            assert_eq!(
+                memory_operand_address(&insn, &regs, &sregs),
+                Some(addr),
+                "{bytes:x?}"
+            );
+        }
+        assert_eq!(assist(&[0x0f, 0x01, 0xd1]), Assist::Xsetbv { len: 3 });
+        assert_eq!(assist(&[0x0f, 0x01, 0xd0]), Assist::Xgetbv { len: 3 });
+    }
+
+    #[test]
+    fn other_instructions_are_named() {
+        // fxrstor64 [rdi]
+        let Assist::Unhandled(insn) = assist(&[0x48, 0x0f, 0xae, 0x0f]) else {
+            panic!("fxrstor is not assisted");
+        };
+        assert_eq!(insn.to_string(), "fxrstor64 (bytes 48 0f ae 0f)");
         // popcnt rax, rbx; the trailing byte is not part of the instruction.
         let Assist::Unhandled(insn) = assist(&[0xf3, 0x48, 0x0f, 0xb8, 0xc3, 0x90]) else {
             panic!("popcnt must not be assisted");

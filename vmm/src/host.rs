@@ -9,11 +9,12 @@ use std::fmt;
 use std::path::Path;
 
 /// The kernel command line a PVM host needs:
-/// - `clearcpuid=...` keeps the guest kernel away from XSAVE/XRSTOR, CLAC, POPCNT and
-///   CMPXCHG16B, which the host's instruction emulator cannot run;
+/// - `clearcpuid=...` keeps the guest kernel away from CLAC, POPCNT and CMPXCHG16B, which the
+///   host's instruction emulator cannot run (the XSAVE family, which it cannot run either, the
+///   VMM executes instead: the guest kernel must save its processes' AVX state);
 /// - `hull_pvm_syscall` switches on hull's guest-kernel patch that completes system calls that
 ///   reach `entry_SYSCALL_64` still in user mode (see `kernel-config/patches`).
-pub const PVM_CMDLINE: &str = "clearcpuid=xsave,smap,popcnt,cx16 hull_pvm_syscall";
+pub const PVM_CMDLINE: &str = "clearcpuid=smap,popcnt,cx16 hull_pvm_syscall";
 
 /// The kind of KVM behind `/dev/kvm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

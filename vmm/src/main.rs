@@ -126,10 +126,11 @@ fn main() -> ExitCode {
     match vmm.run() {
         Ok(outcome) => {
             log::info!(
-                "{}; emulation assists: {} int3, {} fwait",
+                "{}; emulation assists: {} int3, {} fwait, {} xsave-family",
                 outcome.exit,
                 outcome.assists.int3,
-                outcome.assists.fwait
+                outcome.assists.fwait,
+                outcome.assists.xstate
             );
             let code = outcome.exit.exit_code();
             if code != 0 {

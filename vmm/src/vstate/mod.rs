@@ -2,3 +2,4 @@
 
 pub mod vcpu;
 pub mod vm;
+pub mod xstate;

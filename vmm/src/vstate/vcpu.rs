@@ -20,9 +20,10 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::{cpuid, msr, paging, regs};
+use crate::arch::{cpuid, msr, paging, regs, xsave};
 use crate::emulation::{self, Assist};
 use crate::vstate::vm::Vm;
+use crate::vstate::xstate;
 
 /// Errors while creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +149,24 @@ pub struct AssistStats {
     pub int3: u64,
     /// FWAIT stepped over.
     pub fwait: u64,
+    /// XSAVE-family instructions and XSETBV/XGETBV executed.
+    pub xstate: u64,
+}
+
+/// An exception to raise: vector, error code, CR2.
+type Exception = (u8, Option<u32>, Option<u64>);
+
+/// Turns an extended-state outcome into (RIP advance, exception): a completed instruction is
+/// stepped over; a fault leaves RIP on it.
+fn resolve(outcome: xstate::Outcome, len: u64) -> (u64, Option<Exception>) {
+    match outcome {
+        xstate::Outcome::Completed => (len, None),
+        xstate::Outcome::Fault {
+            vector,
+            error_code,
+            cr2,
+        } => (0, Some((vector, error_code, cr2))),
+    }
 }
 
 /// One vCPU, configured and ready to run.
@@ -157,6 +176,8 @@ pub struct Vcpu {
     io: IoBuses,
     memory: GuestMemoryMmap,
     stats: AssistStats,
+    /// Where the host's XSAVE components live; computed at the first XSAVE-family exit.
+    xsave_layout: Option<xsave::XsaveLayout>,
 }
 
 /// Local APIC register offsets and delivery modes used to wire LINT0/LINT1.
@@ -197,6 +218,7 @@ impl Vcpu {
             io,
             memory: vm.memory().clone(),
             stats: AssistStats::default(),
+            xsave_layout: None,
         })
     }
 
@@ -368,42 +390,77 @@ impl Vcpu {
         } else {
             self.code_at_rip(regs.rip)
         };
-        let (len, inject) = match emulation::assist(&bytes) {
+        let index = self.index;
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            VmExit::Failed(format!("vcpu{index}: emulation assist: {what}: {e}"))
+        };
+        // Either step over the instruction (optionally raising a trap after it), or raise a
+        // fault with RIP left on it.
+        let (step, exception) = match emulation::assist(&bytes) {
             Assist::Skip { len } => {
                 self.stats.fwait += 1;
                 (len, None)
             }
             Assist::SkipAndInject { len, vector } => {
                 self.stats.int3 += 1;
-                (len, Some(vector))
+                (len, Some((vector, None, None)))
+            }
+            Assist::ExtendedState { op, rex_w, insn } => {
+                self.stats.xstate += 1;
+                let layout = self.xsave_layout.get_or_insert_with(xstate::host_layout);
+                let outcome =
+                    xstate::execute_xsave(&self.fd, &self.memory, layout, op, rex_w, &insn, &regs)
+                        .map_err(|e| fail("extended state", &e))?;
+                resolve(outcome, insn.len() as u64)
+            }
+            Assist::Xsetbv { len } => {
+                self.stats.xstate += 1;
+                resolve(
+                    xstate::execute_xsetbv(&self.fd, &regs).map_err(|e| fail("xsetbv", &e))?,
+                    len,
+                )
+            }
+            Assist::Xgetbv { len } => {
+                self.stats.xstate += 1;
+                resolve(
+                    xstate::execute_xgetbv(&self.fd, &mut regs).map_err(|e| fail("xgetbv", &e))?,
+                    len,
+                )
             }
             Assist::Unhandled(insn) => {
                 return Err(VmExit::Failed(format!(
-                    "vcpu{}: the host cannot emulate guest instruction {insn} at RIP {:#x}",
-                    self.index, regs.rip
+                    "vcpu{index}: the host cannot emulate guest instruction {insn} at RIP {:#x}",
+                    regs.rip
                 )))
             }
         };
-        regs.rip = regs.rip.wrapping_add(len);
-        let fail = |what: &str, e: kvm_ioctls::Error| {
-            VmExit::Failed(format!("vcpu{}: emulation assist: {what}: {e}", self.index))
-        };
+        regs.rip = regs.rip.wrapping_add(step);
         self.fd
             .set_regs(&regs)
-            .map_err(|e| fail("cannot set registers", e))?;
-        if let Some(vector) = inject {
+            .map_err(|e| fail("cannot set registers", &e))?;
+        if let Some((vector, error_code, cr2)) = exception {
+            if let Some(cr2) = cr2 {
+                let mut sregs = self
+                    .fd
+                    .get_sregs()
+                    .map_err(|e| fail("cannot read special registers", &e))?;
+                sregs.cr2 = cr2;
+                self.fd
+                    .set_sregs(&sregs)
+                    .map_err(|e| fail("cannot set CR2", &e))?;
+            }
             let mut events = self
                 .fd
                 .get_vcpu_events()
-                .map_err(|e| fail("cannot read pending events", e))?;
+                .map_err(|e| fail("cannot read pending events", &e))?;
             events.exception.injected = 1;
             events.exception.nr = vector;
-            events.exception.has_error_code = 0;
-            events.exception.error_code = 0;
+            events.exception.has_error_code = u8::from(error_code.is_some());
+            events.exception.error_code = error_code.unwrap_or(0);
             events.exception.pending = 0;
             self.fd
                 .set_vcpu_events(&events)
-                .map_err(|e| fail("cannot inject the exception", e))?;
+                .map_err(|e| fail("cannot inject the exception", &e))?;
         }
         Ok(())
     }
