@@ -2,7 +2,8 @@
 //!
 //! The kernel starts it as `/init` from the initramfs (see `mkinitramfs.py`). It mounts the early
 //! file systems, prints one readiness line for the host, then reaps children and waits for a
-//! power-off request, until the next version adds the host protocol over vsock. As PID 1 it never
+//! power-off request, until the next version adds the host protocol over vsock. For tests, the
+//! host can have it run one command instead (`hull.exec`, see `exec.rs`). As PID 1 it never
 //! exits: every way out, including errors and panics, goes through `power::power_off`, which
 //! syncs and resets the VM (the VMM's clean end).
 //!
@@ -13,6 +14,7 @@
 
 mod cmdline;
 mod console;
+mod exec;
 mod init;
 mod mode;
 mod power;
@@ -27,7 +29,8 @@ use std::process::{Command, Stdio};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
-use crate::cmdline::Cmdline;
+use crate::cmdline::{Cmdline, EXEC_PARAM, POWEROFF_PARAM};
+use crate::exec::{ExecCommand, ExecState};
 use crate::mode::{Facts, Mode, TestConfig};
 use crate::ready::Ready;
 use crate::signals::{Action, Signals};
@@ -90,8 +93,18 @@ fn run(mode: Mode) -> ! {
         .and_then(|ready| ready.line())
         .unwrap_or_else(|e| power::fatal(&error_chain(&e)));
     console::emit(&line);
+    let mut exec = cmdline
+        .exec_command()
+        .map(|command| start_exec(&mode.exec_shell(), command));
     if cmdline.poweroff_when_ready() {
-        power::power_off("requested on the kernel command line");
+        if exec.is_some() {
+            // The command's end powers off anyway; a harness may pass both.
+            console::log(&format!(
+                "{EXEC_PARAM} given: {POWEROFF_PARAM}=ready waits for the command"
+            ));
+        } else {
+            power::power_off("requested on the kernel command line");
+        }
     }
     if let Mode::Test(config) = &mode {
         run_test_hooks(config);
@@ -99,10 +112,49 @@ fn run(mode: Mode) -> ! {
 
     loop {
         match signals.wait() {
-            Ok((_, Action::Reap)) => log_reaped(&mode, reaper::reap_all()),
+            Ok((_, Action::Reap)) => match &mut exec {
+                None => log_reaped(&mode, reaper::reap_all()),
+                Some(command) => {
+                    let (reaped, state) = command.reap_with(reaper::reap_all);
+                    log_reaped(&mode, reaped);
+                    finish_exec(&mode, command, state);
+                }
+            },
             Ok((signal, Action::PowerOff)) => power::power_off(signal.as_str()),
             Err(e) => power::fatal(&error_chain(&e)),
         }
+    }
+}
+
+/// Starts the `hull.exec` command, or powers off with a fatal error.
+fn start_exec(shell: &Path, command: &str) -> ExecCommand {
+    match ExecCommand::start(shell, command) {
+        Ok(started) => {
+            console::log(&format!(
+                "{EXEC_PARAM}: started pid={}: {command}",
+                started.pid()
+            ));
+            started
+        }
+        Err(e) => power::fatal(&error_chain(&e)),
+    }
+}
+
+/// Once the `hull.exec` command has ended: prints the exit line and powers off.
+fn finish_exec(mode: &Mode, command: &ExecCommand, state: ExecState) {
+    match state {
+        ExecState::Running => {}
+        ExecState::Ended(exit) => {
+            if matches!(mode, Mode::Test(_)) {
+                console::log(&format!("reaped pid={} {exit}", command.pid()));
+            }
+            console::emit(&exit.line());
+            power::power_off(&format!("{EXEC_PARAM} command ended"));
+        }
+        ExecState::Lost => power::fatal(&format!(
+            "{EXEC_PARAM}: command pid={} was reaped without a readable status",
+            command.pid()
+        )),
     }
 }
 

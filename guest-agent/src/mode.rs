@@ -28,6 +28,8 @@ pub const ENV_TEST_CMDLINE: &str = "HULL_AGENT_TEST_CMDLINE";
 pub const ENV_TEST_EXEC: &str = "HULL_AGENT_TEST_EXEC";
 /// Test mode: if `1`, panic after the readiness line (tests the panic hook).
 pub const ENV_TEST_PANIC: &str = "HULL_AGENT_TEST_PANIC";
+/// Test mode: the shell the `hull.exec` hook runs instead of `/bin/sh` (tests a missing shell).
+pub const ENV_TEST_SHELL: &str = "HULL_AGENT_TEST_SHELL";
 
 /// Why the agent refuses to act as init.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,6 +60,7 @@ pub struct TestConfig {
     pub cmdline: Option<String>,
     pub exec: Option<String>,
     pub panic: bool,
+    pub shell: Option<PathBuf>,
 }
 
 /// How the agent runs.
@@ -73,6 +76,16 @@ impl Mode {
         match self {
             Mode::Guest => PathBuf::from("/"),
             Mode::Test(config) => config.root.clone(),
+        }
+    }
+
+    /// The shell of the `hull.exec` hook.
+    pub fn exec_shell(&self) -> PathBuf {
+        match self {
+            Mode::Test(TestConfig {
+                shell: Some(shell), ..
+            }) => shell.clone(),
+            _ => PathBuf::from(crate::exec::SHELL),
         }
     }
 
@@ -107,6 +120,7 @@ impl Facts {
             ENV_TEST_CMDLINE,
             ENV_TEST_EXEC,
             ENV_TEST_PANIC,
+            ENV_TEST_SHELL,
         ]
         .into_iter()
         .filter_map(|name| std::env::var(name).ok().map(|v| (name, v)))
@@ -163,6 +177,7 @@ pub fn decide(facts: &Facts) -> Result<Mode, ModeError> {
         cmdline: facts.var(ENV_TEST_CMDLINE).map(str::to_owned),
         exec: facts.var(ENV_TEST_EXEC).map(str::to_owned),
         panic: facts.var(ENV_TEST_PANIC) == Some("1"),
+        shell: facts.var(ENV_TEST_SHELL).map(PathBuf::from),
     }))
 }
 
@@ -171,6 +186,7 @@ mod tests {
     use super::*;
     use crate::power::PROC_PID_INIT_INO;
     use nix::sys::statfs::EXT4_SUPER_MAGIC;
+    use std::path::Path;
 
     const HARNESS_NS: u64 = 4_026_532_177;
     const OWN_NS: u64 = 4_026_532_200;
@@ -212,6 +228,7 @@ mod tests {
         assert_eq!(config.root, PathBuf::from("/tmp/x"));
         assert_eq!(config.parent_pidns, HARNESS_NS);
         assert!(!config.panic);
+        assert_eq!(config.shell, None);
 
         assert_eq!(
             decide(&facts(7, EXT4_SUPER_MAGIC, &env)),
@@ -271,6 +288,7 @@ mod tests {
             (ENV_TEST_CMDLINE, "hull.poweroff=ready"),
             (ENV_TEST_EXEC, "true"),
             (ENV_TEST_PANIC, "1"),
+            (ENV_TEST_SHELL, "/no/sh"),
         ];
         let Ok(Mode::Test(config)) = decide(&facts(1, RAMFS_MAGIC, &env)) else {
             panic!("test mode refused");
@@ -278,5 +296,8 @@ mod tests {
         assert_eq!(config.cmdline.as_deref(), Some("hull.poweroff=ready"));
         assert_eq!(config.exec.as_deref(), Some("true"));
         assert!(config.panic);
+        assert_eq!(config.shell.as_deref(), Some(Path::new("/no/sh")));
+        assert_eq!(Mode::Test(config).exec_shell(), PathBuf::from("/no/sh"));
+        assert_eq!(Mode::Guest.exec_shell(), PathBuf::from("/bin/sh"));
     }
 }

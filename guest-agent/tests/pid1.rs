@@ -29,6 +29,7 @@ fn agent() -> String {
 const DEADLINE: Duration = Duration::from_secs(30);
 const READY_PREFIX: &str = "HULL_AGENT_READY ";
 const FATAL_PREFIX: &str = "HULL_AGENT_FATAL ";
+const EXEC_EXIT_PREFIX: &str = "HULL_AGENT_EXEC_EXIT ";
 
 /// Whether this host can run the namespace tests; says why not if it cannot.
 fn can_sandbox() -> bool {
@@ -388,6 +389,124 @@ fn a_failed_required_mount_is_fatal_and_powers_off() {
     assert!(fatal.contains("/proc"), "{fatal}");
     sandbox.assert_rebooted(None);
     assert_eq!(sandbox.count(|l| l.starts_with(READY_PREFIX)), 0);
+}
+
+/// Index of the first console line that `matches`.
+fn position(seen: &[String], what: &str, matches: impl Fn(&str) -> bool) -> usize {
+    seen.iter()
+        .position(|l| matches(l))
+        .unwrap_or_else(|| panic!("no {what}; console: {seen:#?}"))
+}
+
+/// Boots the agent with `hull.exec="<command>"` among other parameters, waits for the exit line
+/// and the power-off, and returns the exit record and the console.
+fn run_exec(command: &str, extra_params: &str) -> (serde_json::Value, Vec<String>) {
+    let cmdline = format!(r#"console=ttyS0 reboot=k hull.exec="{command}" {extra_params}"#);
+    let mut sandbox = Sandbox::start(TempRoot::new(), &[("HULL_AGENT_TEST_CMDLINE", &cmdline)]);
+    let ready = sandbox.wait_for("readiness line", |l| l.starts_with(READY_PREFIX));
+    check_ready_line(&ready);
+    let line = sandbox.wait_for("exec exit line", |l| l.starts_with(EXEC_EXIT_PREFIX));
+    sandbox.wait_for("power off", |l| {
+        l.ends_with("power off: hull.exec command ended")
+    });
+    sandbox.assert_rebooted(None);
+    assert_eq!(
+        sandbox.count(|l| l.starts_with(EXEC_EXIT_PREFIX)),
+        1,
+        "{:#?}",
+        sandbox.seen
+    );
+    assert_eq!(sandbox.count(|l| l.starts_with(FATAL_PREFIX)), 0);
+    // Both on stdout, so their order is the agent's: ready first.
+    let seen = &sandbox.seen;
+    assert!(
+        position(seen, "ready", |l| l.starts_with(READY_PREFIX))
+            < position(seen, "exit", |l| l.starts_with(EXEC_EXIT_PREFIX))
+    );
+    let json = &line[EXEC_EXIT_PREFIX.len()..];
+    let record = serde_json::from_str(json).unwrap_or_else(|e| panic!("{line}: {e}"));
+    (record, sandbox.seen.clone())
+}
+
+#[test]
+fn exec_hook_reports_exit_code_0_and_powers_off() {
+    if !can_sandbox() {
+        return;
+    }
+    // The command's stdout is the console, and comes before the exit line.
+    let (exit, seen) = run_exec("echo HULL_TEST_EXEC_OUT $((40 + 2)) | cat", "");
+    assert_eq!(exit, serde_json::json!({"code": 0}));
+    let out = position(&seen, "command output", |l| l == "HULL_TEST_EXEC_OUT 42");
+    assert!(out < position(&seen, "exit", |l| l.starts_with(EXEC_EXIT_PREFIX)));
+}
+
+#[test]
+fn exec_hook_reports_exit_code_3() {
+    if !can_sandbox() {
+        return;
+    }
+    let (exit, seen) = run_exec("echo HULL_TEST_EXEC_ERR >&2; exit 3", "");
+    assert_eq!(exit, serde_json::json!({"code": 3}));
+    assert!(seen.iter().any(|l| l == "HULL_TEST_EXEC_ERR"), "{seen:#?}");
+}
+
+#[test]
+fn exec_hook_reports_a_signal() {
+    if !can_sandbox() {
+        return;
+    }
+    let (exit, _) = run_exec("kill -TERM $$; sleep 5", "");
+    assert_eq!(exit, serde_json::json!({"signal": 15}));
+    let (exit, _) = run_exec("kill -KILL $$; sleep 5", "");
+    assert_eq!(exit, serde_json::json!({"signal": 9}));
+}
+
+#[test]
+fn exec_hook_keeps_reaping_and_waits_despite_poweroff_ready() {
+    if !can_sandbox() {
+        return;
+    }
+    // A grandchild is orphaned to the agent and ends (status 9) while the command still runs;
+    // the agent reaps it and still reports the command's own ending. hull.poweroff=ready does
+    // not cut the command short.
+    let (exit, seen) = run_exec(
+        "( (exit 9) </dev/null & ); sleep 0.5; exit 4",
+        "hull.poweroff=ready",
+    );
+    assert_eq!(exit, serde_json::json!({"code": 4}));
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("reaped pid=") && l.ends_with(" exit=9")),
+        "orphan not reaped: {seen:#?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.ends_with("power off: requested on the kernel command line")),
+        "{seen:#?}"
+    );
+}
+
+#[test]
+fn exec_hook_without_a_shell_is_fatal_and_powers_off() {
+    if !can_sandbox() {
+        return;
+    }
+    let mut sandbox = Sandbox::start(
+        TempRoot::new(),
+        &[
+            ("HULL_AGENT_TEST_CMDLINE", r#"hull.exec="true""#),
+            ("HULL_AGENT_TEST_SHELL", "/nonexistent-hull/bin/sh"),
+        ],
+    );
+    sandbox.wait_for("readiness line", |l| l.starts_with(READY_PREFIX));
+    let fatal = sandbox.wait_for("fatal line", |l| l.starts_with(FATAL_PREFIX));
+    assert!(
+        fatal.contains("hull.exec: shell /nonexistent-hull/bin/sh not found"),
+        "{fatal}"
+    );
+    sandbox.assert_rebooted(None);
+    assert_eq!(sandbox.count(|l| l.starts_with(EXEC_EXIT_PREFIX)), 0);
 }
 
 #[test]
