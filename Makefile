@@ -9,11 +9,12 @@ GUEST_DIR := build/guest
 KERNEL := $(GUEST_DIR)/vmlinux
 AGENT := $(GUEST_DIR)/hull-agent
 INITRAMFS := $(GUEST_DIR)/initramfs.cpio
+TEST_INITRAMFS := $(GUEST_DIR)/test-initramfs.cpio
 HULL_VMM := target/release/hull-vmm
 CARGO ?= cargo
 
 # Debian packages the host side needs (the kernel build installs its own).
-HOST_PACKAGES := python3 binutils util-linux cpio
+HOST_PACKAGES := python3 binutils util-linux cpio gcc libc6-dev busybox-static
 
 .PHONY: demo test kernel agent build bench lint deps clean
 
@@ -30,10 +31,12 @@ deps:
 kernel: deps
 	kernel-config/build.sh $(GUEST_DIR) >/dev/null
 
-# The static guest agent and the uncompressed initramfs whose /init it is.
+# The static guest agent and the uncompressed initramfs whose /init it is; and the test
+# initramfs, which adds busybox and tests/guest programs for the end-to-end tests.
 agent: deps
 	guest-agent/build.sh $(GUEST_DIR)
 	python3 guest-agent/mkinitramfs.py $(INITRAMFS) $(AGENT)
+	tests/guest/build-initramfs.sh $(GUEST_DIR) $(AGENT)
 
 # hull and hull-vmm.
 build: deps
