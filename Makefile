@@ -54,7 +54,9 @@ demo: kernel agent build
 test: kernel agent build
 	$(CARGO) test --release --workspace
 
+# runc is the reference every figure is compared with, measured in the same run.
 bench: kernel agent build
+	@command -v runc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends runc
 	$(CARGO) run --release -q -p hull-bench -- --kernel $(KERNEL) --initramfs $(INITRAMFS)
 
 lint: deps
