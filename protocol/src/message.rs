@@ -1,0 +1,810 @@
+//! The messages of the control connection, after the handshake.
+//!
+//! The host sends [`HostMessage::Request`]s, each with an id of its choosing; the agent answers
+//! each with one [`AgentMessage::Response`] carrying the same id, in any order (a [`Wait`] is
+//! answered only when its process ends, and other requests are answered meanwhile). The agent
+//! also sends [`AgentMessage::Event`]s on its own, e.g. when a process exits.
+//!
+//! JSON layout: enums are externally tagged with snake_case names (`"start_container"`,
+//! `{"exec": {...}}`); [`Response::result`] is serde's `{"Ok": ...}` / `{"Err": ...}`.
+//! Unknown fields are ignored, so a field an older peer may safely ignore can be added without a
+//! version change (docs/protocol.md, "Versioning").
+//!
+//! The OCI spec and process travel as JSON values ([`serde_json::Value`]), exactly as in
+//! `config.json`: the agent parses them with `oci-spec` (or anything else) through
+//! [`CreateContainer::parse_spec`] and [`Exec::parse_process`], and this crate, linked into the
+//! static agent, carries no OCI types of its own.
+//!
+//! [`Wait`]: RequestBody::Wait
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::handshake::{AgentHello, HelloRejected, HostHello};
+
+/// Everything the host sends on the control connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostMessage {
+    /// The first frame, and only the first.
+    Hello(HostHello),
+    Request(Request),
+}
+
+/// Everything the agent sends on the control connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The answer to a compatible [`HostMessage::Hello`].
+    Hello(AgentHello),
+    /// The answer to an incompatible (or missing) hello; the agent then closes the connection.
+    HelloRejected(HelloRejected),
+    Response(Response),
+    Event(Event),
+}
+
+/// A request and the id its response will carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the host, unique among its requests not yet answered.
+    pub id: u64,
+    pub body: RequestBody,
+}
+
+/// Which process of the container a request or stream is about.
+///
+/// JSON: `"init"` or `{"exec": "<exec_id>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessRef {
+    /// The container's own process (the spec's `process`), started by `start_container`.
+    Init,
+    /// A process added by [`Exec`], by the id the host gave it.
+    Exec(String),
+}
+
+impl std::fmt::Display for ProcessRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProcessRef::Init => f.write_str("the init process"),
+            ProcessRef::Exec(exec_id) => write!(f, "exec {exec_id:?}"),
+        }
+    }
+}
+
+/// How a process's standard streams are connected. The host opens one stream connection per
+/// stream named here before sending the request (see [`crate::stdio`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stdio {
+    /// No terminal: each stream that is `true` is a stream connection; one that is `false` is
+    /// `/dev/null` in the guest.
+    Pipes {
+        stdin: bool,
+        stdout: bool,
+        stderr: bool,
+    },
+    /// A pseudo-terminal in the guest: its master is relayed over one stream connection
+    /// ([`StreamKind::Terminal`]) in both directions; stdin, stdout and stderr are its slave.
+    /// Must agree with the process's `terminal` field.
+    Terminal {
+        /// Initial window size; [`RequestBody::ResizeTerminal`] changes it.
+        rows: u16,
+        cols: u16,
+    },
+}
+
+impl Stdio {
+    /// No streams at all: every standard stream is `/dev/null`.
+    pub const NULL: Stdio = Stdio::Pipes {
+        stdin: false,
+        stdout: false,
+        stderr: false,
+    };
+
+    /// The stream connections this setting needs, in the order the host should open them.
+    pub fn streams(&self) -> Vec<StreamKind> {
+        match *self {
+            Stdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => [
+                (stdin, StreamKind::Stdin),
+                (stdout, StreamKind::Stdout),
+                (stderr, StreamKind::Stderr),
+            ]
+            .into_iter()
+            .filter_map(|(wanted, kind)| wanted.then_some(kind))
+            .collect(),
+            Stdio::Terminal { .. } => vec![StreamKind::Terminal],
+        }
+    }
+}
+
+/// One stream connection's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamKind {
+    /// Host to guest; the host closes the connection at the end of its input.
+    Stdin,
+    /// Guest to host; the agent closes the connection at the end of the process's output.
+    Stdout,
+    /// Guest to host, like stdout.
+    Stderr,
+    /// Both ways: the pty master. The agent closes it once the process has ended and the
+    /// output is drained.
+    Terminal,
+}
+
+impl std::fmt::Display for StreamKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StreamKind::Stdin => "stdin",
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+            StreamKind::Terminal => "terminal",
+        })
+    }
+}
+
+/// The container's root file system: a virtio-fs share the VMM serves from the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rootfs {
+    /// The virtio-fs tag to mount.
+    pub fs_tag: String,
+    /// Mount it read-only (the agent also does so when the spec's `root.readonly` is set).
+    pub readonly: bool,
+}
+
+/// Sets a container up without starting its process (`hull create`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateContainer {
+    pub container_id: String,
+    /// The bundle's `config.json`, unchanged. `root.path` is meaningless in the guest:
+    /// [`CreateContainer::rootfs`] says where the root file system is.
+    pub spec: serde_json::Value,
+    pub rootfs: Rootfs,
+    /// The init process's streams.
+    pub stdio: Stdio,
+}
+
+impl CreateContainer {
+    /// Parses [`CreateContainer::spec`] as `T` (the agent uses `oci_spec::runtime::Spec`).
+    pub fn parse_spec<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.spec)
+    }
+}
+
+/// Starts another process in the running container (`hull exec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exec {
+    /// Chosen by the host, unique for the life of the container (an id is never reused).
+    pub exec_id: String,
+    /// An OCI `Process` object, as in `config.json`'s `process`.
+    pub process: serde_json::Value,
+    pub stdio: Stdio,
+}
+
+impl Exec {
+    /// Parses [`Exec::process`] as `T` (the agent uses `oci_spec::runtime::Process`).
+    pub fn parse_process<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.process)
+    }
+}
+
+/// What the host asks of the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestBody {
+    /// Answered with [`ResponseBody::Ok`] once the container is ready to start.
+    CreateContainer(CreateContainer),
+    /// Starts the init process; answered with [`ResponseBody::Started`].
+    StartContainer,
+    /// Starts a process; answered with [`ResponseBody::Started`].
+    Exec(Exec),
+    /// Sends `signal` to a process; with `all`, to every process of the container (`kill
+    /// --all`), and `process` must be [`ProcessRef::Init`]. Answered with [`ResponseBody::Ok`].
+    Signal {
+        process: ProcessRef,
+        /// The signal number, as in the guest's (Linux's) `<signal.h>`.
+        signal: i32,
+        all: bool,
+    },
+    /// Sets a terminal's window size; answered with [`ResponseBody::Ok`].
+    ResizeTerminal {
+        process: ProcessRef,
+        rows: u16,
+        cols: u16,
+    },
+    /// Answered with [`ResponseBody::Exited`] when the process has ended (at once if it has).
+    Wait { process: ProcessRef },
+    /// Every process in the container (`hull ps`); answered with [`ResponseBody::Processes`].
+    ListProcesses,
+    /// Answered with [`ResponseBody::Ok`]; then the agent kills what is left, syncs and powers
+    /// the VM off.
+    Shutdown,
+}
+
+/// An answer to the request with the same id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub result: Result<ResponseBody, ErrorResponse>,
+}
+
+/// What a request succeeded with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseBody {
+    /// Done; nothing to report. JSON: `"ok"`.
+    Ok,
+    /// The process is running with this pid (in the agent's PID namespace).
+    Started { pid: i32 },
+    /// The process has ended (answers `wait`).
+    Exited { status: ExitStatus },
+    /// The container's processes. JSON: `{"processes": [...]}`.
+    Processes(Vec<ProcessInfo>),
+}
+
+/// One process for `hull ps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    pub uid: u32,
+    /// The command line (`/proc/PID/cmdline`); empty for kernel threads and zombies.
+    pub args: Vec<String>,
+    /// The short name (`/proc/PID/comm`).
+    pub comm: String,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct ErrorResponse {
+    pub kind: ErrorKind,
+    /// Lowercase, naming the thing at fault, e.g. `no process with exec id "e1"`.
+    pub message: String,
+}
+
+impl ErrorResponse {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The class of an error, for the host to act on (the message is for people).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The frame could not be parsed as a request, or a field is out of range.
+    InvalidRequest,
+    /// The spec or process is not valid OCI, or asks for something the guest cannot do.
+    InvalidSpec,
+    /// No such container, process or exec id.
+    NotFound,
+    /// The container or exec id is taken, or the stream is already attached.
+    AlreadyExists,
+    /// Not now: e.g. start before create, exec before start, a second create.
+    InvalidState,
+    /// A known request the agent does not implement.
+    Unsupported,
+    /// A system call in the guest failed.
+    Io,
+    /// A bug in the agent.
+    Internal,
+    /// A kind this side does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ErrorKind::InvalidRequest => "invalid request",
+            ErrorKind::InvalidSpec => "invalid spec",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::AlreadyExists => "already exists",
+            ErrorKind::InvalidState => "invalid state",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Io => "i/o error",
+            ErrorKind::Internal => "internal error",
+            ErrorKind::Unknown => "unknown error",
+        })
+    }
+}
+
+/// How a process ended. JSON: `{"code": N}` or `{"signal": N}`, as in the agent's
+/// `HULL_AGENT_EXEC_EXIT` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// It exited with this status.
+    Code(i32),
+    /// This signal killed it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status a shell would report: the code, or 128 + the signal number. `hull-vmm` exits
+    /// with this.
+    pub fn shell_status(&self) -> i32 {
+        match *self {
+            ExitStatus::Code(code) => code,
+            ExitStatus::Signal(signal) => 128 + signal,
+        }
+    }
+}
+
+/// What the agent reports on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A process started by `start_container` or `exec` has ended and been reaped. Sent once
+    /// per process. Its output may still be in flight on its stream connections: the host
+    /// relays them to their end (with a grace period for descendants that keep them open).
+    Exited {
+        process: ProcessRef,
+        pid: i32,
+        status: ExitStatus,
+    },
+}
+
+/// The id of a request in a frame body that does not parse as a [`HostMessage`], so that the
+/// agent can still answer it with [`ErrorKind::InvalidRequest`]. `None` if not even that is
+/// readable.
+pub fn request_id_of(body: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Probe {
+        request: ProbeRequest,
+    }
+    #[derive(Deserialize)]
+    struct ProbeRequest {
+        id: u64,
+    }
+    serde_json::from_slice::<Probe>(body)
+        .ok()
+        .map(|probe| probe.request.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::frame::{decode_body, encode_frame, FrameDecoder, FrameError};
+    use crate::handshake::{AgentHello, HelloRejected, HostHello};
+
+    fn spec() -> serde_json::Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"terminal": false, "user": {"uid": 0, "gid": 0},
+                        "args": ["sh", "-c", "echo hi"], "cwd": "/"},
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "box",
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
+        })
+    }
+
+    fn requests() -> Vec<RequestBody> {
+        vec![
+            RequestBody::CreateContainer(CreateContainer {
+                container_id: "c1".into(),
+                spec: spec(),
+                rootfs: Rootfs {
+                    fs_tag: "rootfs".into(),
+                    readonly: true,
+                },
+                stdio: Stdio::Pipes {
+                    stdin: false,
+                    stdout: true,
+                    stderr: true,
+                },
+            }),
+            RequestBody::StartContainer,
+            RequestBody::Exec(Exec {
+                exec_id: "e1".into(),
+                process: json!({"args": ["ps"], "cwd": "/", "terminal": true}),
+                stdio: Stdio::Terminal { rows: 24, cols: 80 },
+            }),
+            RequestBody::Signal {
+                process: ProcessRef::Init,
+                signal: 15,
+                all: true,
+            },
+            RequestBody::Signal {
+                process: ProcessRef::Exec("e1".into()),
+                signal: 9,
+                all: false,
+            },
+            RequestBody::ResizeTerminal {
+                process: ProcessRef::Exec("e1".into()),
+                rows: 50,
+                cols: 132,
+            },
+            RequestBody::Wait {
+                process: ProcessRef::Init,
+            },
+            RequestBody::ListProcesses,
+            RequestBody::Shutdown,
+        ]
+    }
+
+    fn host_messages() -> Vec<HostMessage> {
+        let mut msgs = vec![HostMessage::Hello(HostHello::new("0.1.0"))];
+        msgs.extend(requests().into_iter().enumerate().map(|(id, body)| {
+            HostMessage::Request(Request {
+                id: id as u64,
+                body,
+            })
+        }));
+        msgs
+    }
+
+    fn agent_messages() -> Vec<AgentMessage> {
+        let results = vec![
+            Ok(ResponseBody::Ok),
+            Ok(ResponseBody::Started { pid: 7 }),
+            Ok(ResponseBody::Exited {
+                status: ExitStatus::Code(3),
+            }),
+            Ok(ResponseBody::Exited {
+                status: ExitStatus::Signal(9),
+            }),
+            Ok(ResponseBody::Processes(vec![
+                ProcessInfo {
+                    pid: 7,
+                    ppid: 1,
+                    uid: 0,
+                    args: vec!["sh".into(), "-c".into(), "sleep 1".into()],
+                    comm: "sh".into(),
+                },
+                ProcessInfo {
+                    pid: 8,
+                    ppid: 7,
+                    uid: 1000,
+                    args: vec![],
+                    comm: "sleep".into(),
+                },
+            ])),
+            Err(ErrorResponse::new(
+                ErrorKind::NotFound,
+                "no process with exec id \"e9\"",
+            )),
+        ];
+        let mut msgs = vec![
+            AgentMessage::Hello(AgentHello {
+                protocol_version: 1,
+                agent_version: "0.1.0".into(),
+                kernel_release: "6.12.0-hull".into(),
+            }),
+            AgentMessage::HelloRejected(HelloRejected {
+                protocol_version: 1,
+                min_protocol_version: 1,
+                agent_version: "0.1.0".into(),
+                message: "incompatible".into(),
+            }),
+            AgentMessage::Event(Event::Exited {
+                process: ProcessRef::Init,
+                pid: 7,
+                status: ExitStatus::Signal(15),
+            }),
+        ];
+        msgs.extend(results.into_iter().enumerate().map(|(id, result)| {
+            AgentMessage::Response(Response {
+                id: id as u64,
+                result,
+            })
+        }));
+        msgs
+    }
+
+    fn every_error_kind() -> Vec<ErrorKind> {
+        vec![
+            ErrorKind::InvalidRequest,
+            ErrorKind::InvalidSpec,
+            ErrorKind::NotFound,
+            ErrorKind::AlreadyExists,
+            ErrorKind::InvalidState,
+            ErrorKind::Unsupported,
+            ErrorKind::Io,
+            ErrorKind::Internal,
+            ErrorKind::Unknown,
+        ]
+    }
+
+    #[test]
+    fn every_host_message_round_trips() {
+        for msg in host_messages() {
+            let frame = encode_frame(&msg).unwrap();
+            assert_eq!(decode_body::<HostMessage>(&frame[4..]).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn every_agent_message_round_trips() {
+        for msg in agent_messages() {
+            let frame = encode_frame(&msg).unwrap();
+            assert_eq!(decode_body::<AgentMessage>(&frame[4..]).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn every_error_kind_round_trips() {
+        for kind in every_error_kind() {
+            let err = ErrorResponse::new(kind, "m");
+            let text = serde_json::to_string(&err).unwrap();
+            assert_eq!(serde_json::from_str::<ErrorResponse>(&text).unwrap(), err);
+        }
+    }
+
+    #[test]
+    fn all_messages_through_one_decoder() {
+        let msgs = host_messages();
+        let wire: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect();
+        let mut decoder = FrameDecoder::new();
+        let mut out = Vec::new();
+        for chunk in wire.chunks(3) {
+            decoder.push(chunk).unwrap();
+            while let Some(m) = decoder.next_message::<HostMessage>().unwrap() {
+                out.push(m);
+            }
+        }
+        assert_eq!(out, msgs);
+    }
+
+    /// The wire layout is what docs/protocol.md shows; changing it needs a version change.
+    #[test]
+    fn wire_layout() {
+        let mut cases: Vec<(serde_json::Value, serde_json::Value)> = vec![
+            (
+                serde_json::to_value(HostMessage::Request(Request {
+                    id: 1,
+                    body: RequestBody::StartContainer,
+                }))
+                .unwrap(),
+                json!({"request": {"id": 1, "body": "start_container"}}),
+            ),
+            (
+                serde_json::to_value(HostMessage::Request(Request {
+                    id: 2,
+                    body: RequestBody::Signal {
+                        process: ProcessRef::Exec("e1".into()),
+                        signal: 15,
+                        all: false,
+                    },
+                }))
+                .unwrap(),
+                json!({"request": {"id": 2, "body": {"signal":
+                    {"process": {"exec": "e1"}, "signal": 15, "all": false}}}}),
+            ),
+            (
+                serde_json::to_value(AgentMessage::Response(Response {
+                    id: 2,
+                    result: Err(ErrorResponse::new(ErrorKind::NotFound, "no exec \"e1\"")),
+                }))
+                .unwrap(),
+                json!({"response": {"id": 2, "result": {"Err":
+                    {"kind": "not_found", "message": "no exec \"e1\""}}}}),
+            ),
+            (
+                serde_json::to_value(AgentMessage::Response(Response {
+                    id: 3,
+                    result: Ok(ResponseBody::Started { pid: 12 }),
+                }))
+                .unwrap(),
+                json!({"response": {"id": 3, "result": {"Ok": {"started": {"pid": 12}}}}}),
+            ),
+            (
+                serde_json::to_value(AgentMessage::Event(Event::Exited {
+                    process: ProcessRef::Init,
+                    pid: 12,
+                    status: ExitStatus::Code(0),
+                }))
+                .unwrap(),
+                json!({"event": {"exited": {"process": "init", "pid": 12, "status": {"code": 0}}}}),
+            ),
+            (
+                serde_json::to_value(Stdio::Pipes {
+                    stdin: true,
+                    stdout: true,
+                    stderr: false,
+                })
+                .unwrap(),
+                json!({"pipes": {"stdin": true, "stdout": true, "stderr": false}}),
+            ),
+        ];
+        cases.push((
+            serde_json::to_value(ResponseBody::Processes(vec![ProcessInfo {
+                pid: 1,
+                ppid: 0,
+                uid: 0,
+                args: vec!["sh".into()],
+                comm: "sh".into(),
+            }]))
+            .unwrap(),
+            json!({"processes": [{"pid": 1, "ppid": 0, "uid": 0, "args": ["sh"], "comm": "sh"}]}),
+        ));
+        cases.push((
+            serde_json::to_value(ResponseBody::Exited {
+                status: ExitStatus::Signal(9),
+            })
+            .unwrap(),
+            json!({"exited": {"status": {"signal": 9}}}),
+        ));
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let text = r#"{"request": {"id": 5, "trace": "x", "body": {"wait":
+            {"process": "init", "deadline_ms": 10}}}}"#;
+        assert_eq!(
+            serde_json::from_str::<HostMessage>(text).unwrap(),
+            HostMessage::Request(Request {
+                id: 5,
+                body: RequestBody::Wait {
+                    process: ProcessRef::Init
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_error_kind_reads_as_unknown() {
+        let err: ErrorResponse =
+            serde_json::from_str(r#"{"kind": "quota_exceeded", "message": "too many"}"#).unwrap();
+        assert_eq!(err.kind, ErrorKind::Unknown);
+        assert_eq!(err.to_string(), "unknown error: too many");
+    }
+
+    #[test]
+    fn unknown_request_is_a_decode_error_with_its_id() {
+        let body = br#"{"request": {"id": 77, "body": "checkpoint"}}"#;
+        let err = decode_body::<HostMessage>(body).unwrap_err();
+        assert!(matches!(err, FrameError::Decode { .. }), "{err:?}");
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("unknown variant `checkpoint`"), "{cause}");
+        assert_eq!(request_id_of(body), Some(77));
+        assert_eq!(request_id_of(b"{\"request\": {}}"), None);
+        assert_eq!(request_id_of(b"\xff\x00"), None);
+        assert_eq!(request_id_of(br#"{"hello": {"id": 1}}"#), None);
+    }
+
+    #[test]
+    fn wrong_types_are_decode_errors() {
+        for body in [
+            &br#"{"request": {"id": -1, "body": "shutdown"}}"#[..],
+            br#"{"request": {"id": 1, "body": {"resize_terminal":
+                {"process": "init", "rows": 70000, "cols": 1}}}}"#,
+            br#"{"request": {"id": 1, "body": {"signal": {"process": "init", "signal": 9}}}}"#,
+            br#"{"request": {"id": 1, "body": {"exec": {"exec_id": "e"}}}}"#,
+            br#"{"request": {"id": 1, "body": {"signal":
+                {"process": {"pid": 3}, "signal": 9, "all": false}}}}"#,
+            br#"[]"#,
+            br#"null"#,
+            br#"{"request": 1} trailing"#,
+            b"",
+        ] {
+            assert!(
+                decode_body::<HostMessage>(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn mutated_frames_never_panic() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let bodies: Vec<Vec<u8>> = host_messages()
+            .iter()
+            .map(|m| serde_json::to_vec(m).unwrap())
+            .chain(
+                agent_messages()
+                    .iter()
+                    .map(|m| serde_json::to_vec(m).unwrap()),
+            )
+            .collect();
+        for _ in 0..3_000 {
+            let mut body = bodies[next() as usize % bodies.len()].clone();
+            for _ in 0..1 + next() % 4 {
+                let i = next() as usize % body.len();
+                match next() % 3 {
+                    0 => body[i] = next() as u8,
+                    1 => {
+                        body.remove(i);
+                    }
+                    _ => body.truncate(i),
+                }
+                if body.is_empty() {
+                    break;
+                }
+            }
+            let _ = decode_body::<HostMessage>(&body);
+            let _ = decode_body::<AgentMessage>(&body);
+            let _ = request_id_of(&body);
+        }
+    }
+
+    #[test]
+    fn parse_spec_and_process_into_typed_structs() {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct MiniSpec {
+            oci_version: String,
+            hostname: String,
+        }
+        #[derive(Deserialize)]
+        struct MiniProcess {
+            args: Vec<String>,
+        }
+        let RequestBody::CreateContainer(create) = requests().remove(0) else {
+            panic!("first request is create");
+        };
+        let parsed: MiniSpec = create.parse_spec().unwrap();
+        assert_eq!(
+            (parsed.oci_version.as_str(), parsed.hostname.as_str()),
+            ("1.0.2", "box")
+        );
+        let exec = Exec {
+            exec_id: "e".into(),
+            process: json!({"args": ["true"]}),
+            stdio: Stdio::NULL,
+        };
+        assert_eq!(exec.parse_process::<MiniProcess>().unwrap().args, ["true"]);
+        let bad = Exec {
+            process: json!({"args": 3}),
+            ..exec
+        };
+        assert!(bad.parse_process::<MiniProcess>().is_err());
+    }
+
+    #[test]
+    fn stdio_streams() {
+        assert_eq!(Stdio::NULL.streams(), []);
+        assert_eq!(
+            Stdio::Pipes {
+                stdin: true,
+                stdout: false,
+                stderr: true
+            }
+            .streams(),
+            [StreamKind::Stdin, StreamKind::Stderr]
+        );
+        assert_eq!(
+            Stdio::Terminal { rows: 1, cols: 1 }.streams(),
+            [StreamKind::Terminal]
+        );
+    }
+
+    #[test]
+    fn exit_status_as_a_shell_reports_it() {
+        assert_eq!(ExitStatus::Code(0).shell_status(), 0);
+        assert_eq!(ExitStatus::Code(3).shell_status(), 3);
+        assert_eq!(ExitStatus::Signal(9).shell_status(), 137);
+    }
+
+    #[test]
+    fn display_names_the_thing() {
+        assert_eq!(ProcessRef::Init.to_string(), "the init process");
+        assert_eq!(ProcessRef::Exec("e1".into()).to_string(), "exec \"e1\"");
+        assert_eq!(
+            ErrorResponse::new(ErrorKind::InvalidState, "container \"c1\" is not created")
+                .to_string(),
+            "invalid state: container \"c1\" is not created"
+        );
+    }
+}
