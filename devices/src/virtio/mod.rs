@@ -10,6 +10,7 @@
 //! Interrupts go the other way through [`IrqTrigger`], whose eventfd the VMM registers as a KVM
 //! irqfd. Nothing here touches KVM.
 
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 #[cfg(test)]

@@ -1,0 +1,539 @@
+//! The file system the guest talks to: `PassthroughFs`, confined and optionally read-only.
+//!
+//! `ConfinedFs` is a whitelist in front of `fuse-backend-rs`'s passthrough file system. Each
+//! request it forwards is one that `PassthroughFs` answers with descriptor-relative system calls
+//! on inodes the guest already reached; every check the passthrough code leaves to its VFS layer
+//! (or does not make at all) is made here first:
+//! - names: one path component, not empty, no `/`; creating calls also refuse `.` and `..`
+//!   (`PassthroughFs` only checks these itself when it owns the root import, and never for
+//!   LOOKUP, which must accept `.` and `..`);
+//! - `..` at the root is the root, by node id and by device and inode number;
+//! - read-only: every changing request fails with `EROFS` before it reaches the host;
+//! - no character or block devices are created;
+//! - what is not forwarded answers `ENOSYS`: DAX mappings (there is no cache window), ioctls,
+//!   extended attributes, POSIX locks, bmap, poll.
+//!
+//! The configuration of `PassthroughFs` is part of the confinement: [`passthrough_config`]
+//! keeps open-by-handle (`inode_file_handles`) off, so every inode is an `O_PATH` descriptor
+//! reached by a lookup and never something `open_by_handle_at` resolved without path checks.
+
+use std::ffi::CStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, FsOptions, OpenOptions, SetattrValid, ZeroCopyReader,
+    ZeroCopyWriter, ROOT_ID,
+};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+use super::FsError;
+
+type Inode = u64;
+type Handle = u64;
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// The passthrough configuration the device uses for `shared_dir` (already canonical).
+///
+/// Everything that widens what a guest can reach stays off: file handles (open-by-handle),
+/// extended attributes, DAX, `no_open` (which hands out inode descriptors for I/O).
+pub fn passthrough_config(shared_dir: &Path) -> Config {
+    Config {
+        root_dir: shared_dir.to_string_lossy().into_owned(),
+        // Import the root on INIT, and check names itself as well (belt and braces with ours).
+        do_import: true,
+        inode_file_handles: false,
+        xattr: false,
+        no_open: false,
+        no_opendir: false,
+        writeback: false,
+        killpriv_v2: false,
+        dax_file_size: None,
+        cache_policy: CachePolicy::Auto,
+        ..Config::default()
+    }
+}
+
+/// `PassthroughFs` with the checks the threat model in `fs/mod.rs` asks for.
+pub struct ConfinedFs {
+    inner: PassthroughFs,
+    read_only: bool,
+    root_dev: u64,
+    root_ino: u64,
+}
+
+impl ConfinedFs {
+    /// Sets up the file system for `shared_dir`, which must be a directory. Opens
+    /// `/proc/self/fd` now, so this must run before the VMM leaves the host's mount namespace.
+    pub fn new(shared_dir: &Path, read_only: bool) -> Result<Self, FsError> {
+        let shared_err = |source| FsError::SharedDir {
+            path: shared_dir.to_path_buf(),
+            source,
+        };
+        // A canonical path: PassthroughFs opens the root with O_NOFOLLOW.
+        let root: PathBuf = shared_dir.canonicalize().map_err(shared_err)?;
+        let meta = std::fs::metadata(&root).map_err(shared_err)?;
+        if !meta.is_dir() {
+            return Err(shared_err(errno(libc::ENOTDIR)));
+        }
+        let inner = PassthroughFs::new(passthrough_config(&root)).map_err(|source| {
+            FsError::Passthrough {
+                path: root.clone(),
+                source,
+            }
+        })?;
+        use std::os::unix::fs::MetadataExt;
+        Ok(Self {
+            inner,
+            read_only,
+            root_dev: meta.dev(),
+            root_ino: meta.ino(),
+        })
+    }
+
+    /// Whether every change is refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(errno(libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Is `inode` the shared directory itself, under whatever node id?
+    fn is_root(&self, ctx: &Context, inode: Inode) -> io::Result<bool> {
+        if inode == ROOT_ID {
+            return Ok(true);
+        }
+        let (st, _) = self.inner.getattr(ctx, inode, None)?;
+        Ok(st.st_dev == self.root_dev && st.st_ino == self.root_ino)
+    }
+}
+
+/// A name LOOKUP may use: one component, not empty; `.` and `..` allowed.
+fn check_lookup_name(name: &CStr) -> io::Result<()> {
+    let bytes = name.to_bytes();
+    if bytes.is_empty() || bytes.contains(&b'/') {
+        return Err(errno(libc::EINVAL));
+    }
+    Ok(())
+}
+
+/// A name a new directory entry may get: one component, not empty, not `.` or `..`.
+fn check_new_name(name: &CStr) -> io::Result<()> {
+    check_lookup_name(name)?;
+    match name.to_bytes() {
+        b"." | b".." => Err(errno(libc::EINVAL)),
+        _ => Ok(()),
+    }
+}
+
+/// Whether OPEN flags ask for anything but reading.
+fn open_changes_file(flags: u32) -> bool {
+    let flags = flags as i32;
+    (flags & libc::O_ACCMODE) != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0
+}
+
+impl FileSystem for ConfinedFs {
+    type Inode = Inode;
+    type Handle = Handle;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        // No DAX window, and nothing the passthrough configuration left off.
+        let capable = capable
+            - (FsOptions::PERFILE_DAX
+                | FsOptions::WRITEBACK_CACHE
+                | FsOptions::ZERO_MESSAGE_OPEN
+                | FsOptions::ZERO_MESSAGE_OPENDIR
+                | FsOptions::HANDLE_KILLPRIV_V2);
+        self.inner.init(capable)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
+        check_lookup_name(name)?;
+        if name.to_bytes() == b".." && self.is_root(ctx, parent)? {
+            return self.inner.lookup(ctx, parent, c".");
+        }
+        self.inner.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Option<Handle>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        attr: stat64,
+        handle: Option<Handle>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.check_writable()?;
+        self.inner.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: Inode) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: Inode,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        check_new_name(name)?;
+        // The target is only text: the host never follows it.
+        self.inner.symlink(ctx, linkname, parent, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        check_new_name(name)?;
+        match mode & libc::S_IFMT {
+            libc::S_IFCHR | libc::S_IFBLK => return Err(errno(libc::EPERM)),
+            _ => {}
+        }
+        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: Inode,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        check_new_name(name)?;
+        self.inner.mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        check_new_name(name)?;
+        self.inner.unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        check_new_name(name)?;
+        self.inner.rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: Inode,
+        oldname: &CStr,
+        newdir: Inode,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        check_new_name(oldname)?;
+        check_new_name(newname)?;
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        newparent: Inode,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        check_new_name(newname)?;
+        // `inode` must be one the guest reached through lookups, so it lies inside.
+        self.inner.link(ctx, inode, newparent, newname)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
+        if open_changes_file(flags) {
+            self.check_writable()?;
+        }
+        self.inner.open(ctx, inode, flags, fuse_flags)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: Inode,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
+        self.check_writable()?;
+        check_new_name(name)?;
+        self.inner.create(ctx, parent, name, args)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.check_writable()?;
+        self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        lock_owner: u64,
+    ) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner
+            .fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        handle: Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
+        self.inner.statfs(ctx, inode)
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: &Context,
+        _inode: Inode,
+        _name: &CStr,
+        _value: &[u8],
+        _flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        Err(errno(libc::ENOSYS))
+    }
+
+    fn removexattr(&self, _ctx: &Context, _inode: Inode, _name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        Err(errno(libc::ENOSYS))
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+    ) -> io::Result<(Option<Handle>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn fsyncdir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        datasync: bool,
+        handle: Handle,
+    ) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        flags: u32,
+        handle: Handle,
+    ) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    fn access(&self, ctx: &Context, inode: Inode, mask: u32) -> io::Result<()> {
+        if mask & (libc::W_OK as u32) != 0 {
+            self.check_writable()?;
+        }
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: Inode,
+        handle: Handle,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_single_components() {
+        assert!(check_lookup_name(c"a").is_ok());
+        assert!(check_lookup_name(c".").is_ok());
+        assert!(check_lookup_name(c"..").is_ok());
+        for bad in [c"", c"a/b", c"/", c"../..", c"a/"] {
+            assert!(check_lookup_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_new_name(c"...").is_ok());
+        assert!(check_new_name(c".x").is_ok());
+        for bad in [c"", c".", c"..", c"a/b"] {
+            assert!(check_new_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn open_flags_that_change_files() {
+        assert!(!open_changes_file(libc::O_RDONLY as u32));
+        assert!(!open_changes_file(
+            (libc::O_RDONLY | libc::O_DIRECTORY) as u32
+        ));
+        assert!(open_changes_file(libc::O_WRONLY as u32));
+        assert!(open_changes_file(libc::O_RDWR as u32));
+        assert!(open_changes_file((libc::O_RDONLY | libc::O_TRUNC) as u32));
+        assert!(open_changes_file((libc::O_RDONLY | libc::O_CREAT) as u32));
+    }
+
+    #[test]
+    fn open_by_handle_stays_off() {
+        let config = passthrough_config(Path::new("/srv/rootfs"));
+        assert!(!config.inode_file_handles);
+        assert!(!config.xattr);
+        assert!(!config.no_open);
+        assert_eq!(config.dax_file_size, None);
+        assert_eq!(config.root_dir, "/srv/rootfs");
+    }
+}
