@@ -15,6 +15,7 @@ pub mod interrupt;
 pub mod mmio;
 #[cfg(test)]
 pub mod test_utils;
+pub mod vsock;
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
