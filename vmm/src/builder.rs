@@ -9,6 +9,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::virtio::fs::{Fs, FsConfig};
+use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::Kvm;
@@ -47,6 +49,20 @@ pub enum VmmError {
     /// A device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A shared directory's virtio-fs device could not be created.
+    #[error("shared directory `{tag}`")]
+    SharedDir {
+        tag: String,
+        #[source]
+        source: devices::virtio::fs::FsError,
+    },
+    /// The virtio-vsock device could not be created.
+    #[error("vsock device on {path}")]
+    Vsock {
+        path: std::path::PathBuf,
+        #[source]
+        source: devices::virtio::vsock::VsockError,
+    },
     /// A vCPU could not be created, configured or started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -218,6 +234,31 @@ pub fn build_with_devices(
             .try_clone()
             .map_err(setup_err("the reset eventfd"))?,
     )?;
+    let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {
+            VmmError::Vsock {
+                path: vsock.uds_path.clone(),
+                source,
+            }
+        })?;
+        let device = Arc::new(Mutex::new(device));
+        // The device serves its queues and host sockets on the VMM's event loop.
+        event_manager.add_subscriber(device.clone());
+        device_manager.attach_virtio(vm.fd(), vm.memory(), device)?;
+    }
+    for dir in &config.shared_dirs {
+        let fs = Fs::new(&FsConfig {
+            shared_dir: dir.path.clone(),
+            tag: dir.tag.clone(),
+            read_only: dir.read_only,
+        })
+        .map_err(|source| VmmError::SharedDir {
+            tag: dir.tag.clone(),
+            source,
+        })?;
+        device_manager.attach_virtio(vm.fd(), vm.memory(), Arc::new(Mutex::new(fs)))?;
+    }
     for device in virtio_devices {
         device_manager.attach_virtio(vm.fd(), vm.memory(), device)?;
     }
@@ -232,6 +273,7 @@ pub fn build_with_devices(
         vcpus.push(vcpu);
     }
 
+
     let (exit_tx, exit_rx) = channel();
     let exit_handler = Arc::new(Mutex::new(ExitHandler {
         reset_evt,
@@ -241,7 +283,6 @@ pub fn build_with_devices(
         exits: exit_rx,
         result: None,
     }));
-    let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
     event_manager.add_subscriber(exit_handler.clone());
 
     Ok(Vmm {

@@ -45,6 +45,59 @@ impl std::str::FromStr for ConsoleConfig {
     }
 }
 
+/// A host directory the guest mounts over virtio-fs (`mount -t virtiofs TAG DIR`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedDirConfig {
+    /// The mount tag: 1 to 36 bytes.
+    pub tag: String,
+    /// The host directory.
+    pub path: PathBuf,
+    /// Refuse every change (the OCI spec's `root.readonly`).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Longest virtio-fs tag (the size of the device's config-space field).
+pub const MAX_TAG_LEN: usize = 36;
+
+impl std::str::FromStr for SharedDirConfig {
+    type Err = String;
+
+    /// `TAG=PATH` or `TAG=PATH:ro`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (tag, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("shared directory {s:?} is not TAG=PATH[:ro]"))?;
+        let (path, read_only) = match rest.strip_suffix(":ro") {
+            Some(path) => (path, true),
+            None => (rest, false),
+        };
+        Ok(Self {
+            tag: tag.to_owned(),
+            path: path.into(),
+            read_only,
+        })
+    }
+}
+
+/// The guest's virtio-vsock device, backed by Unix sockets on the host: host programs connect
+/// to `uds_path` and write `CONNECT <port>\n`; guest connections to host port P arrive at
+/// `<uds_path>_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 and up).
+    #[serde(default = "default_guest_cid")]
+    pub guest_cid: u64,
+    /// The Unix socket the VMM listens on; must not exist yet.
+    pub uds_path: PathBuf,
+}
+
+fn default_guest_cid() -> u64 {
+    3
+}
+
 /// Everything hull-vmm needs to boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +122,12 @@ pub struct VmConfig {
     /// Show the guest kernel's boot messages; by default the kernel boots `quiet`.
     #[serde(default)]
     pub boot_messages: bool,
+    /// Host directories shared with the guest over virtio-fs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_dirs: Vec<SharedDirConfig>,
+    /// The virtio-vsock device, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_vcpus() -> u8 {
@@ -116,6 +175,8 @@ impl VmConfig {
             mem_size_mib: DEFAULT_MEM_SIZE_MIB,
             console: ConsoleConfig::default(),
             boot_messages: false,
+            shared_dirs: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -155,6 +216,63 @@ impl VmConfig {
                 self.mem_size_mib.to_string(),
                 format!("must be from {MIN_MEM_SIZE_MIB} to {MAX_MEM_SIZE_MIB}"),
             ));
+        }
+        let mut tags = std::collections::HashSet::new();
+        for dir in &self.shared_dirs {
+            if dir.tag.is_empty() || dir.tag.len() > MAX_TAG_LEN || dir.tag.contains('\0') {
+                return Err(invalid(
+                    "shared_dirs.tag",
+                    format!("{:?}", dir.tag),
+                    format!("must be 1 to {MAX_TAG_LEN} bytes without NUL"),
+                ));
+            }
+            if !tags.insert(dir.tag.as_str()) {
+                return Err(invalid(
+                    "shared_dirs.tag",
+                    format!("{:?}", dir.tag),
+                    "is used twice".into(),
+                ));
+            }
+            match std::fs::metadata(&dir.path) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        "shared_dirs.path",
+                        dir.path.display().to_string(),
+                        "is not a directory".into(),
+                    ))
+                }
+                Err(err) => {
+                    return Err(invalid(
+                        "shared_dirs.path",
+                        dir.path.display().to_string(),
+                        err.to_string(),
+                    ))
+                }
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            if !(3..u64::from(u32::MAX)).contains(&vsock.guest_cid) {
+                return Err(invalid(
+                    "vsock.guest_cid",
+                    vsock.guest_cid.to_string(),
+                    "must be from 3 to 4294967294".into(),
+                ));
+            }
+            let uds = || vsock.uds_path.display().to_string();
+            if vsock.uds_path.symlink_metadata().is_ok() {
+                return Err(invalid("vsock.uds_path", uds(), "already exists".into()));
+            }
+            let parent = vsock.uds_path.parent().filter(|p| !p.as_os_str().is_empty());
+            if let Some(parent) = parent {
+                if !parent.is_dir() {
+                    return Err(invalid(
+                        "vsock.uds_path",
+                        uds(),
+                        format!("directory {} does not exist", parent.display()),
+                    ));
+                }
+            }
         }
         if self.cmdline.contains('\0') || self.cmdline.contains('\n') {
             return Err(invalid(
@@ -235,6 +353,55 @@ mod tests {
         cfg.initramfs = Some(std::env::temp_dir());
         let err = cfg.validate(2).unwrap_err().to_string();
         assert!(err.contains("is not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn shared_dirs_parse_and_validate() {
+        let dir: SharedDirConfig = "rootfs=/tmp:ro".parse().unwrap();
+        assert_eq!((dir.tag.as_str(), dir.read_only), ("rootfs", true));
+        assert_eq!(dir.path, PathBuf::from("/tmp"));
+        assert!(!"data=/srv".parse::<SharedDirConfig>().unwrap().read_only);
+        assert!("no-equals".parse::<SharedDirConfig>().is_err());
+
+        let mut cfg = VmConfig::new(existing_file());
+        cfg.shared_dirs = vec!["a=/tmp".parse().unwrap(), "a=/".parse().unwrap()];
+        let err = cfg.validate(1).unwrap_err().to_string();
+        assert_eq!(err, "field `shared_dirs.tag` = \"a\": is used twice");
+        cfg.shared_dirs = vec!["b=/no/such/dir".parse().unwrap()];
+        let err = cfg.validate(1).unwrap_err().to_string();
+        assert!(err.starts_with("field `shared_dirs.path` = /no/such/dir:"), "{err}");
+        cfg.shared_dirs = vec![format!("{}=/tmp", "t".repeat(37)).parse().unwrap()];
+        assert!(cfg.validate(1).is_err());
+        let json = r#"{"kernel": "/k", "shared_dirs": [{"tag": "rootfs", "path": "/srv", "read_only": true}]}"#;
+        let cfg: VmConfig = serde_json::from_str(json).unwrap();
+        assert!(cfg.shared_dirs[0].read_only);
+    }
+
+    #[test]
+    fn vsock_is_validated() {
+        let mut cfg = VmConfig::new(existing_file());
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds_path: std::env::temp_dir().join("hull-vsock-validate"),
+        });
+        let err = cfg.validate(1).unwrap_err().to_string();
+        assert!(err.starts_with("field `vsock.guest_cid` = 2"), "{err}");
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: existing_file(),
+        });
+        let err = cfg.validate(1).unwrap_err().to_string();
+        assert!(err.ends_with("already exists"), "{err}");
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/no/such/dir/v.sock".into(),
+        });
+        let err = cfg.validate(1).unwrap_err().to_string();
+        assert!(err.contains("directory /no/such/dir does not exist"), "{err}");
+        let cfg: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "vsock": {"uds_path": "/run/v.sock"}}"#)
+                .unwrap();
+        assert_eq!(cfg.vsock.unwrap().guest_cid, 3);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use vmm::KvmKind;
 #[command(name = "hull-vmm", version, about = "Boot one hull micro-VM")]
 struct Args {
     /// VM configuration as a JSON file (exclusive with the flags below).
-    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_size_mib", "console", "boot_messages"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_size_mib", "console", "boot_messages", "shared_dir", "vsock_uds", "vsock_cid"])]
     config: Option<PathBuf>,
     /// Uncompressed ELF vmlinux.
     #[arg(long, required_unless_present = "config")]
@@ -37,6 +37,15 @@ struct Args {
     /// Show the guest kernel's boot messages.
     #[arg(long)]
     boot_messages: bool,
+    /// Share a host directory over virtio-fs: TAG=PATH or TAG=PATH:ro (repeatable).
+    #[arg(long = "shared-dir")]
+    shared_dir: Vec<vmm::config::SharedDirConfig>,
+    /// Give the guest a virtio-vsock device backed by this Unix socket.
+    #[arg(long = "vsock-uds")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context id.
+    #[arg(long = "vsock-cid", default_value_t = 3, requires = "vsock_uds")]
+    vsock_cid: u64,
     /// Log level on standard error: error, warn, info, debug.
     #[arg(long, default_value = "warn", value_parser = parse_level)]
     log_level: log::LevelFilter,
@@ -57,6 +66,11 @@ impl Args {
         config.mem_size_mib = self.mem_size_mib.unwrap_or(DEFAULT_MEM_SIZE_MIB);
         config.console = self.console.unwrap_or_default();
         config.boot_messages = self.boot_messages;
+        config.shared_dirs = self.shared_dir;
+        config.vsock = self.vsock_uds.map(|uds_path| vmm::config::VsockConfig {
+            guest_cid: self.vsock_cid,
+            uds_path,
+        });
         Ok(config)
     }
 }
@@ -70,6 +84,11 @@ struct StderrLogger;
 
 impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        // fuse-backend-rs logs errors on bad guest input without any rate limit: a guest could
+        // flood the VMM's log. Its messages show only when debugging.
+        if metadata.target().starts_with("fuse_backend_rs") && log::max_level() < log::LevelFilter::Debug {
+            return false;
+        }
         metadata.level() <= log::max_level()
     }
     fn log(&self, record: &log::Record<'_>) {
