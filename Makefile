@@ -57,7 +57,8 @@ test: kernel agent build
 # runc is the reference every figure is compared with, measured in the same run.
 bench: kernel agent build
 	@command -v runc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends runc
-	$(CARGO) run --release -q -p hull-bench -- --kernel $(KERNEL) --initramfs $(INITRAMFS)
+	$(CARGO) run --release -q -p hull-bench -- --kernel $(KERNEL) --initramfs $(INITRAMFS) \
+		--test-initramfs $(TEST_INITRAMFS)
 
 lint: deps
 	$(CARGO) fmt --all -- --check

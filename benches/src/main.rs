@@ -38,6 +38,12 @@ struct Args {
     /// Runs of runc for reference.
     #[arg(long, default_value_t = 30)]
     runc_runs: usize,
+    /// The test initramfs (with ymm-stress), for the context-switch measurement.
+    #[arg(long)]
+    test_initramfs: Option<PathBuf>,
+    /// Yields per process in the context-switch measurement.
+    #[arg(long, default_value_t = 2000)]
+    yields: u32,
 }
 
 /// One measured run of a child process.
@@ -269,6 +275,42 @@ fn bench_runc(runs: usize) {
     println!("  peak RSS of runc:            {}", max_rss(&samples));
 }
 
+/// Guest system call and context switch cost: `ymm-stress 1 N` yields without switching,
+/// `ymm-stress 2 N` switches on every yield (saving and restoring AVX state each time).
+fn bench_context_switches(kernel: &Path, initramfs: &Path, yields: u32) {
+    let script = format!(
+        "a=$(cut -d' ' -f1 /proc/uptime); ymm-stress 1 {yields} >/dev/null; \
+         b=$(cut -d' ' -f1 /proc/uptime); ymm-stress 2 {yields} >/dev/null; \
+         c=$(cut -d' ' -f1 /proc/uptime); echo SWITCH_TIMES $a $b $c"
+    );
+    let mut cmd = Command::new(workspace_bin("hull-vmm"));
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initramfs")
+        .arg(initramfs)
+        .args(["--mem-size-mib", "256", "--cmdline"])
+        .arg(format!("hull.exec=\"{script}\""));
+    let sample = measure(cmd, |l| l.starts_with("SWITCH_TIMES "));
+    let times: Vec<f64> = sample
+        .marker_line
+        .as_deref()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    println!("guest system calls and context switches (ymm-stress, {yields} yields per process):");
+    let [a, b, c] = times[..] else {
+        println!("  no measurement (exit {})", sample.status);
+        return;
+    };
+    let n = f64::from(yields);
+    let yield_ms = (b - a) * 1000.0 / n;
+    let switch_ms = ((c - b) * 1000.0 - 2.0 * n * yield_ms) / (2.0 * n);
+    println!("  sched_yield without a switch:  {yield_ms:.3} ms");
+    println!("  added by a context switch:     {switch_ms:.3} ms (guest uptime, 10 ms resolution)");
+}
+
 fn main() {
     let args = Args::parse();
     let kind = KvmKind::detect();
@@ -281,5 +323,8 @@ fn main() {
     }
     bench_tiny(args.tiny_runs);
     bench_boot(args.boot_runs, &args.kernel, &args.initramfs);
+    if let Some(test_initramfs) = &args.test_initramfs {
+        bench_context_switches(&args.kernel, test_initramfs, args.yields);
+    }
     bench_runc(args.runc_runs);
 }

@@ -273,7 +273,6 @@ pub fn build_with_devices(
         vcpus.push(vcpu);
     }
 
-
     let (exit_tx, exit_rx) = channel();
     let exit_handler = Arc::new(Mutex::new(ExitHandler {
         reset_evt,
@@ -357,6 +356,7 @@ impl Vmm {
                     assists.int3 += stats.int3;
                     assists.fwait += stats.fwait;
                     assists.xstate += stats.xstate;
+                    assists.xstate_ns += stats.xstate_ns;
                 }
             }
         }

@@ -263,7 +263,10 @@ impl VmConfig {
             if vsock.uds_path.symlink_metadata().is_ok() {
                 return Err(invalid("vsock.uds_path", uds(), "already exists".into()));
             }
-            let parent = vsock.uds_path.parent().filter(|p| !p.as_os_str().is_empty());
+            let parent = vsock
+                .uds_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty());
             if let Some(parent) = parent {
                 if !parent.is_dir() {
                     return Err(invalid(
@@ -369,7 +372,10 @@ mod tests {
         assert_eq!(err, "field `shared_dirs.tag` = \"a\": is used twice");
         cfg.shared_dirs = vec!["b=/no/such/dir".parse().unwrap()];
         let err = cfg.validate(1).unwrap_err().to_string();
-        assert!(err.starts_with("field `shared_dirs.path` = /no/such/dir:"), "{err}");
+        assert!(
+            err.starts_with("field `shared_dirs.path` = /no/such/dir:"),
+            "{err}"
+        );
         cfg.shared_dirs = vec![format!("{}=/tmp", "t".repeat(37)).parse().unwrap()];
         assert!(cfg.validate(1).is_err());
         let json = r#"{"kernel": "/k", "shared_dirs": [{"tag": "rootfs", "path": "/srv", "read_only": true}]}"#;
@@ -397,7 +403,10 @@ mod tests {
             uds_path: "/no/such/dir/v.sock".into(),
         });
         let err = cfg.validate(1).unwrap_err().to_string();
-        assert!(err.contains("directory /no/such/dir does not exist"), "{err}");
+        assert!(
+            err.contains("directory /no/such/dir does not exist"),
+            "{err}"
+        );
         let cfg: VmConfig =
             serde_json::from_str(r#"{"kernel": "/k", "vsock": {"uds_path": "/run/v.sock"}}"#)
                 .unwrap();

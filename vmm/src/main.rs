@@ -86,7 +86,9 @@ impl log::Log for StderrLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         // fuse-backend-rs logs errors on bad guest input without any rate limit: a guest could
         // flood the VMM's log. Its messages show only when debugging.
-        if metadata.target().starts_with("fuse_backend_rs") && log::max_level() < log::LevelFilter::Debug {
+        if metadata.target().starts_with("fuse_backend_rs")
+            && log::max_level() < log::LevelFilter::Debug
+        {
             return false;
         }
         metadata.level() <= log::max_level()
@@ -144,12 +146,14 @@ fn main() -> ExitCode {
     log::info!("kernel command line: {}", vmm.cmdline());
     match vmm.run() {
         Ok(outcome) => {
+            let a = outcome.assists;
             log::info!(
-                "{}; emulation assists: {} int3, {} fwait, {} xsave-family",
+                "{}; emulation assists: {} int3, {} fwait, {} xsave-family ({:.1} us each in the VMM)",
                 outcome.exit,
-                outcome.assists.int3,
-                outcome.assists.fwait,
-                outcome.assists.xstate
+                a.int3,
+                a.fwait,
+                a.xstate,
+                a.xstate_ns as f64 / 1000.0 / a.xstate.max(1) as f64
             );
             let code = outcome.exit.exit_code();
             if code != 0 {

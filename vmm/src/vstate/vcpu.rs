@@ -151,6 +151,8 @@ pub struct AssistStats {
     pub fwait: u64,
     /// XSAVE-family instructions and XSETBV/XGETBV executed.
     pub xstate: u64,
+    /// Time hull-vmm spent executing them (ioctls, page walks, copies), in nanoseconds.
+    pub xstate_ns: u64,
 }
 
 /// An exception to raise: vector, error code, CR2.
@@ -407,10 +409,12 @@ impl Vcpu {
             }
             Assist::ExtendedState { op, rex_w, insn } => {
                 self.stats.xstate += 1;
+                let started = std::time::Instant::now();
                 let layout = self.xsave_layout.get_or_insert_with(xstate::host_layout);
                 let outcome =
                     xstate::execute_xsave(&self.fd, &self.memory, layout, op, rex_w, &insn, &regs)
                         .map_err(|e| fail("extended state", &e))?;
+                self.stats.xstate_ns += started.elapsed().as_nanos() as u64;
                 resolve(outcome, insn.len() as u64)
             }
             Assist::Xsetbv { len } => {
