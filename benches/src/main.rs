@@ -82,7 +82,9 @@ fn measure(mut cmd: Command, marker: impl Fn(&str) -> bool + Send + 'static) -> 
             let now = Instant::now();
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
             if !found {
-                if let Some(line) = seen.lines().find(|l| marker(l)) {
+                // Only complete lines: a read may end in the middle of one.
+                let complete = &seen[..seen.rfind('\n').map_or(0, |i| i + 1)];
+                if let Some(line) = complete.lines().find(|l| marker(l)) {
                     found = true;
                     let _ = tx.send((now, line.to_owned()));
                 }
@@ -279,9 +281,9 @@ fn bench_runc(runs: usize) {
 /// `ymm-stress 2 N` switches on every yield (saving and restoring AVX state each time).
 fn bench_context_switches(kernel: &Path, initramfs: &Path, yields: u32) {
     let script = format!(
-        "a=$(cut -d' ' -f1 /proc/uptime); ymm-stress 1 {yields} >/dev/null; \
-         b=$(cut -d' ' -f1 /proc/uptime); ymm-stress 2 {yields} >/dev/null; \
-         c=$(cut -d' ' -f1 /proc/uptime); echo SWITCH_TIMES $a $b $c"
+        "read a x < /proc/uptime; ymm-stress 1 {yields} >/dev/null; \
+         read b x < /proc/uptime; ymm-stress 2 {yields} >/dev/null; \
+         read c x < /proc/uptime; echo SWITCH_TIMES $a $b $c"
     );
     let mut cmd = Command::new(workspace_bin("hull-vmm"));
     cmd.arg("--kernel")

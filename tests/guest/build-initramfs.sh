@@ -4,10 +4,12 @@
 # usage: tests/guest/build-initramfs.sh OUT_DIR AGENT_BINARY
 #
 # Contents: the agent as /init (with the base entries of guest-agent/mkinitramfs.py), Debian's
-# static busybox as /bin/busybox with links for the applets below, and /bin/ymm-stress, which
-# this script compiles from tests/guest/ymm_stress.c into OUT_DIR/ymm-stress first. The kernel
-# command line then picks what runs, e.g. hull.exec="ls /proc | wc -l" or
-# hull.exec="/bin/ymm-stress 4 2000" (see docs/agent.md).
+# static busybox as /bin/busybox with links for the applets below, /bin/ymm-stress, and
+# /bin/vsock-send and /bin/vsock-echo, which this script compiles from tests/guest/ymm_stress.c,
+# vsock_send.c and vsock_echo.c (with vsock_common.h) into OUT_DIR/ymm-stress, OUT_DIR/vsock-send
+# and OUT_DIR/vsock-echo first. The kernel command line then picks what runs, e.g.
+# hull.exec="ls /proc | wc -l", hull.exec="/bin/ymm-stress 4 2000" or
+# hull.exec="echo hello | vsock-send 5000" (see docs/agent.md).
 #
 # busybox-static is installed with apt-get if it is missing (needs root). AGENT_BINARY must be
 # statically linked (guest-agent/build.sh makes one); HULL_TEST_INITRAMFS_ANY_AGENT=1 skips that
@@ -15,7 +17,8 @@
 #
 # The archive is deterministic (see mkinitramfs.py; SOURCE_DATE_EPOCH sets the mtimes). Nothing
 # is rebuilt when OUT_DIR/test-initramfs.stamp records the same inputs: the agent, busybox,
-# ymm_stress.c, mkinitramfs.py, this script, the gcc version and SOURCE_DATE_EPOCH.
+# ymm_stress.c, the vsock_* sources, mkinitramfs.py, this script, the gcc version and
+# SOURCE_DATE_EPOCH.
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -28,6 +31,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 workspace=$(dirname "$(dirname "$here")")
 mkinitramfs="$workspace/guest-agent/mkinitramfs.py"
 stress_src="$here/ymm_stress.c"
+vsock_srcs=("$here/vsock_common.h" "$here/vsock_send.c" "$here/vsock_echo.c")
 busybox=/bin/busybox
 applets=(sh ls wc cat echo true false sleep ps grep head seq yes uname kill mount dmesg)
 
@@ -59,13 +63,17 @@ done
 mkdir -p "$out_dir"
 cpio_out="$out_dir/test-initramfs.cpio"
 stress_out="$out_dir/ymm-stress"
+send_out="$out_dir/vsock-send"
+echo_out="$out_dir/vsock-echo"
 stamp="$out_dir/test-initramfs.stamp"
 inputs=$(
-    sha256sum "$agent" "$busybox" "$stress_src" "$mkinitramfs" "${BASH_SOURCE[0]}" | cut -d' ' -f1
+    sha256sum "$agent" "$busybox" "$stress_src" "${vsock_srcs[@]}" "$mkinitramfs" \
+        "${BASH_SOURCE[0]}" | cut -d' ' -f1
     gcc --version | head -n1
     echo "SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-}"
 )
-if [[ -f $cpio_out && -f $stress_out && -f $stamp && $(<"$stamp") == "$inputs" ]]; then
+if [[ -f $cpio_out && -f $stress_out && -f $send_out && -f $echo_out && -f $stamp &&
+    $(<"$stamp") == "$inputs" ]]; then
     log "$cpio_out is up to date"
     exit 0
 fi
@@ -74,10 +82,16 @@ fi
 gcc -O2 -static -mavx2 -fno-tree-vectorize -Wall -Wextra -s \
     -o "$stress_out.tmp" "$stress_src"
 mv -f "$stress_out.tmp" "$stress_out"
+gcc -O2 -static -Wall -Wextra -s -o "$send_out.tmp" "$here/vsock_send.c"
+mv -f "$send_out.tmp" "$send_out"
+gcc -O2 -static -Wall -Wextra -s -o "$echo_out.tmp" "$here/vsock_echo.c"
+mv -f "$echo_out.tmp" "$echo_out"
 
 args=(
     --add "$busybox:/bin/busybox:0755"
     --add "$stress_out:/bin/ymm-stress:0755"
+    --add "$send_out:/bin/vsock-send:0755"
+    --add "$echo_out:/bin/vsock-echo:0755"
 )
 for applet in "${applets[@]}"; do
     args+=(--symlink "/bin/$applet:busybox")
