@@ -15,6 +15,8 @@ pub const POWEROFF_READY: &str = "ready";
 /// The diagnostic exec hook (`exec.rs`): a command for `/bin/sh -c`, run after the readiness
 /// line. The kernel has no escapes: the command cannot hold a double quote.
 pub const EXEC_PARAM: &str = "hull.exec";
+/// A flag: serve the host protocol over vsock (`server.rs`). The VMM passes it.
+pub const SERVE_PARAM: &str = "hull.serve";
 
 /// Errors reading the command line.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,16 @@ impl Cmdline {
     /// Whether the host asked for a power-off right after the readiness line.
     pub fn poweroff_when_ready(&self) -> bool {
         self.value(POWEROFF_PARAM) == Some(POWEROFF_READY)
+    }
+
+    /// Whether `name` appears as a bare flag (or with any value), e.g. [`SERVE_PARAM`].
+    pub fn has(&self, name: &str) -> bool {
+        self.params.iter().any(|(n, _)| n == name)
+    }
+
+    /// Whether the host asked the agent to serve the control protocol.
+    pub fn serve(&self) -> bool {
+        self.has(SERVE_PARAM)
     }
 
     /// The command of the diagnostic exec hook, if the host gave one (the last
@@ -184,6 +196,13 @@ mod tests {
         assert_eq!(Cmdline::parse(r#"hull.exec="""#).exec_command(), None);
         assert_eq!(Cmdline::parse("xhull.exec=true").exec_command(), None);
         assert_eq!(Cmdline::parse("console=ttyS0").exec_command(), None);
+    }
+
+    #[test]
+    fn serve_flag() {
+        assert!(Cmdline::parse("console=ttyS0 hull.serve reboot=k").serve());
+        assert!(!Cmdline::parse("console=ttyS0 hull.server").serve());
+        assert!(!Cmdline::parse("").serve());
     }
 
     #[test]

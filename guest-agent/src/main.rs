@@ -1,26 +1,33 @@
 //! `hull-agent`: PID 1 of every hull micro-VM.
 //!
 //! The kernel starts it as `/init` from the initramfs (see `mkinitramfs.py`). It mounts the early
-//! file systems, prints one readiness line for the host, then reaps children and waits for a
-//! power-off request, until the next version adds the host protocol over vsock. For tests, the
-//! host can have it run one command instead (`hull.exec`, see `exec.rs`). As PID 1 it never
+//! file systems, prints one readiness line for the host, then reaps children and, with
+//! `hull.serve`, serves the host protocol over vsock: it sets up and runs the container
+//! (`server.rs`, `container/`). For tests, the host can have it run one command instead
+//! (`hull.exec`, see `exec.rs`). As PID 1 it never
 //! exits: every way out, including errors and panics, goes through `power::power_off`, which
 //! syncs and resets the VM (the VMM's clean end).
 //!
 //! Started by anything but the guest kernel it refuses to act (exit status 2), except in the test
 //! mode `mode.rs` describes, in a throwaway PID and mount namespace on a host.
 
-#![forbid(unsafe_code)]
+// Only `sys.rs` may use `unsafe` (it says `#![allow(unsafe_code)]`).
+#![deny(unsafe_code)]
 
 mod cmdline;
 mod console;
+mod container;
 mod exec;
 mod init;
+mod listener;
 mod mode;
 mod power;
 mod ready;
 mod reaper;
+mod server;
 mod signals;
+mod spec;
+mod sys;
 
 use std::error::Error;
 use std::path::Path;
@@ -29,10 +36,12 @@ use std::process::{Command, Stdio};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
-use crate::cmdline::{Cmdline, EXEC_PARAM, POWEROFF_PARAM};
+use crate::cmdline::{Cmdline, EXEC_PARAM, POWEROFF_PARAM, SERVE_PARAM};
 use crate::exec::{ExecCommand, ExecState};
+use crate::listener::Listener;
 use crate::mode::{Facts, Mode, TestConfig};
 use crate::ready::Ready;
+use crate::server::{Paths, Server};
 use crate::signals::{Action, Signals};
 
 const USAGE: &str = "\
@@ -89,6 +98,10 @@ fn run(mode: Mode) -> ! {
         _ => Cmdline::read(&mode.root().join("proc/cmdline"))
             .unwrap_or_else(|e| power::fatal(&error_chain(&e))),
     };
+    // Listening before the readiness line, so the host may connect as soon as it reads it.
+    let listeners = cmdline
+        .serve()
+        .then(|| listen(&mode).unwrap_or_else(|e| power::fatal(&e)));
     let line = Ready::gather(&mode.root().join("proc/uptime"))
         .and_then(|ready| ready.line())
         .unwrap_or_else(|e| power::fatal(&error_chain(&e)));
@@ -109,11 +122,21 @@ fn run(mode: Mode) -> ! {
     if let Mode::Test(config) = &mode {
         run_test_hooks(config);
     }
+    let server = listeners.map(|(control, stdio)| {
+        Server::start(server_paths(&mode), control, stdio)
+            .unwrap_or_else(|e| power::fatal(&format!("cannot start the server threads: {e}")))
+    });
 
     loop {
         match signals.wait() {
             Ok((_, Action::Reap)) => match &mut exec {
-                None => log_reaped(&mode, reaper::reap_all()),
+                None => {
+                    let reaped = reaper::reap_all();
+                    if let Some(server) = &server {
+                        server.reaped(&reaped);
+                    }
+                    log_reaped(&mode, reaped);
+                }
                 Some(command) => {
                     let (reaped, state) = command.reap_with(reaper::reap_all);
                     log_reaped(&mode, reaped);
@@ -123,6 +146,46 @@ fn run(mode: Mode) -> ! {
             Ok((signal, Action::PowerOff)) => power::power_off(signal.as_str()),
             Err(e) => power::fatal(&error_chain(&e)),
         }
+    }
+}
+
+/// The control and stdio listeners: vsock ports in the guest, Unix sockets in test mode.
+fn listen(mode: &Mode) -> Result<(Listener, Listener), String> {
+    use hull_protocol::{CONTROL_PORT, STDIO_PORT};
+    match mode {
+        Mode::Guest => {
+            let bind = |port| {
+                Listener::vsock(port).map_err(|e| format!("{SERVE_PARAM}: vsock port {port}: {e}"))
+            };
+            Ok((bind(CONTROL_PORT)?, bind(STDIO_PORT)?))
+        }
+        Mode::Test(config) => {
+            let bind = |path: &Option<std::path::PathBuf>, name: &str| {
+                let path = path
+                    .as_ref()
+                    .ok_or_else(|| format!("{SERVE_PARAM} in test mode needs {name}"))?;
+                Listener::unix(path).map_err(|e| format!("listening on {}: {e}", path.display()))
+            };
+            Ok((
+                bind(&config.control_socket, mode::ENV_TEST_CONTROL_SOCKET)?,
+                bind(&config.stdio_socket, mode::ENV_TEST_STDIO_SOCKET)?,
+            ))
+        }
+    }
+}
+
+fn server_paths(mode: &Mode) -> Paths {
+    let root = mode.root();
+    let (rootfs_override, no_pivot) = match mode {
+        Mode::Guest => (None, false),
+        Mode::Test(config) => (config.rootfs.clone(), config.no_pivot),
+    };
+    Paths {
+        proc_dir: root.join("proc"),
+        rootfs_dir: root.join("run/hull/rootfs"),
+        agent_root: root,
+        rootfs_override,
+        no_pivot,
     }
 }
 

@@ -30,6 +30,14 @@ pub const ENV_TEST_EXEC: &str = "HULL_AGENT_TEST_EXEC";
 pub const ENV_TEST_PANIC: &str = "HULL_AGENT_TEST_PANIC";
 /// Test mode: the shell the `hull.exec` hook runs instead of `/bin/sh` (tests a missing shell).
 pub const ENV_TEST_SHELL: &str = "HULL_AGENT_TEST_SHELL";
+/// Test mode: the Unix socket to listen on instead of vsock `CONTROL_PORT` (with `hull.serve`).
+pub const ENV_TEST_CONTROL_SOCKET: &str = "HULL_AGENT_TEST_CONTROL_SOCKET";
+/// Test mode: the Unix socket to listen on instead of vsock `STDIO_PORT` (with `hull.serve`).
+pub const ENV_TEST_STDIO_SOCKET: &str = "HULL_AGENT_TEST_STDIO_SOCKET";
+/// Test mode: a directory bind-mounted as the container's rootfs instead of the virtio-fs share.
+pub const ENV_TEST_ROOTFS: &str = "HULL_AGENT_TEST_ROOTFS";
+/// Test mode: if `1`, switch the container's root without `pivot_root`, as in the guest.
+pub const ENV_TEST_NO_PIVOT: &str = "HULL_AGENT_TEST_NO_PIVOT";
 
 /// Why the agent refuses to act as init.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -61,6 +69,10 @@ pub struct TestConfig {
     pub exec: Option<String>,
     pub panic: bool,
     pub shell: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub stdio_socket: Option<PathBuf>,
+    pub rootfs: Option<PathBuf>,
+    pub no_pivot: bool,
 }
 
 /// How the agent runs.
@@ -121,6 +133,10 @@ impl Facts {
             ENV_TEST_EXEC,
             ENV_TEST_PANIC,
             ENV_TEST_SHELL,
+            ENV_TEST_CONTROL_SOCKET,
+            ENV_TEST_STDIO_SOCKET,
+            ENV_TEST_ROOTFS,
+            ENV_TEST_NO_PIVOT,
         ]
         .into_iter()
         .filter_map(|name| std::env::var(name).ok().map(|v| (name, v)))
@@ -178,6 +194,10 @@ pub fn decide(facts: &Facts) -> Result<Mode, ModeError> {
         exec: facts.var(ENV_TEST_EXEC).map(str::to_owned),
         panic: facts.var(ENV_TEST_PANIC) == Some("1"),
         shell: facts.var(ENV_TEST_SHELL).map(PathBuf::from),
+        control_socket: facts.var(ENV_TEST_CONTROL_SOCKET).map(PathBuf::from),
+        stdio_socket: facts.var(ENV_TEST_STDIO_SOCKET).map(PathBuf::from),
+        rootfs: facts.var(ENV_TEST_ROOTFS).map(PathBuf::from),
+        no_pivot: facts.var(ENV_TEST_NO_PIVOT) == Some("1"),
     }))
 }
 

@@ -1,0 +1,180 @@
+//! The container's init after the start: it becomes the spec's process and calls `execve`.
+//!
+//! Order, as runc's: rlimits; the bounding set (needs `CAP_SETPCAP`, so before the user
+//! change); the user with `PR_SET_KEEPCAPS` so permitted capabilities survive `setresuid`; the
+//! capability sets and the ambient set; umask; working directory; `no_new_privs`; signal mask and
+//! `SIGPIPE` back to their defaults; `execve` with the program looked up in the `PATH` of
+//! `process.env`.
+
+use std::ffi::CString;
+use std::path::Path;
+
+use hull_protocol::{ErrorKind, ErrorResponse};
+use nix::errno::Errno;
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{chdir, execve, setgroups, setresgid, setresuid, Gid, Uid};
+
+use super::CapPlan;
+use crate::exec::DEFAULT_PATH;
+use crate::spec::Process;
+use crate::sys;
+
+fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> ErrorResponse {
+    ErrorResponse::new(ErrorKind::Io, format!("{what}: {e}"))
+}
+
+/// The rlimit of an OCI `type` name.
+pub fn resource(name: &str) -> Option<Resource> {
+    Some(match name {
+        "RLIMIT_AS" => Resource::RLIMIT_AS,
+        "RLIMIT_CORE" => Resource::RLIMIT_CORE,
+        "RLIMIT_CPU" => Resource::RLIMIT_CPU,
+        "RLIMIT_DATA" => Resource::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => Resource::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => Resource::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => Resource::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => Resource::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => Resource::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => Resource::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => Resource::RLIMIT_NPROC,
+        "RLIMIT_RSS" => Resource::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => Resource::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => Resource::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => Resource::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => Resource::RLIMIT_STACK,
+        _ => return None,
+    })
+}
+
+/// Becomes `process` and execs it; returns only the error that stopped it.
+pub fn exec(process: &Process, caps: Option<&CapPlan>) -> ErrorResponse {
+    match prepare(process, caps).and_then(|()| exec_program(process)) {
+        Ok(never) => match never {},
+        Err(err) => err,
+    }
+}
+
+fn prepare(process: &Process, caps: Option<&CapPlan>) -> Result<(), ErrorResponse> {
+    for (i, r) in process.rlimits.iter().enumerate() {
+        // Checked before the fork (`Config::validate`).
+        if let Some(res) = resource(&r.kind) {
+            setrlimit(res, r.soft, r.hard)
+                .map_err(|e| io(format!("process.rlimits[{i}] {}", r.kind), e))?;
+        }
+    }
+    if let Some(caps) = caps {
+        let last = super::caps::last_cap(Path::new("/proc"));
+        for cap in 0..=last.min(63) {
+            if caps.bounding & (1 << cap) == 0 {
+                sys::capbset_drop(cap)
+                    .map_err(|e| io("process.capabilities.bounding: dropping", e))?;
+            }
+        }
+        nix::sys::prctl::set_keepcaps(true).map_err(|e| io("prctl(PR_SET_KEEPCAPS)", e))?;
+    }
+    let user = &process.user;
+    let groups: Vec<Gid> = user
+        .additional_gids
+        .iter()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
+    setgroups(&groups).map_err(|e| {
+        io(
+            format!("process.user.additionalGids {:?}", user.additional_gids),
+            e,
+        )
+    })?;
+    let gid = Gid::from_raw(user.gid);
+    setresgid(gid, gid, gid).map_err(|e| io(format!("process.user.gid {}", user.gid), e))?;
+    let uid = Uid::from_raw(user.uid);
+    setresuid(uid, uid, uid).map_err(|e| io(format!("process.user.uid {}", user.uid), e))?;
+    if let Some(caps) = caps {
+        nix::sys::prctl::set_keepcaps(false).map_err(|e| io("prctl(PR_SET_KEEPCAPS)", e))?;
+        sys::capset(caps.sets).map_err(|e| io("process.capabilities: capset", e))?;
+        sys::ambient_clear().map_err(|e| io("process.capabilities.ambient: clearing", e))?;
+        for cap in 0..64 {
+            if caps.ambient & (1 << cap) != 0 {
+                sys::ambient_raise(cap).map_err(|e| {
+                    io(
+                        format!(
+                            "process.capabilities.ambient {} (must be permitted and inheritable too)",
+                            super::caps::NAMES.get(cap as usize).unwrap_or(&"?")
+                        ),
+                        e,
+                    )
+                })?;
+            }
+        }
+    }
+    umask(Mode::from_bits_truncate(user.umask.unwrap_or(0o022)));
+    chdir(process.cwd.as_str()).map_err(|e| io(format!("process.cwd {:?}", process.cwd), e))?;
+    if process.no_new_privileges {
+        nix::sys::prctl::set_no_new_privs().map_err(|e| io("process.noNewPrivileges", e))?;
+    }
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|e| io("resetting the signal mask", e))?;
+    sys::default_sigpipe().map_err(|e| io("resetting SIGPIPE", e))?;
+    Ok(())
+}
+
+fn cstring(field: &str, s: &str) -> Result<CString, ErrorResponse> {
+    CString::new(s).map_err(|_| {
+        ErrorResponse::new(
+            ErrorKind::InvalidSpec,
+            format!("{field} {s:?} contains a NUL byte"),
+        )
+    })
+}
+
+fn exec_program(process: &Process) -> Result<std::convert::Infallible, ErrorResponse> {
+    let args = process
+        .args
+        .iter()
+        .map(|a| cstring("process.args", a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let env = process
+        .env
+        .iter()
+        .map(|e| cstring("process.env", e))
+        .collect::<Result<Vec<_>, _>>()?;
+    let program = &process.args[0];
+    let candidates: Vec<String> = if program.contains('/') {
+        vec![program.clone()]
+    } else {
+        let path = process
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or(DEFAULT_PATH);
+        path.split(':')
+            .map(|dir| {
+                let dir = if dir.is_empty() { "." } else { dir };
+                format!("{dir}/{program}")
+            })
+            .collect()
+    };
+    // Like execvpe: a missing candidate moves on; any other error is remembered.
+    let mut found_error = None;
+    for candidate in &candidates {
+        let c = cstring("process.args[0]", candidate)?;
+        match execve(&c, &args, &env) {
+            Err(Errno::ENOENT | Errno::ENOTDIR) => continue,
+            Err(e) => {
+                found_error.get_or_insert((candidate.clone(), e));
+            }
+            Ok(never) => match never {},
+        }
+    }
+    Err(match found_error {
+        Some((candidate, e)) => io(
+            format!("process.args[0] {program:?}: execve {candidate}"),
+            e,
+        ),
+        None => ErrorResponse::new(
+            ErrorKind::InvalidSpec,
+            format!("process.args[0] {program:?}: not found in the PATH of process.env"),
+        ),
+    })
+}

@@ -1,0 +1,458 @@
+//! The container's init before the start: namespaces, mounts, root, hostname.
+//!
+//! Runs in forked children only (see `mod.rs`). Every error names the spec field and value.
+//!
+//! The root switch: `pivot_root(2)` refuses to move the initramfs (`rootfs`, which has no parent
+//! mount), and in the guest the agent's root *is* the initramfs. There the init moves the
+//! container's root onto `/` and `chroot`s into it, as `runc --no-pivot` does. In the guest that
+//! leaves the initramfs beneath the container's root, reachable only through a `chroot` escape
+//! (which needs `CAP_SYS_CHROOT`); the VM, not the guest kernel, is hull's isolation boundary,
+//! and the initramfs holds nothing but the agent. Elsewhere (the host tests) `pivot_root` is
+//! used and the old root detached.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use hull_protocol::{ErrorKind, ErrorResponse};
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
+use nix::unistd::{chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, pivot_root, sethostname};
+
+use super::{Config, RootfsSource};
+use crate::spec::{Mount, Spec};
+
+fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> ErrorResponse {
+    ErrorResponse::new(ErrorKind::Io, format!("{what}: {e}"))
+}
+
+fn invalid(message: String) -> ErrorResponse {
+    ErrorResponse::new(ErrorKind::InvalidSpec, message)
+}
+
+/// Makes the stream descriptors the process's 0, 1, 2 (dup2 clears close-on-exec on them).
+pub fn take_stdio(stdio: &[OwnedFd; 3]) -> Result<(), ErrorResponse> {
+    let [stdin, stdout, stderr] = stdio;
+    dup2_stdin(stdin).map_err(|e| io("dup2 onto fd 0", e))?;
+    dup2_stdout(stdout).map_err(|e| io("dup2 onto fd 1", e))?;
+    dup2_stderr(stderr).map_err(|e| io("dup2 onto fd 2", e))
+}
+
+/// Unshares the namespaces of `linux.namespaces`, and always a mount namespace: the container's
+/// mounts must never reach the agent's. A namespace with a `path` is the host's business
+/// (`hull-vmm` joins a network namespace path on the host); in the guest the container shares
+/// the agent's namespace of that type.
+pub fn unshare_namespaces(spec: &Spec) -> Result<(), ErrorResponse> {
+    let mut flags = CloneFlags::CLONE_NEWNS;
+    let mut pid = false;
+    for ns in spec.linux.namespaces.iter().filter(|ns| ns.path.is_none()) {
+        match ns.kind.as_str() {
+            "uts" => flags |= CloneFlags::CLONE_NEWUTS,
+            "ipc" => flags |= CloneFlags::CLONE_NEWIPC,
+            "network" => flags |= CloneFlags::CLONE_NEWNET,
+            "cgroup" => flags |= CloneFlags::CLONE_NEWCGROUP,
+            "pid" => pid = true,
+            _ => {}
+        }
+    }
+    unshare(flags).map_err(|e| io(format!("unshare({flags:?}) for linux.namespaces"), e))?;
+    if pid {
+        // Takes effect for the next child: the container's init.
+        unshare(CloneFlags::CLONE_NEWPID)
+            .map_err(|e| io("unshare(CLONE_NEWPID) for linux.namespaces \"pid\"", e))?;
+    }
+    Ok(())
+}
+
+/// Everything from the mount tree to the hostname, in the container's init.
+pub fn prepare(config: &Config) -> Result<(), ErrorResponse> {
+    let spec = &config.spec;
+    umask(Mode::empty());
+    let propagation = match spec.linux.rootfs_propagation.as_deref() {
+        None | Some("private" | "rprivate") => MsFlags::MS_PRIVATE,
+        Some("slave" | "rslave") => MsFlags::MS_SLAVE,
+        Some("shared" | "rshared") => MsFlags::MS_SHARED,
+        Some("unbindable" | "runbindable") => MsFlags::MS_UNBINDABLE,
+        Some(other) => {
+            return Err(invalid(format!(
+                "linux.rootfsPropagation: unknown value {other:?}"
+            )))
+        }
+    };
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | propagation,
+        None::<&str>,
+    )
+    .map_err(|e| io("making the mount tree private", e))?;
+
+    let root = &config.rootfs_dir;
+    std::fs::create_dir_all(root).map_err(|e| io(format!("creating {}", root.display()), e))?;
+    match &config.rootfs {
+        RootfsSource::Virtiofs { tag } => mount(
+            Some(tag.as_str()),
+            root,
+            Some("virtiofs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| {
+            io(
+                format!("mounting virtio-fs tag {tag:?} on {}", root.display()),
+                e,
+            )
+        })?,
+        RootfsSource::Bind(dir) => mount(
+            Some(dir),
+            root,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))?,
+    }
+
+    let mut dev_tmpfs = false;
+    for (i, m) in spec.mounts.iter().enumerate() {
+        mount_one(config, root, i, m)?;
+        dev_tmpfs |= m.destination.trim_end_matches('/') == "/dev" && !is_bind(m);
+    }
+    if dev_tmpfs {
+        default_devices(root)?;
+    }
+    spec_devices(config, root)?;
+
+    enter_root(root, config.no_pivot)?;
+
+    for (key, value) in &spec.linux.sysctl {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        std::fs::write(&path, value)
+            .map_err(|e| io(format!("linux.sysctl {key:?} = {value:?}"), e))?;
+    }
+    for (i, path) in spec.linux.masked_paths.iter().enumerate() {
+        mask_path(path).map_err(|e| io(format!("linux.maskedPaths[{i}] {path:?}"), e))?;
+    }
+    for (i, path) in spec.linux.readonly_paths.iter().enumerate() {
+        readonly_path(path).map_err(|e| io(format!("linux.readonlyPaths[{i}] {path:?}"), e))?;
+    }
+    if let Some(hostname) = &spec.hostname {
+        sethostname(hostname).map_err(|e| io(format!("hostname {hostname:?}"), e))?;
+    }
+    if config.readonly {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| io("remounting the rootfs read-only (root.readonly)", e))?;
+    }
+    Ok(())
+}
+
+fn is_bind(m: &Mount) -> bool {
+    m.kind.as_deref() == Some("bind") || m.options.iter().any(|o| o == "bind" || o == "rbind")
+}
+
+/// Mount flags, propagation flags and file system data of a mount's `options`.
+pub fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut propagation = MsFlags::empty();
+    let mut data = Vec::new();
+    for option in options {
+        let (set, clear) = match option.as_str() {
+            "defaults" => (MsFlags::empty(), MsFlags::empty()),
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
+            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+            | "runbindable" => {
+                let rec = if option.starts_with('r') {
+                    MsFlags::MS_REC
+                } else {
+                    MsFlags::empty()
+                };
+                propagation |= rec
+                    | match option.trim_start_matches('r') {
+                        "private" => MsFlags::MS_PRIVATE,
+                        "shared" => MsFlags::MS_SHARED,
+                        "slave" => MsFlags::MS_SLAVE,
+                        _ => MsFlags::MS_UNBINDABLE,
+                    };
+                continue;
+            }
+            other => {
+                data.push(other);
+                continue;
+            }
+        };
+        flags = (flags | set) - clear;
+    }
+    (flags, propagation, data.join(","))
+}
+
+/// One entry of `mounts`, under the rootfs directory.
+fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), ErrorResponse> {
+    let dest = &m.destination;
+    let kind = m.kind.as_deref().unwrap_or("");
+    let name = format!("mounts[{i}] ({kind} on {dest})");
+    if !dest.starts_with('/') {
+        return Err(invalid(format!("{name}: destination is not absolute")));
+    }
+    let target = root.join(dest.trim_start_matches('/'));
+    let (flags, propagation, data) = parse_options(&m.options);
+    if is_bind(m) {
+        let Some(source) = m.source.as_deref() else {
+            return Err(invalid(format!("{name}: a bind mount needs a source")));
+        };
+        // Bundle paths of the host do not exist in the guest: only guest paths can be bound.
+        let source_path = config.agent_root.join(source.trim_start_matches('/'));
+        let meta = std::fs::metadata(&source_path).map_err(|_| {
+            invalid(format!(
+                "{name}: bind source {source:?} does not exist in the guest"
+            ))
+        })?;
+        make_mount_point(&target, meta.is_dir()).map_err(|e| io(&name, e))?;
+        let bind = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
+        mount(
+            Some(&source_path),
+            &target,
+            None::<&str>,
+            bind,
+            None::<&str>,
+        )
+        .map_err(|e| io(format!("{name}: bind mount of {source:?}"), e))?;
+        let rest = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
+        if !rest.is_empty() {
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                None::<&str>,
+            )
+            .map_err(|e| io(format!("{name}: remount with {:?}", m.options), e))?;
+        }
+    } else {
+        // The guest has cgroup v2 only.
+        let fstype = match kind {
+            "cgroup" => "cgroup2",
+            "" => return Err(invalid(format!("{name}: no type"))),
+            other => other,
+        };
+        let source = m.source.as_deref().unwrap_or(fstype);
+        make_mount_point(&target, true).map_err(|e| io(&name, e))?;
+        let data = (!data.is_empty()).then_some(data.as_str());
+        mount(Some(source), &target, Some(fstype), flags, data)
+            .map_err(|e| io(format!("{name}: mount"), e))?;
+    }
+    if !propagation.is_empty() {
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            propagation,
+            None::<&str>,
+        )
+        .map_err(|e| io(format!("{name}: propagation"), e))?;
+    }
+    Ok(())
+}
+
+fn make_mount_point(target: &Path, dir: bool) -> std::io::Result<()> {
+    if dir {
+        return std::fs::create_dir_all(target);
+    }
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if !target.exists() {
+        std::fs::File::create(target)?;
+    }
+    Ok(())
+}
+
+/// The devices every container gets in a tmpfs `/dev`, as runc makes them.
+const DEFAULT_DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+fn default_devices(root: &Path) -> Result<(), ErrorResponse> {
+    let dev = root.join("dev");
+    for (name, major, minor) in DEFAULT_DEVICES {
+        let path = dev.join(name);
+        let _ = std::fs::remove_file(&path);
+        mknod(
+            &path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .map_err(|e| io(format!("creating device /dev/{name}"), e))?;
+    }
+    let links = [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ];
+    for (name, to) in links {
+        symlink(to, dev.join(name)).map_err(|e| io(format!("creating link /dev/{name}"), e))?;
+    }
+    // The devpts instance's own ptmx, if the spec mounts one.
+    if dev.join("pts/ptmx").exists() {
+        let _ = std::fs::remove_file(dev.join("ptmx"));
+        symlink("pts/ptmx", dev.join("ptmx")).map_err(|e| io("creating link /dev/ptmx", e))?;
+    }
+    Ok(())
+}
+
+/// `linux.devices`: extra device nodes.
+fn spec_devices(config: &Config, root: &Path) -> Result<(), ErrorResponse> {
+    for (i, d) in config.spec.linux.devices.iter().enumerate() {
+        let name = format!("linux.devices[{i}] ({})", d.path);
+        let kind = match d.kind.as_str() {
+            "c" | "u" => SFlag::S_IFCHR,
+            "b" => SFlag::S_IFBLK,
+            "p" => SFlag::S_IFIFO,
+            other => return Err(invalid(format!("{name}: unknown type {other:?}"))),
+        };
+        let path: PathBuf = root.join(d.path.trim_start_matches('/'));
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(&name, e))?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let mode = Mode::from_bits_truncate(d.file_mode.unwrap_or(0o666));
+        mknod(&path, kind, mode, makedev(d.major as u64, d.minor as u64))
+            .map_err(|e| io(&name, e))?;
+        if d.uid.is_some() || d.gid.is_some() {
+            nix::unistd::chown(
+                &path,
+                d.uid.map(nix::unistd::Uid::from_raw),
+                d.gid.map(nix::unistd::Gid::from_raw),
+            )
+            .map_err(|e| io(&name, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes `root` the process's root: `pivot_root` where it works, else move and `chroot` (see
+/// the module comment).
+fn enter_root(root: &Path, no_pivot: bool) -> Result<(), ErrorResponse> {
+    chdir(root).map_err(|e| io(format!("chdir {}", root.display()), e))?;
+    if !no_pivot {
+        match pivot_root(".", ".") {
+            Ok(()) => {
+                // The old root is now stacked on "."; detach it.
+                umount2(".", MntFlags::MNT_DETACH).map_err(|e| io("detaching the old root", e))?;
+                return chdir("/").map_err(|e| io("chdir /", e));
+            }
+            // The current root is the initramfs.
+            Err(Errno::EINVAL) => {}
+            Err(e) => return Err(io("pivot_root", e)),
+        }
+    }
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| io("moving the rootfs onto /", e))?;
+    chroot(".").map_err(|e| io("chroot into the rootfs", e))?;
+    chdir("/").map_err(|e| io("chdir /", e))
+}
+
+/// `linux.maskedPaths`: a read-only empty tmpfs on a directory, `/dev/null` on anything else.
+fn mask_path(path: &str) -> nix::Result<()> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(_) => return Ok(()),
+    };
+    if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+    } else {
+        mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    }
+}
+
+/// `linux.readonlyPaths`: a read-only bind mount of the path on itself.
+fn readonly_path(path: &str) -> nix::Result<()> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+        None::<&str>,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn options_split_into_flags_propagation_and_data() {
+        let (flags, prop, data) =
+            parse_options(&opts(&["nosuid", "strictatime", "mode=755", "size=65536k"]));
+        assert_eq!(flags, MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME);
+        assert!(prop.is_empty());
+        assert_eq!(data, "mode=755,size=65536k");
+        let (flags, prop, data) = parse_options(&opts(&["rbind", "ro", "rw", "rprivate"]));
+        assert_eq!(flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert_eq!(prop, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
+        assert_eq!(data, "");
+        let (_, prop, _) = parse_options(&opts(&["slave"]));
+        assert_eq!(prop, MsFlags::MS_SLAVE);
+    }
+}

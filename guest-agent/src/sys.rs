@@ -1,0 +1,131 @@
+//! The agent's raw system calls: the few that neither std nor nix wraps safely.
+//!
+//! This is the only module with `unsafe` code. Each call has a `// SAFETY:` comment.
+
+#![allow(unsafe_code)]
+
+use nix::errno::Errno;
+use nix::unistd::ForkResult;
+
+/// `fork(2)`. The agent has threads (control, stdio) when it forks containers, so the child
+/// holds a copy of the calling thread only.
+///
+/// Callers' child side must stay away from locks other threads may have held at the fork: the
+/// server's state, stdout/stderr (`console`). It may allocate: glibc's `fork` resets malloc's
+/// locks in the child.
+pub fn fork() -> nix::Result<ForkResult> {
+    // SAFETY: nix requires the child of a multithreaded process to call only async-signal-safe
+    // functions. The agent's children keep to what is stated above: system calls, heap
+    // allocation (made fork-safe by glibc's atfork handling of malloc) and no lock shared with
+    // another thread; they end in `execve` or `_exit`.
+    unsafe { nix::unistd::fork() }
+}
+
+/// Restores the default disposition of `SIGPIPE`, which Rust's runtime ignores and `execve`
+/// would pass on to the container's process as "ignored".
+pub fn default_sigpipe() -> nix::Result<()> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_DFL installs no handler, so no Rust code runs in signal context.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.map(drop)
+}
+
+/// `prctl(PR_CAPBSET_DROP, cap)`: removes `cap` from the bounding set.
+pub fn capbset_drop(cap: u32) -> nix::Result<()> {
+    // SAFETY: PR_CAPBSET_DROP takes an integer argument and touches no memory of ours.
+    let res = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+    Errno::result(res).map(drop)
+}
+
+/// `prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)`.
+pub fn ambient_raise(cap: u32) -> nix::Result<()> {
+    // SAFETY: integer arguments only; no memory of ours is touched.
+    let res = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+            libc::c_ulong::from(cap),
+            0,
+            0,
+        )
+    };
+    Errno::result(res).map(drop)
+}
+
+/// `prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)`.
+pub fn ambient_clear() -> nix::Result<()> {
+    // SAFETY: integer arguments only; no memory of ours is touched.
+    let res = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    Errno::result(res).map(drop)
+}
+
+/// The three capability sets of `capset(2)`, as 64-bit masks (bit N = capability N).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3` from `include/uapi/linux/capability.h`: two 32-bit words.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapUserHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapUserData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `capset(2)` on the calling thread.
+pub fn capset(sets: CapSets) -> nix::Result<()> {
+    let mut header = CapUserHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let word = |mask: u64, i: u32| (mask >> (32 * i)) as u32;
+    let data = [0, 1].map(|i| CapUserData {
+        effective: word(sets.effective, i),
+        permitted: word(sets.permitted, i),
+        inheritable: word(sets.inheritable, i),
+    });
+    // SAFETY: version 3 takes a header and an array of two data structs, which is what is
+    // passed; both live across the call and have the kernel's C layout.
+    let res = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapUserHeader,
+            data.as_ptr(),
+        )
+    };
+    Errno::result(res).map(drop)
+}
+
+/// Takes ownership of a descriptor a system call just returned (`accept4`).
+pub fn owned_fd(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the caller passes a descriptor fresh from a system call, open and owned by
+    // nothing else, so the OwnedFd is its only owner and closes it once.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
+}
+
+/// `_exit(2)`: ends a forked child without running the parent's exit handlers or flushing
+/// buffers it copied from the agent.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions; it ends the process and never returns.
+    unsafe { libc::_exit(code) }
+}

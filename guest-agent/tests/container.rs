@@ -1,0 +1,677 @@
+//! The agent serving the host protocol, on the host at native speed: the agent runs as PID 1
+//! of a throwaway PID and mount namespace (as in `pid1.rs`) with `hull.serve`, listening on Unix
+//! sockets instead of vsock, and a busybox directory as the container's rootfs instead of the
+//! virtio-fs share. The test plays the host: handshake, stream connections, requests, events.
+//!
+//! Every test has a deadline, ends the namespace (shutdown, or `--kill-child` on failure) and
+//! checks that nothing stays mounted. Needs root and Debian's busybox-static (`/bin/busybox`);
+//! without them the tests say so and pass.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use hull_protocol::{
+    attach_stream, host_handshake, read_frame, write_frame, AgentMessage, CreateContainer,
+    ErrorKind, ErrorResponse, Event, ExitStatus, HostMessage, ProcessRef, Request, RequestBody,
+    ResponseBody, Rootfs, Stdio as StdioSpec, StreamKind,
+};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const BUSYBOX: &str = "/bin/busybox";
+const APPLETS: &[&str] = &[
+    "sh", "cat", "echo", "id", "hostname", "pwd", "env", "sleep", "true", "false", "head", "touch",
+    "kill", "ls", "yes", "grep", "printf",
+];
+
+fn agent() -> String {
+    std::env::var("HULL_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hull-agent").to_owned())
+}
+
+fn can_run() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: container tests need root");
+        return false;
+    }
+    if !Path::new(BUSYBOX).exists() {
+        eprintln!("skipping: {BUSYBOX} missing (apt-get install busybox-static)");
+        return false;
+    }
+    true
+}
+
+/// A temporary directory: `root/` for the agent, `rootfs/` with busybox, the sockets.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hull-container-test-{}-{}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(path.join("root")).expect("create root");
+        let bin = path.join("rootfs/bin");
+        std::fs::create_dir_all(&bin).expect("create rootfs");
+        std::fs::create_dir_all(path.join("rootfs/tmp")).expect("create tmp");
+        std::fs::copy(BUSYBOX, bin.join("busybox")).expect("copy busybox");
+        for applet in APPLETS {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
+        }
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if mounts_under(&self.0).is_empty() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    let dir = dir.to_str().expect("utf-8 temp dir");
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(dir))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The agent in its namespace, plus the host's side of the protocol.
+struct Vm {
+    unshare: Child,
+    console: Receiver<String>,
+    control: UnixStream,
+    next_id: u64,
+    events: Vec<Event>,
+    dir: TempDir,
+}
+
+impl Vm {
+    fn boot(env: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new();
+        let pidns = nix::sys::stat::stat("/proc/self/ns/pid")
+            .expect("own pidns")
+            .st_ino;
+        let mut command = Command::new("unshare");
+        command
+            .args([
+                "--pid",
+                "--fork",
+                "--mount",
+                "--propagation",
+                "private",
+                "--kill-child",
+            ])
+            .arg("--")
+            .arg(agent())
+            .env("HULL_AGENT_TEST_ROOT", dir.0.join("root"))
+            .env("HULL_AGENT_TEST_PARENT_PIDNS", pidns.to_string())
+            .env("HULL_AGENT_TEST_CMDLINE", "console=ttyS0 hull.serve")
+            .env("HULL_AGENT_TEST_CONTROL_SOCKET", dir.0.join("control.sock"))
+            .env("HULL_AGENT_TEST_STDIO_SOCKET", dir.0.join("stdio.sock"))
+            .env("HULL_AGENT_TEST_ROOTFS", dir.0.join("rootfs"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut unshare = command.spawn().expect("spawn unshare");
+        let (tx, console) = mpsc::channel();
+        let out: Box<dyn Read + Send> = Box::new(unshare.stdout.take().expect("stdout"));
+        let err: Box<dyn Read + Send> = Box::new(unshare.stderr.take().expect("stderr"));
+        for stream in [out, err] {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    eprintln!("console: {line}");
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = console
+                .recv_timeout(left)
+                .expect("readiness line before the deadline");
+            if line.starts_with("HULL_AGENT_READY ") {
+                break;
+            }
+        }
+        let mut control = UnixStream::connect(dir.0.join("control.sock")).expect("connect");
+        control.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let hello = host_handshake(&mut control, "test").expect("handshake");
+        assert_eq!(hello.protocol_version, 1);
+        Self {
+            unshare,
+            console,
+            control,
+            next_id: 1,
+            events: Vec::new(),
+            dir,
+        }
+    }
+
+    fn attach(&self, kind: StreamKind) -> UnixStream {
+        let mut conn = UnixStream::connect(self.dir.0.join("stdio.sock")).expect("connect stdio");
+        conn.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        attach_stream(&mut conn, &ProcessRef::Init, kind).expect("attach stream");
+        conn
+    }
+
+    fn request(&mut self, body: RequestBody) -> Result<ResponseBody, ErrorResponse> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(
+            &mut self.control,
+            &HostMessage::Request(Request { id, body }),
+        )
+        .expect("send request");
+        loop {
+            match read_frame::<_, AgentMessage>(&mut self.control)
+                .expect("read from the agent")
+                .expect("agent closed the control connection")
+            {
+                AgentMessage::Response(r) if r.id == id => return r.result,
+                AgentMessage::Event(e) => self.events.push(e),
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    fn next_event(&mut self) -> Event {
+        if !self.events.is_empty() {
+            return self.events.remove(0);
+        }
+        match read_frame::<_, AgentMessage>(&mut self.control)
+            .expect("read an event before the deadline")
+            .expect("agent closed the control connection")
+        {
+            AgentMessage::Event(e) => e,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    fn create(&mut self, spec: Value, stdin: bool, readonly: bool) -> Result<(), ErrorResponse> {
+        let body = RequestBody::CreateContainer(CreateContainer {
+            container_id: "c1".into(),
+            spec,
+            rootfs: Rootfs {
+                fs_tag: "rootfs".into(),
+                readonly,
+            },
+            stdio: StdioSpec::Pipes {
+                stdin,
+                stdout: true,
+                stderr: true,
+            },
+        });
+        self.request(body).map(|r| assert_eq!(r, ResponseBody::Ok))
+    }
+
+    /// Shuts the VM down and checks that the namespace ended by "power off" with nothing left.
+    fn shutdown(mut self) {
+        let before = descendants(self.unshare.id() as i32);
+        assert!(!before.is_empty(), "no agent under unshare");
+        assert_eq!(self.request(RequestBody::Shutdown), Ok(ResponseBody::Ok));
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = self.unshare.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "namespace still running");
+            thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            status.signal() == Some(1) || status.code() == Some(129),
+            "namespace did not end by reboot: {status:?}"
+        );
+        while self.console.try_recv().is_ok() {}
+        assert_eq!(mounts_under(&self.dir.0), Vec::<String>::new());
+        let left: Vec<_> = before
+            .iter()
+            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        assert!(left.is_empty(), "processes left behind: {left:?}");
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// Every process below `pid` (host pids), from `/proc/*/stat`.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some(ppid) = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            parents.push((p, ppid));
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// A spec like `runc spec` writes, running `args`.
+fn spec(args: &[&str]) -> Value {
+    json!({
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "effective": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "permitted": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "inheritable": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
+                "ambient": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "runc",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                           {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
+            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+/// What a container run gave: its output and how it ended.
+#[derive(Debug)]
+struct Outcome {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: ExitStatus,
+}
+
+impl Outcome {
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+fn reader(mut conn: UnixStream) -> JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut out = Vec::new();
+        conn.read_to_end(&mut out)
+            .expect("read a stream before the deadline");
+        out
+    })
+}
+
+/// Boots, creates and starts a container with `spec`, feeds `stdin` (if any), waits for its
+/// exit and shuts down.
+fn run_with(spec: Value, stdin: Option<Vec<u8>>, readonly: bool, env: &[(&str, &str)]) -> Outcome {
+    let mut vm = Vm::boot(env);
+    let stdin_conn = stdin.as_ref().map(|_| vm.attach(StreamKind::Stdin));
+    let stdout = reader(vm.attach(StreamKind::Stdout));
+    let stderr = reader(vm.attach(StreamKind::Stderr));
+    vm.create(spec, stdin.is_some(), readonly).expect("create");
+    let started = vm.request(RequestBody::StartContainer).expect("start");
+    let ResponseBody::Started { pid } = started else {
+        panic!("start answered {started:?}");
+    };
+    let writer = stdin_conn.map(|mut conn| {
+        let data = stdin.expect("stdin given");
+        thread::spawn(move || {
+            conn.write_all(&data).expect("write stdin");
+            // Dropping the connection is the end of the process's stdin.
+        })
+    });
+    let Event::Exited {
+        process,
+        pid: exited,
+        status,
+    } = vm.next_event();
+    assert_eq!((process, exited), (ProcessRef::Init, pid));
+    if let Some(writer) = writer {
+        writer.join().expect("stdin writer");
+    }
+    let outcome = Outcome {
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+        status,
+    };
+    assert_eq!(
+        vm.request(RequestBody::Wait {
+            process: ProcessRef::Init
+        }),
+        Ok(ResponseBody::Exited { status })
+    );
+    vm.shutdown();
+    outcome
+}
+
+fn run(args: &[&str]) -> Outcome {
+    run_with(spec(args), None, false, &[])
+}
+
+#[test]
+fn stdout_stderr_and_exit_codes() {
+    if !can_run() {
+        return;
+    }
+    for code in [0, 1, 42] {
+        let out = run(&[
+            "sh",
+            "-c",
+            &format!("echo out {code}; echo err >&2; exit {code}"),
+        ]);
+        assert_eq!(out.stdout(), format!("out {code}\n"));
+        assert_eq!(out.stderr(), "err\n");
+        assert_eq!(out.status, ExitStatus::Code(code));
+    }
+}
+
+#[test]
+fn the_container_sees_its_own_namespaces_and_mounts() {
+    if !can_run() {
+        return;
+    }
+    let script = "echo pid=$$; hostname; echo x > /dev/null && echo devnull; \
+                  ls /dev/pts/ptmx /dev/shm /dev/mqueue /sys/fs/cgroup/cgroup.procs >/dev/null && echo mounts; \
+                  head -c 1 /proc/kcore | grep -c . ; echo kcore; \
+                  echo 1 > /proc/sys/kernel/ns_last_pid || echo sys-ro; \
+                  grep -E '^(CapEff|CapBnd|CapAmb|NoNewPrivs)' /proc/self/status; \
+                  ls /proc/1/root/bin/busybox";
+    let out = run(&["sh", "-c", script]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+    let stdout = out.stdout();
+    let expected_caps = format!("{:016x}", (1u64 << 29) | (1 << 5) | (1 << 10));
+    for want in [
+        "pid=1\n".to_owned(),
+        "runc\n".into(),
+        "devnull\n".into(),
+        "mounts\n".into(),
+        "0\nkcore\n".into(),
+        "sys-ro\n".into(),
+        format!("CapEff:\t{expected_caps}\n"),
+        format!("CapBnd:\t{expected_caps}\n"),
+        format!("CapAmb:\t{expected_caps}\n"),
+        "NoNewPrivs:\t1\n".into(),
+    ] {
+        assert!(
+            stdout.contains(&want),
+            "no {want:?} in {stdout:?}; stderr {}",
+            out.stderr()
+        );
+    }
+}
+
+#[test]
+fn killed_by_a_signal() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let stdout = reader(vm.attach(StreamKind::Stdout));
+    let stderr = reader(vm.attach(StreamKind::Stderr));
+    vm.create(spec(&["sh", "-c", "echo up; exec sleep 100"]), false, false)
+        .expect("create");
+    vm.request(RequestBody::StartContainer).expect("start");
+    // `ps` lists the container's processes; wait until sleep has replaced the shell.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let Ok(ResponseBody::Processes(list)) = vm.request(RequestBody::ListProcesses) else {
+            panic!("list_processes failed");
+        };
+        if list
+            .iter()
+            .any(|p| p.args == ["sleep", "100"] && p.comm == "sleep")
+        {
+            assert_eq!(list.len(), 1, "{list:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "sleep never showed up: {list:?}");
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        vm.request(RequestBody::Signal {
+            process: ProcessRef::Init,
+            signal: 9,
+            all: false
+        }),
+        Ok(ResponseBody::Ok)
+    );
+    let Event::Exited { status, .. } = vm.next_event();
+    assert_eq!(status, ExitStatus::Signal(9));
+    assert_eq!(serde_json::to_value(status).unwrap(), json!({"signal": 9}));
+    assert_eq!(stdout.join().unwrap(), b"up\n");
+    assert_eq!(stderr.join().unwrap(), b"");
+    vm.shutdown();
+}
+
+/// Deterministic bytes covering every value.
+fn binary(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn stdin_is_piped_through_and_a_mebibyte_comes_back_byte_exact() {
+    if !can_run() {
+        return;
+    }
+    let data = binary(1 << 20);
+    let out = run_with(spec(&["cat"]), Some(data.clone()), false, &[]);
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "output differs from input");
+
+    let out = run(&["sh", "-c", "yes 0123456789abcde | head -c 1048576"]);
+    assert_eq!(out.stdout, b"0123456789abcde\n".repeat(1 << 16));
+}
+
+#[test]
+fn user_env_cwd_and_umask() {
+    if !can_run() {
+        return;
+    }
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        "id -u; id -g; id -G; echo $FOO; pwd; umask; touch f 2>&1 || echo denied",
+    ]);
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1001, "additionalGids": [1002], "umask": 63});
+    s["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
+    s["process"]["cwd"] = json!("/tmp");
+    let out = run_with(s, None, false, &[]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+    let lines: Vec<_> = out.stdout().lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines[..6],
+        ["1000", "1001", "1001 1002", "bar baz", "/tmp", "0077"]
+    );
+}
+
+#[test]
+fn a_readonly_rootfs_refuses_writes() {
+    if !can_run() {
+        return;
+    }
+    let out = run_with(
+        spec(&[
+            "sh",
+            "-c",
+            "touch /tmp/x && echo wrote; echo tmpfs > /dev/shm/x && echo shm",
+        ]),
+        None,
+        true,
+        &[],
+    );
+    assert_eq!(out.stdout(), "shm\n");
+    assert!(
+        out.stderr().contains("Read-only file system"),
+        "{}",
+        out.stderr()
+    );
+    let mut s = spec(&["sh", "-c", "touch /x"]);
+    s["root"]["readonly"] = json!(true);
+    let out = run_with(s, None, false, &[]);
+    assert_eq!(out.status, ExitStatus::Code(1));
+}
+
+#[test]
+fn without_pivot_root_as_in_the_guest() {
+    if !can_run() {
+        return;
+    }
+    let out = run_with(
+        spec(&["sh", "-c", "echo pid=$$; ls /bin/busybox; hostname"]),
+        None,
+        false,
+        &[("HULL_AGENT_TEST_NO_PIVOT", "1")],
+    );
+    assert_eq!(
+        out.stdout(),
+        "pid=1\n/bin/busybox\nrunc\n",
+        "{}",
+        out.stderr()
+    );
+}
+
+#[test]
+fn bad_specs_give_clear_errors() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let cases: Vec<(Value, ErrorKind, &str)> = vec![
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ERRNO"});
+                s
+            },
+            ErrorKind::Unsupported,
+            "linux.seccomp",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["mounts"].as_array_mut().unwrap().push(json!({
+                    "destination": "/data", "type": "bind",
+                    "source": "/bundle/nonexistent-data", "options": ["rbind"]}));
+                s
+            },
+            ErrorKind::InvalidSpec,
+            "mounts[7] (bind on /data): bind source \"/bundle/nonexistent-data\" does not exist in the guest",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["process"]["capabilities"]["bounding"] = json!(["CAP_FLY"]);
+                s
+            },
+            ErrorKind::InvalidSpec,
+            "process.capabilities.bounding: unknown capability \"CAP_FLY\"",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s["mounts"][0]["type"] = json!("nosuchfs");
+                s
+            },
+            ErrorKind::Io,
+            "mounts[0] (nosuchfs on /proc): mount",
+        ),
+    ];
+    for (spec, kind, text) in cases {
+        let attached = [vm.attach(StreamKind::Stdout), vm.attach(StreamKind::Stderr)];
+        let err = vm.create(spec, false, false).expect_err("create must fail");
+        assert_eq!(err.kind, kind, "{err:?}");
+        assert!(
+            err.message.contains(text),
+            "{:?} does not contain {text:?}",
+            err.message
+        );
+        drop(attached);
+    }
+    // A program that is not there fails the start, naming it.
+    let _streams = [vm.attach(StreamKind::Stdout), vm.attach(StreamKind::Stderr)];
+    vm.create(spec(&["no-such-program"]), false, false)
+        .expect("create");
+    let err = vm
+        .request(RequestBody::StartContainer)
+        .expect_err("start must fail");
+    assert!(
+        err.message.contains("process.args[0] \"no-such-program\""),
+        "{err:?}"
+    );
+    vm.shutdown();
+}
