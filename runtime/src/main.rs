@@ -1,16 +1,41 @@
-//! `hull`: the runc-compatible OCI runtime CLI. For now it has `doctor`, which tells whether
-//! this host can run hull's micro-VMs and how; the OCI verbs come next.
+//! `hull`: the runc-compatible OCI runtime CLI. `hull run` runs a bundle's container in its
+//! own micro-VM and exits with its status; `hull doctor` tells whether this host can run
+//! hull's micro-VMs and how. runc's global flags (`--root`, `--log`, `--log-format`,
+//! `--debug`) are accepted before or after the command.
 
-use std::path::{Path, PathBuf};
+mod logger;
+mod paths;
+mod run;
+mod signals;
+mod spec;
+mod state;
+mod vm;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kvm_ioctls::{Cap, Kvm};
 use vmm::KvmKind;
 
+use crate::logger::LogFormat;
+use crate::paths::{find_guest_dir, guest_dirs};
+
 #[derive(Parser)]
 #[command(name = "hull", version, about = "Run OCI containers in micro-VMs")]
 struct Cli {
+    /// Directory for the containers' state.
+    #[arg(long, global = true, default_value = "/run/hull")]
+    root: PathBuf,
+    /// Append log messages to this file (default: warnings and errors on standard error).
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Format of the log file.
+    #[arg(long = "log-format", global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log debug messages, including the timings of each stage.
+    #[arg(long, global = true)]
+    debug: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,24 +44,14 @@ struct Cli {
 enum Command {
     /// Check that this host can run hull micro-VMs, and how.
     Doctor,
-}
-
-/// Where hull looks for its guest kernel and initramfs: `$HULL_GUEST_DIR`, an installed
-/// `../share/hull/guest` next to the binary, or the workspace's `build/guest`.
-fn guest_dirs() -> Vec<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(dir) = std::env::var_os("HULL_GUEST_DIR") {
-        dirs.push(PathBuf::from(dir));
-    }
-    if let Some(bin_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_owned))
-    {
-        dirs.push(bin_dir.join("../share/hull/guest"));
-        // target/<profile>/hull in a checkout.
-        dirs.push(bin_dir.join("../../build/guest"));
-    }
-    dirs
+    /// Create and run a container, relaying its stdio; exit with its status.
+    Run {
+        /// The bundle directory (holding config.json).
+        #[arg(long, short = 'b', default_value = ".")]
+        bundle: PathBuf,
+        /// The container id, unique under --root.
+        id: String,
+    },
 }
 
 fn doctor() -> ExitCode {
@@ -73,11 +88,8 @@ fn doctor() -> ExitCode {
             println!("kvm: cannot open /dev/kvm: {err}");
         }
     }
-    match guest_dirs()
-        .into_iter()
-        .find(|d| d.join("vmlinux").is_file() && d.join("initramfs.cpio").is_file())
-    {
-        Some(dir) => println!("guest: {}", dir.canonicalize().unwrap_or(dir).display()),
+    match find_guest_dir(&guest_dirs()) {
+        Some(dir) => println!("guest: {}", dir.display()),
         None => {
             ok = false;
             println!("guest: no vmlinux and initramfs.cpio found (run `make kernel agent`)");
@@ -90,8 +102,58 @@ fn doctor() -> ExitCode {
     }
 }
 
+/// `hull run`: exits with the container's status, or 1 (128 + N if interrupted by signal N)
+/// when the container could not be run.
+fn run_command(cli: &Cli, bundle: PathBuf, id: String, log_to_file: bool) -> ExitCode {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let signal_tx = tx.clone();
+    // Before any other thread starts: threads inherit the blocked signals.
+    if let Err(err) =
+        signals::forward(move |signal| signal_tx.send(run::Incoming::Signal(signal)).is_ok())
+    {
+        eprintln!("hull: error: cannot set up signal forwarding: {err}");
+        return ExitCode::FAILURE;
+    }
+    let inbox = run::Inbox { tx, rx };
+    let opts = run::RunOptions {
+        root: cli.root.clone(),
+        bundle,
+        id,
+        debug: cli.debug,
+    };
+    match run::run(&opts, &inbox) {
+        Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(255)),
+        Err(err) => {
+            let msg = format!("{err:#}");
+            log::error!("{msg}");
+            if log_to_file {
+                eprintln!("hull: error: {msg}");
+            }
+            match err.downcast_ref::<run::Interrupted>() {
+                Some(run::Interrupted(signal)) => {
+                    ExitCode::from((128 + signal).clamp(0, 255) as u8)
+                }
+                None => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let log_to_file = match logger::init(cli.log.as_deref(), cli.log_format, cli.debug) {
+        Ok(to_file) => to_file,
+        Err(err) => {
+            let path = cli.log.as_deref().unwrap_or(std::path::Path::new(""));
+            eprintln!(
+                "hull: error: cannot open log file {}: {err}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match &cli.command {
         Command::Doctor => doctor(),
+        Command::Run { bundle, id } => run_command(&cli, bundle.clone(), id.clone(), log_to_file),
     }
 }

@@ -1,0 +1,572 @@
+//! The bundle's `config.json`, read on the host: only what the host needs (the rootfs, whether
+//! it is read-only, the resources that size the VM, the stdio mode), checked with errors that
+//! name the file, the field and the value. Everything else is the agent's business: the spec
+//! goes to it unchanged as JSON (docs/protocol.md), and it refuses what it cannot honour.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use vmm::config::{SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB};
+
+/// Guest memory when the spec sets no memory limit.
+pub const DEFAULT_MEM_SIZE_MIB: u32 = 256;
+/// Smallest guest memory hull gives a container's VM.
+pub const MIN_MEM_SIZE_MIB: u32 = 128;
+/// Added to the spec's memory limit for the guest kernel and the agent.
+pub const MEM_HEADROOM_MIB: u32 = 64;
+/// The CFS period the OCI spec implies when it gives a quota alone.
+const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
+/// The virtio-fs tag of the container's root file system.
+pub const ROOTFS_TAG: &str = "rootfs";
+/// The kernel command line that makes the agent serve the host.
+pub const AGENT_CMDLINE: &str = "hull.serve";
+
+/// Errors in a bundle's `config.json`.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: malformed JSON: {source}", path.display())]
+    Malformed {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: field `{field}` is missing", path.display())]
+    Missing { path: PathBuf, field: &'static str },
+    #[error("{}: field `{field}` = {value}: {reason}", path.display())]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// What the host reads from a bundle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BundleSpec {
+    /// `<bundle>/config.json`.
+    pub config_path: PathBuf,
+    /// The whole spec, passed to the agent unchanged.
+    pub spec: Value,
+    /// `<bundle>/<root.path>`, canonical.
+    pub rootfs: PathBuf,
+    /// `root.readonly`.
+    pub readonly: bool,
+    /// vCPUs the spec asks for (`linux.resources.cpu`), before the host's limit.
+    pub vcpus: u32,
+    /// `linux.resources.memory.limit` in bytes, if positive.
+    pub memory_limit: Option<u64>,
+}
+
+/// Where the VM's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub console: PathBuf,
+    pub vsock_uds: PathBuf,
+}
+
+impl BundleSpec {
+    /// Reads and checks `<bundle>/config.json`.
+    pub fn load(bundle: &Path) -> Result<Self, SpecError> {
+        let path = bundle.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| SpecError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(bundle, path, &text)
+    }
+
+    /// Checks the text of `config_path`; `root.path` is relative to `bundle`.
+    pub fn parse(bundle: &Path, config_path: PathBuf, text: &str) -> Result<Self, SpecError> {
+        let spec: Value = serde_json::from_str(text).map_err(|source| SpecError::Malformed {
+            path: config_path.clone(),
+            source,
+        })?;
+        let checker = Checker { path: &config_path };
+        if !spec.is_object() {
+            return Err(checker.invalid("(top level)", &spec, "must be a JSON object"));
+        }
+
+        let process = checker.required(&spec, &["process"], "process")?;
+        if !process.is_object() {
+            return Err(checker.invalid("process", process, "must be an object"));
+        }
+        let args = checker.required(&spec, &["process", "args"], "process.args")?;
+        match args.as_array() {
+            Some(list) if list.is_empty() => {
+                return Err(checker.invalid("process.args", args, "must name a program"))
+            }
+            Some(list) if list.iter().all(Value::is_string) => {}
+            _ => return Err(checker.invalid("process.args", args, "must be an array of strings")),
+        }
+        if let Some(terminal) = lookup(&spec, &["process", "terminal"]) {
+            match terminal.as_bool() {
+                Some(false) => {}
+                Some(true) => {
+                    return Err(checker.invalid(
+                        "process.terminal",
+                        terminal,
+                        "terminals are not supported yet; use terminal: false",
+                    ))
+                }
+                None => {
+                    return Err(checker.invalid("process.terminal", terminal, "must be a boolean"))
+                }
+            }
+        }
+
+        let root_path = checker.required(&spec, &["root", "path"], "root.path")?;
+        let root_str = match root_path.as_str() {
+            Some(s) if !s.is_empty() => s,
+            _ => return Err(checker.invalid("root.path", root_path, "must be a non-empty path")),
+        };
+        let joined = bundle.join(root_str);
+        let rootfs = match joined.canonicalize() {
+            Ok(dir) if dir.is_dir() => dir,
+            Ok(dir) => {
+                let reason = format!("{} is not a directory", dir.display());
+                return Err(checker.invalid("root.path", root_path, &reason));
+            }
+            Err(err) => {
+                let reason = format!("rootfs directory {}: {err}", joined.display());
+                return Err(checker.invalid("root.path", root_path, &reason));
+            }
+        };
+        let readonly = match lookup(&spec, &["root", "readonly"]) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(checker.invalid("root.readonly", other, "must be a boolean"))
+            }
+        };
+
+        let vcpus = checker.vcpus(&spec)?;
+        let memory_limit = match lookup(&spec, &["linux", "resources", "memory", "limit"]) {
+            None | Some(Value::Null) => None,
+            Some(value) => match value.as_i64() {
+                // -1 (and 0) mean no limit.
+                Some(limit) if limit <= 0 => None,
+                Some(limit) => Some(limit as u64),
+                None => {
+                    return Err(checker.invalid(
+                        "linux.resources.memory.limit",
+                        value,
+                        "must be an integer number of bytes",
+                    ))
+                }
+            },
+        };
+
+        Ok(Self {
+            config_path,
+            spec,
+            rootfs,
+            readonly,
+            vcpus,
+            memory_limit,
+        })
+    }
+
+    /// The VM that runs this container: at most `max_vcpus` vCPUs (the host's limit).
+    pub fn vm_config(&self, paths: &VmPaths, max_vcpus: u8) -> VmConfig {
+        let mut config = VmConfig::new(paths.kernel.clone());
+        config.initramfs = Some(paths.initramfs.clone());
+        config.cmdline = AGENT_CMDLINE.to_owned();
+        config.vcpus = self.vcpus.clamp(1, u32::from(max_vcpus.max(1))) as u8;
+        config.mem_size_mib = mem_size_mib(self.memory_limit);
+        config.console = vmm::config::ConsoleConfig::File(paths.console.clone());
+        config.shared_dirs = vec![SharedDirConfig {
+            tag: ROOTFS_TAG.to_owned(),
+            path: self.rootfs.clone(),
+            read_only: self.readonly,
+        }];
+        config.vsock = Some(VsockConfig {
+            guest_cid: u64::from(hull_protocol::GUEST_CID),
+            uds_path: paths.vsock_uds.clone(),
+        });
+        config
+    }
+}
+
+/// Guest memory for a container limited to `limit` bytes: the limit rounded up to MiB plus
+/// headroom for the guest kernel and agent, at least [`MIN_MEM_SIZE_MIB`]; without a limit
+/// [`DEFAULT_MEM_SIZE_MIB`].
+pub fn mem_size_mib(limit: Option<u64>) -> u32 {
+    let Some(limit) = limit else {
+        return DEFAULT_MEM_SIZE_MIB;
+    };
+    let mib = limit.div_ceil(1 << 20) + u64::from(MEM_HEADROOM_MIB);
+    mib.clamp(u64::from(MIN_MEM_SIZE_MIB), u64::from(MAX_MEM_SIZE_MIB)) as u32
+}
+
+/// Counts the CPUs of a cpuset list such as `0-3,7`.
+fn count_cpus(list: &str) -> Option<u32> {
+    let mut count = 0u32;
+    for part in list.split(',').map(str::trim) {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.trim().parse::<u32>().ok()?, b.trim().parse::<u32>().ok()?),
+            None => {
+                let n = part.parse::<u32>().ok()?;
+                (n, n)
+            }
+        };
+        if last < first {
+            return None;
+        }
+        count = count.checked_add(last - first + 1)?;
+    }
+    Some(count)
+}
+
+fn lookup<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(value, |v, key| v.get(key))
+}
+
+/// Builds errors that name the config file.
+struct Checker<'a> {
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, field: &'static str, value: &Value, reason: &str) -> SpecError {
+        let mut value = value.to_string();
+        if value.len() > 200 {
+            let cut = (0..=200)
+                .rev()
+                .find(|&i| value.is_char_boundary(i))
+                .unwrap_or(0);
+            value.truncate(cut);
+            value.push_str("...");
+        }
+        SpecError::Invalid {
+            path: self.path.to_owned(),
+            field,
+            value,
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn required<'v>(
+        &self,
+        spec: &'v Value,
+        keys: &[&str],
+        field: &'static str,
+    ) -> Result<&'v Value, SpecError> {
+        match lookup(spec, keys) {
+            None | Some(Value::Null) => Err(SpecError::Missing {
+                path: self.path.to_owned(),
+                field,
+            }),
+            Some(value) => Ok(value),
+        }
+    }
+
+    /// vCPUs from `linux.resources.cpu`: quota/period rounded up, else the size of `cpus`,
+    /// else 1.
+    fn vcpus(&self, spec: &Value) -> Result<u32, SpecError> {
+        let Some(cpu) = lookup(spec, &["linux", "resources", "cpu"]) else {
+            return Ok(1);
+        };
+        if let Some(quota) = cpu.get("quota").filter(|q| !q.is_null()) {
+            let Some(quota) = quota.as_i64() else {
+                return Err(self.invalid("linux.resources.cpu.quota", quota, "must be an integer"));
+            };
+            if quota > 0 {
+                let period = match cpu.get("period").filter(|p| !p.is_null()) {
+                    None => DEFAULT_CPU_PERIOD_US,
+                    Some(p) => match p.as_u64() {
+                        Some(p) if p > 0 => p,
+                        _ => {
+                            return Err(self.invalid(
+                                "linux.resources.cpu.period",
+                                p,
+                                "must be a positive integer",
+                            ))
+                        }
+                    },
+                };
+                let n = (quota as u64).div_ceil(period);
+                return Ok(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+        }
+        if let Some(cpus) = cpu.get("cpus").filter(|c| !c.is_null()) {
+            return match cpus.as_str().map(count_cpus) {
+                Some(Some(n)) if n > 0 => Ok(n),
+                _ => Err(self.invalid(
+                    "linux.resources.cpu.cpus",
+                    cpus,
+                    "must be a CPU list such as \"0-3,7\"",
+                )),
+            };
+        }
+        Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A bundle directory with a rootfs, removed on drop.
+    struct Bundle(PathBuf);
+
+    impl Bundle {
+        fn new() -> Self {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "hull-spec-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+            Self(dir)
+        }
+
+        fn parse(&self, spec: &Value) -> Result<BundleSpec, SpecError> {
+            BundleSpec::parse(&self.0, self.0.join("config.json"), &spec.to_string())
+        }
+    }
+
+    impl Drop for Bundle {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn minimal() -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "terminal": false},
+            "root": {"path": "rootfs"}
+        })
+    }
+
+    fn paths() -> VmPaths {
+        VmPaths {
+            kernel: "/g/vmlinux".into(),
+            initramfs: "/g/initramfs.cpio".into(),
+            console: "/run/hull/t/console.log".into(),
+            vsock_uds: "/run/hull/t/vsock.sock".into(),
+        }
+    }
+
+    #[test]
+    fn minimal_spec_maps_to_a_default_vm() {
+        let bundle = Bundle::new();
+        let spec = bundle.parse(&minimal()).unwrap();
+        assert_eq!(spec.rootfs, bundle.0.join("rootfs").canonicalize().unwrap());
+        assert!(!spec.readonly);
+        let vm = spec.vm_config(&paths(), 2);
+        assert_eq!(vm.kernel, PathBuf::from("/g/vmlinux"));
+        assert_eq!(vm.initramfs, Some("/g/initramfs.cpio".into()));
+        assert_eq!(vm.cmdline, "hull.serve");
+        assert_eq!((vm.vcpus, vm.mem_size_mib), (1, 256));
+        assert_eq!(
+            vm.console,
+            vmm::config::ConsoleConfig::File("/run/hull/t/console.log".into())
+        );
+        assert_eq!(
+            vm.shared_dirs,
+            vec![SharedDirConfig {
+                tag: "rootfs".into(),
+                path: spec.rootfs.clone(),
+                read_only: false
+            }]
+        );
+        let vsock = vm.vsock.unwrap();
+        assert_eq!(vsock.guest_cid, 3);
+        assert_eq!(vsock.uds_path, PathBuf::from("/run/hull/t/vsock.sock"));
+        // The spec goes to the agent unchanged.
+        assert_eq!(spec.spec, minimal());
+    }
+
+    #[test]
+    fn readonly_root_and_absolute_root_path() {
+        let bundle = Bundle::new();
+        let mut s = minimal();
+        s["root"] = json!({"path": bundle.0.join("rootfs"), "readonly": true});
+        let spec = bundle.parse(&s).unwrap();
+        assert!(spec.readonly);
+        assert!(spec.vm_config(&paths(), 1).shared_dirs[0].read_only);
+    }
+
+    #[test]
+    fn cpu_resources_map_to_vcpus_capped_by_the_host() {
+        let bundle = Bundle::new();
+        let cases = [
+            (json!({"quota": 150000, "period": 100000}), 2),
+            (json!({"quota": 100000, "period": 100000}), 1),
+            (json!({"quota": 50000}), 1),
+            (json!({"quota": 250000}), 3),
+            (json!({"quota": -1, "cpus": "0-3"}), 4),
+            (json!({"cpus": "0,2,4-5"}), 4),
+            (json!({"shares": 1024}), 1),
+        ];
+        for (cpu, want) in cases {
+            let mut s = minimal();
+            s["linux"] = json!({"resources": {"cpu": cpu.clone()}});
+            let spec = bundle.parse(&s).unwrap();
+            assert_eq!(spec.vcpus, want, "{cpu}");
+            assert_eq!(u32::from(spec.vm_config(&paths(), 255).vcpus), want);
+        }
+        let mut s = minimal();
+        s["linux"] = json!({"resources": {"cpu": {"cpus": "0-63"}}});
+        let spec = bundle.parse(&s).unwrap();
+        assert_eq!(spec.vm_config(&paths(), 2).vcpus, 2);
+
+        s["linux"] = json!({"resources": {"cpu": {"cpus": "3-1"}}});
+        let err = bundle.parse(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("field `linux.resources.cpu.cpus` = \"3-1\""),
+            "{err}"
+        );
+        s["linux"] = json!({"resources": {"cpu": {"quota": 1000, "period": 0}}});
+        let err = bundle.parse(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("field `linux.resources.cpu.period` = 0"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn memory_limit_maps_to_guest_memory() {
+        assert_eq!(mem_size_mib(None), 256);
+        // Small limits get the minimum.
+        assert_eq!(mem_size_mib(Some(4 << 20)), 128);
+        // Rounded up to MiB, plus headroom.
+        assert_eq!(mem_size_mib(Some(512 << 20)), 512 + 64);
+        assert_eq!(mem_size_mib(Some((512 << 20) + 1)), 513 + 64);
+        assert_eq!(mem_size_mib(Some(u64::MAX)), MAX_MEM_SIZE_MIB);
+
+        let bundle = Bundle::new();
+        let mut s = minimal();
+        s["linux"] = json!({"resources": {"memory": {"limit": 268435456}}});
+        assert_eq!(
+            bundle
+                .parse(&s)
+                .unwrap()
+                .vm_config(&paths(), 1)
+                .mem_size_mib,
+            320
+        );
+        s["linux"] = json!({"resources": {"memory": {"limit": -1}}});
+        assert_eq!(
+            bundle
+                .parse(&s)
+                .unwrap()
+                .vm_config(&paths(), 1)
+                .mem_size_mib,
+            256
+        );
+        s["linux"] = json!({"resources": {"memory": {"limit": "1G"}}});
+        let err = bundle.parse(&s).unwrap_err().to_string();
+        assert!(
+            err.contains("field `linux.resources.memory.limit` = \"1G\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_json_names_the_file_and_position() {
+        let bundle = Bundle::new();
+        let path = bundle.0.join("config.json");
+        let err = BundleSpec::parse(&bundle.0, path.clone(), "{\n  \"process\": {,\n}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}: malformed JSON: ", path.display())),
+            "{err}"
+        );
+        assert!(err.contains("line 2 column"), "{err}");
+
+        std::fs::write(&path, "[1, 2").unwrap();
+        let err = BundleSpec::load(&bundle.0).unwrap_err().to_string();
+        assert!(err.contains("config.json: malformed JSON"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = BundleSpec::load(&bundle.0).unwrap_err().to_string();
+        assert_eq!(err, format!("cannot read {}", path.display()));
+    }
+
+    #[test]
+    fn missing_and_bad_fields_name_field_and_value() {
+        let bundle = Bundle::new();
+        let file = bundle.0.join("config.json").display().to_string();
+        let check = |edit: &dyn Fn(&mut Value), want: &str| {
+            let mut s = minimal();
+            edit(&mut s);
+            let err = bundle.parse(&s).unwrap_err().to_string();
+            assert_eq!(err, format!("{file}: {want}"));
+        };
+        check(
+            &|s| s["process"].as_object_mut().unwrap().clear(),
+            "field `process.args` is missing",
+        );
+        check(
+            &|s| {
+                s.as_object_mut().unwrap().remove("process");
+            },
+            "field `process` is missing",
+        );
+        check(
+            &|s| s["process"]["args"] = json!([]),
+            "field `process.args` = []: must name a program",
+        );
+        check(
+            &|s| s["process"]["args"] = json!("sh"),
+            "field `process.args` = \"sh\": must be an array of strings",
+        );
+        check(
+            &|s| s["process"]["terminal"] = json!(true),
+            "field `process.terminal` = true: terminals are not supported yet; use terminal: false",
+        );
+        check(
+            &|s| {
+                s.as_object_mut().unwrap().remove("root");
+            },
+            "field `root.path` is missing",
+        );
+        check(
+            &|s| s["root"]["readonly"] = json!("yes"),
+            "field `root.readonly` = \"yes\": must be a boolean",
+        );
+        let missing = bundle.0.join("nope");
+        check(
+            &|s| s["root"]["path"] = json!("nope"),
+            &format!(
+                "field `root.path` = \"nope\": rootfs directory {}: No such file or directory (os error 2)",
+                missing.display()
+            ),
+        );
+        std::fs::write(bundle.0.join("afile"), "").unwrap();
+        let err = {
+            let mut s = minimal();
+            s["root"]["path"] = json!("afile");
+            bundle.parse(&s).unwrap_err().to_string()
+        };
+        assert!(err.ends_with("afile is not a directory"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_kernel_is_named_by_vm_validation() {
+        let bundle = Bundle::new();
+        let spec = bundle.parse(&minimal()).unwrap();
+        let mut p = paths();
+        p.kernel = "/no/such/vmlinux".into();
+        p.vsock_uds = bundle.0.join("vsock.sock");
+        let err = spec.vm_config(&p, 1).validate(1).unwrap_err().to_string();
+        assert!(
+            err.starts_with("field `kernel` = /no/such/vmlinux: No such file"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! A container's state directory, `<root>/<id>/`: created exclusively (the container id is
+//! taken while it exists) and removed when the command that made it ends, on every path.
+//!
+//! It holds `vm.json` (the VM's configuration), `vsock.sock` (the VMM's hybrid vsock socket),
+//! `console.log` (the guest's serial console) and `vmm.log` (hull-vmm's own messages).
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+/// Errors making a state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("invalid container id {id:?}: {reason}")]
+    InvalidId { id: String, reason: &'static str },
+    #[error("container {id} already exists ({})", path.display())]
+    Exists { id: String, path: PathBuf },
+    #[error("cannot create state directory {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Checks a container id the way runc does: letters, digits, `_`, `+`, `-`, `.`; not `.` or
+/// `..`, so that it is one path component.
+pub fn validate_id(id: &str) -> Result<(), StateError> {
+    let invalid = |reason| StateError::InvalidId {
+        id: id.to_owned(),
+        reason,
+    };
+    if id.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if id.len() > 1024 {
+        return Err(invalid("it is longer than 1024 bytes"));
+    }
+    if id == "." || id == ".." {
+        return Err(invalid("it is not a name"));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.'))
+    {
+        return Err(invalid(
+            "only letters, digits, '_', '+', '-' and '.' are allowed",
+        ));
+    }
+    Ok(())
+}
+
+/// `<root>/<id>/`, removed with everything in it on drop.
+#[derive(Debug)]
+pub struct StateDir {
+    path: PathBuf,
+}
+
+impl StateDir {
+    /// Creates `<root>` if needed (mode 0700) and `<root>/<id>` exclusively.
+    pub fn create(root: &Path, id: &str) -> Result<Self, StateError> {
+        validate_id(id)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(|source| StateError::Create {
+                path: root.to_owned(),
+                source,
+            })?;
+        let path = root.join(id);
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => Ok(Self { path }),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(StateError::Exists {
+                    id: id.to_owned(),
+                    path,
+                })
+            }
+            Err(source) => Err(StateError::Create { path, source }),
+        }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `vm.json`.
+    pub fn vm_config(&self) -> PathBuf {
+        self.path.join("vm.json")
+    }
+
+    /// `vsock.sock`.
+    pub fn vsock(&self) -> PathBuf {
+        self.path.join("vsock.sock")
+    }
+
+    /// `console.log`.
+    pub fn console(&self) -> PathBuf {
+        self.path.join("console.log")
+    }
+
+    /// `vmm.log`: hull-vmm's standard error.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.path.join("vmm.log")
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        if let Err(err) = std::fs::remove_dir_all(&self.path) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove {}: {err}", self.path.display());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_root() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        std::env::temp_dir().join(format!(
+            "hull-state-test-{}-{}/root",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    #[test]
+    fn ids_are_single_path_components() {
+        for ok in ["t1", "a.b-c_d+e", "0123456789abcdef"] {
+            validate_id(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "é"] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            validate_id("a/b").unwrap_err().to_string(),
+            "invalid container id \"a/b\": only letters, digits, '_', '+', '-' and '.' are allowed"
+        );
+    }
+
+    #[test]
+    fn state_dir_is_exclusive_and_removed_on_drop() {
+        let root = temp_root();
+        let state = StateDir::create(&root, "c1").unwrap();
+        assert!(state.path().is_dir());
+        assert_eq!(state.vsock(), root.join("c1/vsock.sock"));
+        std::fs::write(state.console(), "log").unwrap();
+
+        let err = StateDir::create(&root, "c1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "container c1 already exists ({})",
+                root.join("c1").display()
+            )
+        );
+        // The failed attempt removed nothing.
+        assert!(state.console().is_file());
+
+        let other = StateDir::create(&root, "c2").unwrap();
+        drop(state);
+        assert!(!root.join("c1").exists());
+        assert!(other.path().is_dir());
+        drop(other);
+        assert!(!root.join("c2").exists());
+        std::fs::remove_dir_all(root.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn an_uncreatable_root_is_named() {
+        let err = StateDir::create(Path::new("/proc/hull-no-such-root"), "c").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot create state directory /proc/hull-no-such-root"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! End to end: `hull run` of a busybox bundle in a real micro-VM, checked the way a user would:
+//! output byte for byte, exit statuses (codes and death by signal), stdin piped through, files
+//! written into the rootfs, a read-only rootfs, the process's user, a symlink that must not
+//! lead out of the rootfs, SIGTERM to `hull` forwarded to the container, a spec the agent
+//! refuses; and bad input refused before any VM starts. After every run: no `hull-vmm` left
+//! and no state directory left (each run has its own `--root`). Each VM test takes about a
+//! minute on a PVM host.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hull_tests::bundle::{Bundle, BundleBuilder};
+use hull_tests::harness::{guest_artifacts, workspace_bin, TempDir};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+const ID: &str = "test-ctr";
+
+/// How a `hull run` ended.
+#[derive(Debug)]
+struct Outcome {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl Outcome {
+    fn context(&self) -> String {
+        format!(
+            "status {:?} after {:?}\n--- stdout ({} bytes) ---\n{}\n--- stderr ---\n{}",
+            self.status,
+            self.elapsed,
+            self.stdout.len(),
+            String::from_utf8_lossy(&self.stdout[..self.stdout.len().min(4096)]),
+            self.stderr
+        )
+    }
+}
+
+/// A `hull` child, killed on drop (its `hull-vmm` dies with it).
+struct Hull(Child);
+
+impl Drop for Hull {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn check_artifacts() {
+    let (kernel, initramfs) = guest_artifacts();
+    assert!(
+        kernel.is_file() && initramfs.is_file(),
+        "guest artifacts missing: run `make kernel agent` first"
+    );
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let me = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(needle) {
+                found.push(format!("{name}: {text}"));
+            }
+        }
+    }
+    found
+}
+
+/// Nothing of a run under `root` is left: no state directory, no `hull-vmm`.
+fn assert_no_leftovers(root: &Path) {
+    let state = root.join(ID);
+    assert!(
+        !state.exists(),
+        "state directory {} left behind",
+        state.display()
+    );
+    let needle = root.display().to_string();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_mentioning(&needle);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "processes left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `hull --root <tmp> run --bundle <bundle> test-ctr` in progress.
+struct HullRun {
+    root: TempDir,
+    hull: Hull,
+    started: Instant,
+    writer: Option<std::thread::JoinHandle<()>>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stdout_reader: std::thread::JoinHandle<()>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl HullRun {
+    /// Starts `hull run` with `stdin` fed to it (or none).
+    fn start(bundle: &Path, stdin: Option<Vec<u8>>) -> Self {
+        let root = TempDir::new("run-root");
+        let mut cmd = Command::new(workspace_bin("hull"));
+        cmd.arg("--root")
+            .arg(root.path())
+            .arg("run")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(ID)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut hull = Hull(cmd.spawn().expect("start hull"));
+        let writer = stdin.map(|data| {
+            let mut pipe = hull.0.stdin.take().expect("stdin is piped");
+            std::thread::spawn(move || {
+                // The container may exit before it reads everything; that is its business.
+                let _ = pipe.write_all(&data);
+            })
+        });
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let mut out = hull.0.stdout.take().expect("stdout is piped");
+        let sink = Arc::clone(&stdout);
+        let stdout_reader = std::thread::spawn(move || {
+            let mut buf = [0; 64 * 1024];
+            loop {
+                match out.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => sink.lock().unwrap().extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => panic!("read hull's stdout: {e}"),
+                }
+            }
+        });
+        let mut err = hull.0.stderr.take().expect("stderr is piped");
+        let stderr = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            err.read_to_end(&mut bytes).expect("read hull's stderr");
+            String::from_utf8_lossy(&bytes).into_owned()
+        });
+        Self {
+            root,
+            hull,
+            started,
+            writer,
+            stdout,
+            stdout_reader,
+            stderr,
+        }
+    }
+
+    /// Waits until `path` exists (panics after the deadline or if hull exits first).
+    fn wait_for_file(&self, path: &Path) {
+        loop {
+            if path.exists() {
+                return;
+            }
+            assert!(
+                self.started.elapsed() < DEADLINE,
+                "no {} within {DEADLINE:?}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for hull to exit (kills it after the deadline) and checks it left nothing.
+    fn finish(mut self) -> Outcome {
+        let status = loop {
+            if let Some(status) = self.hull.0.try_wait().expect("wait for hull") {
+                break status;
+            }
+            if self.started.elapsed() > DEADLINE {
+                drop(self.hull);
+                let stderr = self.stderr.join().unwrap_or_default();
+                assert_no_leftovers(self.root.path());
+                panic!("hull run still running after {DEADLINE:?}; killed\nstderr:\n{stderr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let elapsed = self.started.elapsed();
+        if let Some(writer) = self.writer {
+            writer.join().expect("stdin writer");
+        }
+        self.stdout_reader.join().expect("stdout reader");
+        let outcome = Outcome {
+            status,
+            stdout: std::mem::take(&mut *self.stdout.lock().unwrap()),
+            stderr: self.stderr.join().expect("stderr reader"),
+            elapsed,
+        };
+        eprintln!("hull run took {:?}", outcome.elapsed);
+        assert_no_leftovers(self.root.path());
+        outcome
+    }
+}
+
+/// Runs `hull run` to its end.
+fn hull_run(bundle: &Path, stdin: Option<Vec<u8>>) -> Outcome {
+    HullRun::start(bundle, stdin).finish()
+}
+
+fn run_in_vm(builder: BundleBuilder, stdin: Option<Vec<u8>>) -> (Bundle, Outcome) {
+    check_artifacts();
+    let bundle = builder.build();
+    let outcome = hull_run(bundle.path(), stdin);
+    (bundle, outcome)
+}
+
+#[test]
+fn echo_hello_exits_zero_with_exact_output() {
+    let (_bundle, out) = run_in_vm(Bundle::builder().script("echo hello; echo oops >&2"), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert_eq!(out.stdout, b"hello\n", "{context}");
+    assert_eq!(out.stderr, "oops\n", "{context}");
+}
+
+#[test]
+fn stdin_is_piped_through_byte_exact() {
+    let input: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let (_bundle, out) = run_in_vm(Bundle::builder().args(&["cat"]), Some(input.clone()));
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert!(
+        out.stdout == input,
+        "cat gave {} bytes back of {}, not the same: {context}",
+        out.stdout.len(),
+        input.len()
+    );
+}
+
+#[test]
+fn binary_output_is_byte_exact_and_written_files_reach_the_host() {
+    let (bundle, out) = run_in_vm(
+        Bundle::builder().script("head -c 1048576 /dev/urandom | tee /out.bin"),
+        None,
+    );
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    let on_host = std::fs::read(bundle.rootfs().join("out.bin")).expect("the file is on the host");
+    assert_eq!(on_host.len(), 1 << 20, "{context}");
+    assert_eq!(out.stdout.len(), 1 << 20, "{context}");
+    assert!(out.stdout == on_host, "stdout differs from /out.bin");
+}
+
+#[test]
+fn a_readonly_rootfs_refuses_writes_and_exit_1_comes_back() {
+    let (bundle, out) = run_in_vm(Bundle::builder().readonly(true).script("touch /nope"), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(1), "{context}");
+    assert!(out.stderr.contains("Read-only file system"), "{context}");
+    assert!(!bundle.rootfs().join("nope").exists());
+}
+
+#[test]
+fn the_process_runs_as_its_user_and_exit_42_comes_back() {
+    let (_bundle, out) = run_in_vm(
+        Bundle::builder()
+            .user(1000, 1000)
+            .script("id -u; id -g; exit 42"),
+        None,
+    );
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(42), "{context}");
+    assert_eq!(out.stdout, b"1000\n1000\n", "{context}");
+}
+
+#[test]
+fn a_symlink_out_of_the_rootfs_stays_inside_and_kill_9_gives_137() {
+    check_artifacts();
+    let secret_dir = TempDir::new("run-secret");
+    let secret = secret_dir.path().join("hostname");
+    let content = format!("HOST-SECRET-{}", std::process::id());
+    std::fs::write(&secret, &content).unwrap();
+    // Without a PID namespace of its own the shell is no namespace init, which ignores
+    // signals it has no handler for, SIGKILL included, even from itself.
+    let bundle = Bundle::builder()
+        .pid_namespace(false)
+        .script("readlink /secret-link; cat /secret-link; kill -9 $$")
+        .build();
+    std::os::unix::fs::symlink(&secret, bundle.rootfs().join("secret-link")).unwrap();
+    let out = hull_run(bundle.path(), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(137), "{context}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The container sees the link's text, but the path leads nowhere in its own root.
+    assert_eq!(stdout, format!("{}\n", secret.display()), "{context}");
+    assert!(!out.stderr.contains(&content), "{context}");
+    assert!(out.stderr.contains("No such file"), "{context}");
+}
+
+#[test]
+fn sigterm_to_hull_reaches_the_container() {
+    check_artifacts();
+    // The shell is its PID namespace's init: a signal reaches it only through a handler. The
+    // shell runs a trap after the foreground command in progress, so there is no window in
+    // which the signal is taken but the trap never runs (as with `wait`). It says it is ready
+    // with a file in the rootfs rather than on stdout: a guest stream's bytes can sit in the
+    // guest until the stream closes (seen here; not yet explained), which is not what this
+    // test is about.
+    let bundle = Bundle::builder()
+        .script("trap 'echo got-term; exit 7' TERM; echo ready; touch /ready; while :; do sleep 1; done")
+        .build();
+    let run = HullRun::start(bundle.path(), None);
+    run.wait_for_file(&bundle.rootfs().join("ready"));
+    let kill = Command::new("kill")
+        .args(["-TERM", &run.hull.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let out = run.finish();
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(7), "{context}");
+    assert_eq!(out.stdout, b"ready\ngot-term\n", "{context}");
+    assert_eq!(out.stderr, "", "{context}");
+}
+
+#[test]
+fn what_the_agent_refuses_is_reported_and_nothing_is_left() {
+    check_artifacts();
+    let bundle = Bundle::builder().args(&["true"]).build();
+    let config = Bundle::builder().args(&["true"]).config_json().replacen(
+        "\"linux\": {",
+        r#""linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []},"#,
+        1,
+    );
+    std::fs::write(bundle.config(), config).unwrap();
+    let out = hull_run(bundle.path(), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(1), "{context}");
+    assert!(
+        out.stderr
+            .contains("create container test-ctr: the guest agent refused")
+            && out.stderr.contains("linux.seccomp"),
+        "{context}"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_before_a_vm_starts() {
+    let bundle = Bundle::builder().build();
+    let config = bundle.config();
+
+    std::fs::write(&config, "{\n  \"process\": {\"args\": [\"sh\"],\n").unwrap();
+    let out = hull_run(bundle.path(), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(1), "{context}");
+    assert!(
+        out.stderr
+            .contains(&format!("{}: malformed JSON", config.display())),
+        "{context}"
+    );
+    assert!(out.stderr.contains("line 3"), "{context}");
+    assert!(out.elapsed < Duration::from_secs(5), "{context}");
+
+    std::fs::write(
+        &config,
+        r#"{"process": {"cwd": "/"}, "root": {"path": "rootfs"}}"#,
+    )
+    .unwrap();
+    let out = hull_run(bundle.path(), None);
+    assert_eq!(out.status.code(), Some(1), "{}", out.context());
+    assert!(
+        out.stderr.contains("field `process.args` is missing"),
+        "{}",
+        out.context()
+    );
+
+    std::fs::write(
+        &config,
+        r#"{"process": {"args": ["sh"]}, "root": {"path": "gone"}}"#,
+    )
+    .unwrap();
+    let out = hull_run(bundle.path(), None);
+    assert_eq!(out.status.code(), Some(1), "{}", out.context());
+    assert!(
+        out.stderr
+            .contains("field `root.path` = \"gone\": rootfs directory"),
+        "{}",
+        out.context()
+    );
+
+    // A taken id: the existing state directory is someone else's and stays.
+    let root = TempDir::new("run-root-taken");
+    std::fs::create_dir_all(root.path().join(ID)).unwrap();
+    std::fs::write(&config, Bundle::builder().config_json()).unwrap();
+    let out = Command::new(workspace_bin("hull"))
+        .arg("--root")
+        .arg(root.path())
+        .args(["run", "--bundle"])
+        .arg(bundle.path())
+        .arg(ID)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hull");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("container {ID} already exists")),
+        "{stderr}"
+    );
+    assert!(root.path().join(ID).is_dir());
+    assert!(processes_mentioning(&root.path().display().to_string()).is_empty());
+}
