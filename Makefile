@@ -14,7 +14,7 @@ HULL_VMM := target/release/hull-vmm
 CARGO ?= cargo
 
 # Debian packages the host side needs (the kernel build installs its own).
-HOST_PACKAGES := python3 binutils util-linux cpio gcc libc6-dev busybox-static
+HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static
 
 .PHONY: demo test kernel agent build bench lint deps clean
 
@@ -42,12 +42,23 @@ agent: deps
 build: deps
 	$(CARGO) build --release --workspace --bins
 
-# Boot a micro-VM with our kernel and agent; it prints the agent's readiness line and powers off.
+DEMO_BUNDLE := build/demo-bundle
+DEMO_ROOT := build/demo-state
+
+# 1. Boot a micro-VM with our kernel and agent: it prints the agent's readiness line and powers
+#    off. 2. Run a busybox container in a micro-VM with `hull run`: it greets and prints the
+#    guest kernel's release, which shows it ran in the VM, not on the host.
 demo: kernel agent build
-	@echo "booting a hull micro-VM (kernel $(KERNEL), initramfs $(INITRAMFS))"
+	@echo "== booting a hull micro-VM (kernel $(KERNEL), initramfs $(INITRAMFS))"
 	@start=$$(date +%s.%N); \
 	$(HULL_VMM) --kernel $(KERNEL) --initramfs $(INITRAMFS) --cmdline hull.poweroff=ready; \
 	echo "micro-VM powered off after $$(echo "$$(date +%s.%N) - $$start" | bc) s"
+	@target/release/make-bundle $(DEMO_BUNDLE) \
+		'echo "Hello from a hull container"; echo "kernel: $$(uname -r) (host: '"$$(uname -r)"')"' >/dev/null
+	@echo "== hull run --bundle $(DEMO_BUNDLE) demo"
+	@start=$$(date +%s.%N); \
+	target/release/hull --root $(DEMO_ROOT) run --bundle $(DEMO_BUNDLE) demo; \
+	echo "container exited with status $$? after $$(echo "$$(date +%s.%N) - $$start" | bc) s"
 
 # Unit tests, the agent as PID 1 in a throwaway namespace, KVM tests with tiny guests, and
 # the end-to-end boot of the real kernel and agent.

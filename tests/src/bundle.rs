@@ -179,9 +179,15 @@ impl BundleBuilder {
 
     /// Writes the bundle into a fresh temporary directory.
     pub fn build(&self) -> Bundle {
-        let busybox = ensure_busybox();
         let dir = TempDir::new("bundle");
-        let rootfs = dir.path().join("rootfs");
+        self.write_to(dir.path());
+        Bundle { dir }
+    }
+
+    /// Writes the bundle (`config.json`, `rootfs/`) into `dir`, which must not hold one yet.
+    pub fn write_to(&self, dir: &Path) {
+        let busybox = ensure_busybox();
+        let rootfs = dir.join("rootfs");
         // Mount points must exist: a read-only rootfs cannot get them later.
         for sub in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
             std::fs::create_dir_all(rootfs.join(sub)).expect("create rootfs directories");
@@ -198,9 +204,7 @@ impl BundleBuilder {
         .expect("write /etc/passwd");
         std::fs::write(rootfs.join("etc/group"), "root:x:0:\nuser:x:1000:\n")
             .expect("write /etc/group");
-        std::fs::write(dir.path().join("config.json"), self.config_json())
-            .expect("write config.json");
-        Bundle { dir }
+        std::fs::write(dir.join("config.json"), self.config_json()).expect("write config.json");
     }
 }
 
