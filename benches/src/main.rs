@@ -4,8 +4,8 @@
 //! - real kernel and agent: process start to the agent's readiness line (and the guest's own
 //!   uptime at that point, which excludes VMM setup and early boot before timekeeping);
 //! - peak RSS of hull-vmm (the kernel's `ru_maxrss` for the child);
-//! - for reference, `runc run` of a busybox `/bin/true` bundle on the same machine, in the
-//!   same run, when runc is installed.
+//! - `hull run` of a busybox `/bin/true` bundle next to `runc run` of the same bundle, on the
+//!   same machine, in the same run, when runc is installed.
 //!
 //! Times are wall-clock; the figures are printed, never asserted.
 
@@ -38,6 +38,9 @@ struct Args {
     /// Runs of runc for reference.
     #[arg(long, default_value_t = 30)]
     runc_runs: usize,
+    /// Runs of `hull run` on the same bundle (about a minute each on a PVM host).
+    #[arg(long, default_value_t = 3)]
+    hull_runs: usize,
     /// The test initramfs (with ymm-stress), for the context-switch measurement.
     #[arg(long)]
     test_initramfs: Option<PathBuf>,
@@ -247,34 +250,44 @@ fn runc_bundle(dir: &Path) -> Result<PathBuf, String> {
     Ok(bundle)
 }
 
-fn bench_runc(runs: usize) {
-    let dir = TempDir::new("bench-runc");
+/// `runc run` and then `hull run` of the same busybox `/bin/true` bundle, in the same run.
+fn bench_run(runc_runs: usize, hull_runs: usize) {
+    let dir = TempDir::new("bench-run");
     let bundle = match runc_bundle(dir.path()) {
         Ok(bundle) => bundle,
         Err(why) => {
-            println!("runc run of busybox /bin/true: skipped ({why})");
+            println!("runc and hull run of busybox /bin/true: skipped ({why})");
             return;
         }
     };
-    let root = dir.path().join("runc-root");
-    let samples: Vec<Sample> = (0..runs)
-        .map(|i| {
-            let mut cmd = Command::new("runc");
-            cmd.arg("--root")
-                .arg(&root)
-                .args(["run", "--bundle"])
-                .arg(&bundle)
-                .arg(format!("hull-bench-{}-{i}", std::process::id()));
-            measure(cmd, |_| false)
-        })
-        .collect();
-    assert!(samples.iter().all(|s| s.status == 0), "runc run failed");
-    println!("runc run of busybox /bin/true (reference, same machine, same run):");
-    println!(
-        "  start to exit:               {}",
-        summary_ms(samples.iter().map(|s| s.to_exit).collect())
-    );
-    println!("  peak RSS of runc:            {}", max_rss(&samples));
+    let runtimes = [
+        ("runc", PathBuf::from("runc"), runc_runs),
+        ("hull", workspace_bin("hull"), hull_runs),
+    ];
+    for (name, binary, runs) in runtimes {
+        let root = dir.path().join(format!("{name}-root"));
+        let samples: Vec<Sample> = (0..runs)
+            .map(|i| {
+                let mut cmd = Command::new(&binary);
+                cmd.arg("--root")
+                    .arg(&root)
+                    .args(["run", "--bundle"])
+                    .arg(&bundle)
+                    .arg(format!("hull-bench-{}-{i}", std::process::id()));
+                measure(cmd, |_| false)
+            })
+            .collect();
+        if samples.is_empty() {
+            continue;
+        }
+        assert!(samples.iter().all(|s| s.status == 0), "{name} run failed");
+        println!("{name} run of busybox /bin/true (same bundle, same machine, same run):");
+        println!(
+            "  start to exit:               {}",
+            summary_ms(samples.iter().map(|s| s.to_exit).collect())
+        );
+        println!("  peak RSS of {name}:            {}", max_rss(&samples));
+    }
 }
 
 /// Guest system call and context switch cost: `ymm-stress 1 N` yields without switching,
@@ -328,5 +341,5 @@ fn main() {
     if let Some(test_initramfs) = &args.test_initramfs {
         bench_context_switches(&args.kernel, test_initramfs, args.yields);
     }
-    bench_runc(args.runc_runs);
+    bench_run(args.runc_runs, args.hull_runs);
 }
