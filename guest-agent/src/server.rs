@@ -29,7 +29,7 @@ use hull_protocol::{
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::container::{self, Config, Created, RootfsSource};
+use crate::container::{self, Config, Created, RootfsSource, Validated};
 use crate::listener::Listener;
 use crate::reaper::{Ending, Reaped};
 use crate::spec::Spec;
@@ -294,7 +294,11 @@ impl Server {
             Ok(spec) => spec,
             Err(e) => return err(ErrorKind::InvalidSpec, format!("spec: {e}")),
         };
-        let (process, caps) = match Config::validate(&spec) {
+        let Validated {
+            process,
+            caps,
+            seccomp,
+        } = match Config::validate(&spec) {
             Ok(v) => v,
             Err(e) => return Reply::Now(Err(e)),
         };
@@ -328,6 +332,7 @@ impl Server {
             spec,
             process,
             caps,
+            seccomp,
             rootfs,
             readonly,
             rootfs_dir: paths.rootfs_dir.clone(),

@@ -129,3 +129,30 @@ pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit has no preconditions; it ends the process and never returns.
     unsafe { libc::_exit(code) }
 }
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)` on the calling thread. Unlike seccompiler's
+/// `apply_filter` it leaves `no_new_privs` alone: that is `process.noNewPrivileges`'s to decide
+/// (without it the caller needs `CAP_SYS_ADMIN`).
+pub fn seccomp_set_filter(
+    program: &[seccompiler::sock_filter],
+    flags: libc::c_ulong,
+) -> nix::Result<()> {
+    let len = u16::try_from(program.len()).map_err(|_| Errno::EINVAL)?;
+    let prog = libc::sock_fprog {
+        len,
+        // seccompiler's `sock_filter` is `repr(C)` with the kernel's fields (u16, u8, u8, u32),
+        // the same layout as libc's.
+        filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+    };
+    // SAFETY: `prog` points at `len` instructions of the kernel's `struct sock_filter` layout,
+    // alive across the call; the kernel copies them and keeps no pointer to our memory.
+    let res = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    Errno::result(res).map(drop)
+}

@@ -605,6 +605,103 @@ fn without_pivot_root_as_in_the_guest() {
     );
 }
 
+/// Denies `mkdir` (and `mkdirat`) with `errno`, allows the rest; names unknown to x86_64 and
+/// other architectures are in the profile too, as in Docker's.
+fn deny_mkdir(args: &[&str], no_new_privileges: bool, errno: Option<u32>) -> Value {
+    let mut s = spec(args);
+    s["process"]["noNewPrivileges"] = json!(no_new_privileges);
+    let mut deny = json!({"names": ["mkdir", "no_such_syscall", "mkdirat"],
+                          "action": "SCMP_ACT_ERRNO"});
+    if let Some(errno) = errno {
+        deny["errnoRet"] = json!(errno);
+    }
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {"names": ["socketcall", "only_on_some_other_arch"], "action": "SCMP_ACT_KILL"},
+            deny
+        ]
+    });
+    s
+}
+
+#[test]
+fn seccomp_denies_mkdir_with_eperm() {
+    if !can_run() {
+        return;
+    }
+    let script = "echo ok; mkdir /tmp/x; echo mkdir=$?; touch /tmp/y && ls /tmp";
+    for no_new_privileges in [true, false] {
+        let out = run_with(
+            deny_mkdir(&["sh", "-c", script], no_new_privileges, None),
+            None,
+            false,
+            &[],
+        );
+        assert_eq!(
+            out.stdout(),
+            "ok\nmkdir=1\ny\n",
+            "noNewPrivileges {no_new_privileges}: {}",
+            out.stderr()
+        );
+        assert!(
+            out.stderr().contains("Operation not permitted"),
+            "{}",
+            out.stderr()
+        );
+        assert_eq!(out.status, ExitStatus::Code(0));
+    }
+}
+
+#[test]
+fn seccomp_errno_ret_and_a_non_root_user() {
+    if !can_run() {
+        return;
+    }
+    // Without noNewPrivileges the filter goes in while the init can still install one.
+    let mut s = deny_mkdir(&["sh", "-c", "id -u; mkdir /tmp/x"], false, Some(13));
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    let out = run_with(s, None, false, &[]);
+    assert_eq!(out.stdout(), "1000\n", "{}", out.stderr());
+    assert!(
+        out.stderr().contains("Permission denied"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(out.status, ExitStatus::Code(1));
+}
+
+#[test]
+fn seccomp_default_deny_with_an_allow_list() {
+    if !can_run() {
+        return;
+    }
+    let mut s = spec(&["sh", "-c", "echo ok; mkdir /tmp/x"]);
+    s["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "syscalls": [{
+            "names": ["execve", "brk", "arch_prctl", "set_tid_address", "set_robust_list",
+                "rseq", "mmap", "munmap", "mprotect", "read", "write", "writev", "close",
+                "exit", "exit_group", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn",
+                "getpid", "getppid", "gettid", "getuid", "geteuid", "getgid", "getegid",
+                "ioctl", "fcntl", "dup2", "dup3", "wait4", "vfork", "fork", "clone", "clone3",
+                "stat", "fstat", "lstat", "newfstatat", "statx", "open", "openat", "access",
+                "faccessat", "faccessat2", "getcwd", "uname", "prlimit64", "futex",
+                "getrandom", "readlink", "lseek", "poll", "sigaltstack"],
+            "action": "SCMP_ACT_ALLOW"
+        }]
+    });
+    let out = run_with(s, None, false, &[]);
+    assert_eq!(out.stdout(), "ok\n", "{}", out.stderr());
+    assert!(
+        out.stderr().contains("Operation not permitted"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(out.status, ExitStatus::Code(1));
+}
+
 #[test]
 fn bad_specs_give_clear_errors() {
     if !can_run() {
@@ -615,11 +712,19 @@ fn bad_specs_give_clear_errors() {
         (
             {
                 let mut s = spec(&["true"]);
-                s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ERRNO"});
+                s["linux"]["seccomp"] = json!({
+                    "defaultAction": "SCMP_ACT_ALLOW",
+                    "syscalls": [
+                        {"names": ["read"], "action": "SCMP_ACT_ERRNO"},
+                        {"names": ["write"], "action": "SCMP_ACT_LOG"},
+                        {"names": ["mkdir"], "action": "SCMP_ACT_KILL"},
+                        {"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}
+                    ]
+                });
                 s
             },
             ErrorKind::Unsupported,
-            "linux.seccomp",
+            "linux.seccomp.syscalls[3].action = SCMP_ACT_NOTIFY",
         ),
         (
             {

@@ -15,7 +15,9 @@
 
 mod caps;
 mod process;
+mod seccomp;
 mod setup;
+mod syscalls;
 
 use std::fs::File;
 use std::io::Write;
@@ -31,6 +33,7 @@ use crate::spec::{Process, Spec};
 use crate::sys;
 
 pub use caps::CapPlan;
+pub use seccomp::SeccompPlan;
 
 /// Where the container's root file system comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,7 @@ pub struct Config {
     pub spec: Spec,
     pub process: Process,
     pub caps: Option<CapPlan>,
+    pub seccomp: Option<SeccompPlan>,
     pub rootfs: RootfsSource,
     pub readonly: bool,
     /// Where the root file system is mounted before the switch of root.
@@ -58,6 +62,14 @@ pub struct Config {
     pub no_pivot: bool,
     /// The process's stdin, stdout, stderr.
     pub stdio: [OwnedFd; 3],
+}
+
+/// What [`Config::validate`] takes from the spec for the container's process.
+#[derive(Debug)]
+pub struct Validated {
+    pub process: Process,
+    pub caps: Option<CapPlan>,
+    pub seccomp: Option<SeccompPlan>,
 }
 
 /// What the children report on the report pipe.
@@ -83,7 +95,7 @@ pub struct Created {
 impl Config {
     /// Checks what can be checked before any process exists, so these errors are immediate
     /// and exact.
-    pub fn validate(spec: &Spec) -> Result<(Process, Option<CapPlan>), ErrorResponse> {
+    pub fn validate(spec: &Spec) -> Result<Validated, ErrorResponse> {
         let invalid = |m: String| ErrorResponse::new(ErrorKind::InvalidSpec, m);
         let unsupported = |m: String| ErrorResponse::new(ErrorKind::Unsupported, m);
         let process = spec
@@ -120,11 +132,6 @@ impl Config {
                 }
             }
         }
-        if spec.linux.seccomp.is_some() {
-            return Err(unsupported(
-                "linux.seccomp: seccomp filters are not implemented yet".into(),
-            ));
-        }
         if spec.hostname.is_some() && !spec.has_namespace("uts") {
             return Err(invalid(
                 "hostname is set but linux.namespaces has no \"uts\" namespace".into(),
@@ -140,7 +147,17 @@ impl Config {
             .as_ref()
             .map(CapPlan::from_spec)
             .transpose()?;
-        Ok((process, caps))
+        let seccomp = spec
+            .linux
+            .seccomp
+            .as_ref()
+            .map(SeccompPlan::from_spec)
+            .transpose()?;
+        Ok(Validated {
+            process,
+            caps,
+            seccomp,
+        })
     }
 }
 
@@ -262,7 +279,11 @@ fn init(config: &Config, mut reports: File, start: OwnedFd) -> ! {
         }
     }
     drop(start);
-    let err = process::exec(&config.process, config.caps.as_ref());
+    let err = process::exec(
+        &config.process,
+        config.caps.as_ref(),
+        config.seccomp.as_ref(),
+    );
     report(&mut reports, Report::Failed(err));
     sys::exit_now(127)
 }

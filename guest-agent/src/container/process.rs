@@ -3,8 +3,14 @@
 //! Order, as runc's: rlimits; the bounding set (needs `CAP_SETPCAP`, so before the user
 //! change); the user with `PR_SET_KEEPCAPS` so permitted capabilities survive `setresuid`; the
 //! capability sets and the ambient set; umask; working directory; `no_new_privs`; signal mask and
-//! `SIGPIPE` back to their defaults; `execve` with the program looked up in the `PATH` of
-//! `process.env`.
+//! `SIGPIPE` back to their defaults; the seccomp filter; `execve` with the program looked up in
+//! the `PATH` of `process.env`.
+//!
+//! The seccomp filter comes last so that the setup's own system calls are not filtered, but only
+//! with `noNewPrivileges`: without it, installing a filter takes `CAP_SYS_ADMIN`, which a
+//! non-root `process.user` or the capability sets may take away. Then, as in runc, the filter
+//! goes in right after the rlimits, while the init still has every capability, and the rest of
+//! the setup runs under it.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -16,7 +22,7 @@ use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, execve, setgroups, setresgid, setresuid, Gid, Uid};
 
-use super::CapPlan;
+use super::{CapPlan, SeccompPlan};
 use crate::exec::DEFAULT_PATH;
 use crate::spec::Process;
 use crate::sys;
@@ -49,20 +55,31 @@ pub fn resource(name: &str) -> Option<Resource> {
 }
 
 /// Becomes `process` and execs it; returns only the error that stopped it.
-pub fn exec(process: &Process, caps: Option<&CapPlan>) -> ErrorResponse {
-    match prepare(process, caps).and_then(|()| exec_program(process)) {
+pub fn exec(
+    process: &Process,
+    caps: Option<&CapPlan>,
+    seccomp: Option<&SeccompPlan>,
+) -> ErrorResponse {
+    match prepare(process, caps, seccomp).and_then(|()| exec_program(process)) {
         Ok(never) => match never {},
         Err(err) => err,
     }
 }
 
-fn prepare(process: &Process, caps: Option<&CapPlan>) -> Result<(), ErrorResponse> {
+fn prepare(
+    process: &Process,
+    caps: Option<&CapPlan>,
+    seccomp: Option<&SeccompPlan>,
+) -> Result<(), ErrorResponse> {
     for (i, r) in process.rlimits.iter().enumerate() {
         // Checked before the fork (`Config::validate`).
         if let Some(res) = resource(&r.kind) {
             setrlimit(res, r.soft, r.hard)
                 .map_err(|e| io(format!("process.rlimits[{i}] {}", r.kind), e))?;
         }
+    }
+    if let Some(seccomp) = seccomp.filter(|_| !process.no_new_privileges) {
+        seccomp.install()?;
     }
     if let Some(caps) = caps {
         let last = super::caps::last_cap(Path::new("/proc"));
@@ -116,6 +133,9 @@ fn prepare(process: &Process, caps: Option<&CapPlan>) -> Result<(), ErrorRespons
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(|e| io("resetting the signal mask", e))?;
     sys::default_sigpipe().map_err(|e| io("resetting SIGPIPE", e))?;
+    if let Some(seccomp) = seccomp.filter(|_| process.no_new_privileges) {
+        seccomp.install()?;
+    }
     Ok(())
 }
 
