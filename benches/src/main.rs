@@ -228,7 +228,11 @@ fn runc_bundle(dir: &Path) -> Result<PathBuf, String> {
         return Err("/bin/busybox is not busybox-static".into());
     }
     let bundle = dir.join("bundle");
-    std::fs::create_dir_all(bundle.join("rootfs/bin")).map_err(|e| e.to_string())?;
+    // The directories an image's rootfs has: runc's default spec mounts onto them, and its
+    // root is read-only, so they must exist beforehand.
+    for dir in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(bundle.join("rootfs").join(dir)).map_err(|e| e.to_string())?;
+    }
     std::fs::copy(busybox, bundle.join("rootfs/bin/busybox")).map_err(|e| e.to_string())?;
     std::os::unix::fs::symlink("busybox", bundle.join("rootfs/bin/true"))
         .map_err(|e| e.to_string())?;
