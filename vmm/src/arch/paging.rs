@@ -11,16 +11,16 @@
 use kvm_bindings::kvm_sregs;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-const CR0_PG: u64 = 1 << 31;
+pub(crate) const CR0_PG: u64 = 1 << 31;
 const CR0_WP: u64 = 1 << 16;
-const EFER_LMA: u64 = 1 << 10;
+pub(crate) const EFER_LMA: u64 = 1 << 10;
 
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
+pub(crate) const PTE_PRESENT: u64 = 1 << 0;
+pub(crate) const PTE_WRITABLE: u64 = 1 << 1;
 const PTE_USER: u64 = 1 << 2;
 const PTE_ACCESSED: u64 = 1 << 5;
 const PTE_DIRTY: u64 = 1 << 6;
-const PTE_HUGE: u64 = 1 << 7;
+pub(crate) const PTE_HUGE: u64 = 1 << 7;
 const PTE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Page-fault error code bits (`X86_PF_*`).

@@ -7,18 +7,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 use super::layout::{
     BOOT_STACK_POINTER, GDT_START, IDT_START, PDE_START, PDPTE_START, PML4_START, ZERO_PAGE_START,
 };
+use super::paging::{CR0_PG, EFER_LMA, PTE_HUGE, PTE_PRESENT, PTE_WRITABLE};
 
 const X86_CR0_PE: u64 = 1 << 0;
 const X86_CR0_ET: u64 = 1 << 4;
-const X86_CR0_PG: u64 = 1 << 31;
 const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-
-/// Page-table entry bits.
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_HUGE: u64 = 1 << 7;
 
 /// Errors while writing boot structures into guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +114,7 @@ pub fn setup_sregs(mem: &impl GuestMemory, mut sregs: kvm_sregs) -> Result<kvm_s
     setup_page_tables(mem)?;
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
-    sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+    sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
     Ok(sregs)
 }
@@ -201,7 +195,7 @@ mod tests {
         let mem = memory();
         let sregs = setup_sregs(&mem, kvm_sregs::default()).unwrap();
         assert_eq!(sregs.cr3, PML4_START);
-        assert_ne!(sregs.cr0 & X86_CR0_PG, 0);
+        assert_ne!(sregs.cr0 & CR0_PG, 0);
         assert_ne!(sregs.cr4 & X86_CR4_PAE, 0);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(sregs.gdt.limit, 31);
