@@ -188,6 +188,31 @@ pub struct Vmm {
     cmdline: String,
 }
 
+/// Ends a running VM from another thread: [`Vmm::run`] returns [`VmExit::Stopped`] unless
+/// the VM had already ended otherwise.
+pub struct Stopper {
+    exits: Sender<VmExit>,
+    evt: EventFd,
+}
+
+impl Stopper {
+    /// Another handle to the same VM.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            exits: self.exits.clone(),
+            evt: self.evt.try_clone()?,
+        })
+    }
+
+    /// Asks the VM to end; `why` goes into the exit reason.
+    pub fn stop(&self, why: impl Into<String>) {
+        let _ = self.exits.send(VmExit::Stopped(why.into()));
+        if let Err(err) = self.evt.write(1) {
+            log::error!("cannot signal the VM's exit event: {err}");
+        }
+    }
+}
+
 /// How a VM run ended.
 #[derive(Debug)]
 pub struct RunOutcome {
@@ -310,6 +335,17 @@ impl Vmm {
     /// The kernel command line the guest boots with.
     pub fn cmdline(&self) -> &str {
         &self.cmdline
+    }
+
+    /// A handle that ends the VM from another thread.
+    pub fn stopper(&self) -> Result<Stopper, VmmError> {
+        Ok(Stopper {
+            exits: self.exit_tx.clone(),
+            evt: self
+                .exit_evt
+                .try_clone()
+                .map_err(setup_err("the exit eventfd"))?,
+        })
     }
 
     /// Runs the VM until it ends, then stops every vCPU.

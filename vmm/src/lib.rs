@@ -9,12 +9,13 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod container;
 pub mod device_manager;
 pub mod emulation;
 pub mod host;
 pub mod vstate;
 
-pub use builder::{build, build_with_devices, RunOutcome, Vmm, VmmError};
+pub use builder::{build, build_with_devices, RunOutcome, Stopper, Vmm, VmmError};
 pub use config::{ConsoleConfig, VmConfig};
 pub use host::KvmKind;
 pub use vstate::vcpu::VmExit;

@@ -2,9 +2,17 @@
 //!
 //! Exit status: 0 when the guest powers off or resets, 1 when the VM fails (triple fault, an
 //! instruction nobody can emulate), 2 when it cannot be started (bad configuration, no KVM).
+//!
+//! With `--container FILE` hull-vmm is a container's init as the host sees it (see
+//! `vmm::container`): it exits with the container's status, and 255 if the VM ended before
+//! the container's process did.
 
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Mutex, OnceLock};
 
 use clap::Parser;
 use vmm::config::{ConsoleConfig, VmConfig, DEFAULT_MEM_SIZE_MIB, DEFAULT_VCPUS};
@@ -46,15 +54,24 @@ struct Args {
     /// The guest's vsock context id.
     #[arg(long = "vsock-cid", default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u64,
-    /// Log level on standard error: error, warn, info, debug.
+    /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "warn", value_parser = parse_level)]
     log_level: log::LevelFilter,
+    /// Append log messages to this file instead of standard error.
+    #[arg(long = "log-file")]
+    log_file: Option<PathBuf>,
+    /// Run a container (JSON: `vmm::container::ContainerConfig`); needs --config.
+    #[arg(long, requires = "config")]
+    container: Option<PathBuf>,
+    /// With --container: the descriptor to write the creation report on, then close.
+    #[arg(long = "sync-fd", requires = "container")]
+    sync_fd: Option<RawFd>,
 }
 
 impl Args {
     fn into_config(self) -> Result<VmConfig, vmm::config::ConfigError> {
-        if let Some(path) = self.config {
-            return VmConfig::from_file(&path);
+        if let Some(path) = &self.config {
+            return VmConfig::from_file(path);
         }
         let mut config = VmConfig::new(
             self.kernel
@@ -80,9 +97,13 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
         .map_err(|_| format!("log level {s:?} is not one of off, error, warn, info, debug, trace"))
 }
 
-struct StderrLogger;
+/// Where log messages go when `--log-file` is given.
+static LOG_FILE: OnceLock<Mutex<File>> = OnceLock::new();
 
-impl log::Log for StderrLogger {
+/// Logs to standard error, or to the `--log-file`.
+struct Logger;
+
+impl log::Log for Logger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         // fuse-backend-rs logs errors on bad guest input without any rate limit: a guest could
         // flood the VMM's log. Its messages show only when debugging.
@@ -95,11 +116,18 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!(
-                "hull-vmm: {}: {}",
+            let line = format!(
+                "hull-vmm: {}: {}\n",
                 record.level().as_str().to_lowercase(),
                 record.args()
             );
+            match LOG_FILE.get() {
+                Some(file) => {
+                    let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = file.write_all(line.as_bytes());
+                }
+                None => eprint!("{line}"),
+            }
         }
     }
     fn flush(&self) {}
@@ -116,22 +144,88 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// Takes the `--sync-fd` descriptor (checking that it is open) so that it closes on exec and
+/// when dropped.
+fn take_sync_fd(fd: RawFd) -> Result<File, String> {
+    // SAFETY: F_GETFD only reads the descriptor's flags; any integer is a valid argument.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("--sync-fd {fd}: not an open descriptor above 2"));
+    }
+    // SAFETY: the descriptor is open (checked above) and was handed to this process for it
+    // alone by its parent; nothing else in hull-vmm uses it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: F_SETFD with FD_CLOEXEC on an open descriptor we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(file)
+}
+
+/// An error before the VM runs: logged, and reported on the sync descriptor in container mode.
+fn fail(sync: &mut Option<File>, message: String) -> ExitCode {
+    log::error!("{message}");
+    if let Some(sync) = sync {
+        let report = vmm::container::CreateReport::Failed(message);
+        let mut line = serde_json::to_vec(&report).expect("a CreateReport serializes");
+        line.push(b'\n');
+        let _ = sync.write_all(&line);
+    }
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     log::set_max_level(args.log_level);
-    let _ = log::set_logger(&StderrLogger);
+    let _ = log::set_logger(&Logger);
+    // Before any thread starts, so that every thread inherits the mask.
+    let signals = match args.container {
+        Some(_) => match vmm::container::block_forwarded_signals() {
+            Ok(set) => Some(set),
+            Err(err) => {
+                eprintln!("hull-vmm: error: cannot block the forwarded signals: {err}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    if let Some(path) = &args.log_file {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(file) => {
+                let _ = LOG_FILE.set(Mutex::new(file));
+            }
+            Err(err) => {
+                eprintln!(
+                    "hull-vmm: error: cannot open log file {}: {err}",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut sync = match args.sync_fd.map(take_sync_fd).transpose() {
+        Ok(sync) => sync,
+        Err(message) => return fail(&mut None, message),
+    };
     let config_path = args.config.clone();
+    let container = match args
+        .container
+        .as_deref()
+        .map(vmm::container::ContainerConfig::from_file)
+        .transpose()
+    {
+        Ok(container) => container,
+        Err(err) => return fail(&mut sync, format!("{err:#}")),
+    };
 
     let config = match args.into_config() {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("hull-vmm: error: {}", error_chain(&err));
-            return ExitCode::from(2);
-        }
+        Err(err) => return fail(&mut sync, error_chain(&err)),
     };
     let kind = KvmKind::detect();
     if let Some(warning) = kind.warning() {
-        eprintln!("hull-vmm: warning: {warning}");
+        log::warn!("{warning}");
     }
     let vmm = match vmm::build(&config, kind) {
         Ok(vmm) => vmm,
@@ -139,12 +233,60 @@ fn main() -> ExitCode {
             let origin = config_path
                 .map(|p| format!("config file {}: ", p.display()))
                 .unwrap_or_default();
-            eprintln!("hull-vmm: error: {origin}{}", error_chain(&err));
-            return ExitCode::from(2);
+            return fail(&mut sync, format!("{origin}{}", error_chain(&err)));
         }
     };
     log::info!("kernel command line: {}", vmm.cmdline());
-    match vmm.run() {
+    let container_status = match (container, signals) {
+        (Some(container), Some(signals)) => {
+            let (ConsoleConfig::File(console), Some(vsock)) = (&config.console, &config.vsock)
+            else {
+                return fail(
+                    &mut sync,
+                    "--container needs a console file and a vsock device in the VM config".into(),
+                );
+            };
+            let started = vmm
+                .stopper()
+                .map_err(|e| e.to_string())
+                .and_then(|stopper| {
+                    vmm::container::start(
+                        container,
+                        console.clone(),
+                        vsock.uds_path.clone(),
+                        signals,
+                        sync.take(),
+                        stopper,
+                    )
+                    .map_err(|e| format!("cannot start the container supervisor: {e}"))
+                });
+            match started {
+                Ok(status) => Some(status),
+                Err(message) => return fail(&mut sync, message),
+            }
+        }
+        _ => None,
+    };
+    let result = vmm.run();
+    if let Some(status) = container_status {
+        if let Err(err) = &result {
+            log::error!("{}", error_chain(err));
+        }
+        let status = *status.lock().unwrap_or_else(|p| p.into_inner());
+        return match status {
+            Some(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            None => {
+                if let Ok(outcome) = &result {
+                    log::error!(
+                        "the VM ended before the container's process: {}",
+                        outcome.exit
+                    );
+                }
+                ExitCode::from(255)
+            }
+        };
+    }
+    match result {
         Ok(outcome) => {
             let a = outcome.assists;
             log::info!(
@@ -157,12 +299,12 @@ fn main() -> ExitCode {
             );
             let code = outcome.exit.exit_code();
             if code != 0 {
-                eprintln!("hull-vmm: error: {}", outcome.exit);
+                log::error!("{}", outcome.exit);
             }
             ExitCode::from(code as u8)
         }
         Err(err) => {
-            eprintln!("hull-vmm: error: {}", error_chain(&err));
+            log::error!("{}", error_chain(&err));
             ExitCode::from(1)
         }
     }

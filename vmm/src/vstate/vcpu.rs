@@ -63,13 +63,15 @@ pub enum VmExit {
     TripleFault(String),
     /// The VM cannot go on; the text says why.
     Failed(String),
+    /// The host stopped the VM (hull-vmm's container supervisor); the text says why.
+    Stopped(String),
 }
 
 impl VmExit {
     /// The exit status of hull-vmm for this ending.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::Reset | VmExit::PowerOff => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Stopped(_) => 0,
             VmExit::TripleFault(_) | VmExit::Failed(_) => 1,
         }
     }
@@ -82,6 +84,7 @@ impl std::fmt::Display for VmExit {
             VmExit::PowerOff => f.write_str("the guest powered off"),
             VmExit::TripleFault(diag) => write!(f, "the guest triple-faulted: {diag}"),
             VmExit::Failed(why) => f.write_str(why),
+            VmExit::Stopped(why) => write!(f, "stopped by the host: {why}"),
         }
     }
 }

@@ -1,0 +1,202 @@
+//! The container's control socket, `<state>/<id>/control.sock`: how `hull` commands reach a
+//! running container. It speaks the agent's protocol (docs/protocol.md): a handshake, then
+//! requests and their responses. `hull-vmm` holds the one control connection to the agent and
+//! forwards each client request on it under an id of its own, routing the answer back.
+//! `create_container` and `shutdown` are hull-vmm's alone.
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hull_protocol::{
+    answer_hello, host_handshake, read_frame, write_frame, AgentMessage, ErrorKind, ErrorResponse,
+    HostMessage, Request, RequestBody, Response, ResponseBody,
+};
+
+/// A client connection's writing half, shared by the threads that answer it.
+pub type ClientWriter = Arc<Mutex<UnixStream>>;
+
+/// A request from a client, for the supervisor.
+pub struct ClientRequest {
+    pub request: Request,
+    pub writer: ClientWriter,
+}
+
+/// Whether a client may send this request (else the error to answer with).
+pub fn allowed(body: &RequestBody) -> Result<(), ErrorResponse> {
+    match body {
+        RequestBody::CreateContainer(_) | RequestBody::Shutdown => Err(ErrorResponse::new(
+            ErrorKind::InvalidRequest,
+            "create_container and shutdown are hull-vmm's own requests",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Answers a client (a client that went away is no error).
+pub fn respond(writer: &ClientWriter, id: u64, result: Result<ResponseBody, ErrorResponse>) {
+    let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(err) = write_frame(&mut *conn, &AgentMessage::Response(Response { id, result })) {
+        log::debug!("control socket: cannot answer a client: {err}");
+    }
+}
+
+/// Listens on `path` (replacing a stale socket) and hands every request to `inbox`, from a
+/// thread per client.
+pub fn serve<T: From<ClientRequest> + Send + 'static>(
+    path: &Path,
+    inbox: Sender<T>,
+    kernel_release: String,
+) -> io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {}: {e}", path.display()),
+        )
+    })?;
+    std::thread::Builder::new()
+        .name("control-socket".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let conn = match conn {
+                    Ok(conn) => conn,
+                    Err(err) => {
+                        log::warn!("control socket: accept failed: {err}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let inbox = inbox.clone();
+                let release = kernel_release.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("control-client".into())
+                    .spawn(move || serve_client(conn, &inbox, &release));
+                if let Err(err) = spawned {
+                    log::warn!("control socket: cannot start a client thread: {err}");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn serve_client<T: From<ClientRequest>>(mut conn: UnixStream, inbox: &Sender<T>, release: &str) {
+    let hello = match read_frame::<_, HostMessage>(&mut conn) {
+        Ok(Some(HostMessage::Hello(hello))) => hello,
+        Ok(_) | Err(_) => return,
+    };
+    let answer = answer_hello(&hello, env!("CARGO_PKG_VERSION"), release);
+    let accepted = matches!(answer, AgentMessage::Hello(_));
+    if write_frame(&mut conn, &answer).is_err() || !accepted {
+        return;
+    }
+    let writer = match conn.try_clone() {
+        Ok(w) => Arc::new(Mutex::new(w)),
+        Err(_) => return,
+    };
+    loop {
+        match read_frame::<_, HostMessage>(&mut conn) {
+            Ok(Some(HostMessage::Request(request))) => {
+                if let Err(err) = allowed(&request.body) {
+                    respond(&writer, request.id, Err(err));
+                    continue;
+                }
+                let msg = ClientRequest {
+                    request,
+                    writer: writer.clone(),
+                };
+                if inbox.send(msg.into()).is_err() {
+                    return;
+                }
+            }
+            Ok(Some(HostMessage::Hello(_))) => {}
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// The `hull` side: a connection to a container's control socket.
+pub struct Client {
+    conn: UnixStream,
+    next_id: u64,
+}
+
+impl Client {
+    /// Connects and runs the handshake.
+    pub fn connect(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let mut conn = UnixStream::connect(path)
+            .with_context(|| format!("cannot connect to {}", path.display()))?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        host_handshake(&mut conn, env!("CARGO_PKG_VERSION"))
+            .with_context(|| format!("handshake on {}", path.display()))?;
+        conn.set_read_timeout(None)?;
+        Ok(Self { conn, next_id: 1 })
+    }
+
+    /// Sends a request and waits for its answer (`timeout`: `None` waits for ever, as `wait`
+    /// needs). The agent's refusal is an error carrying its message.
+    pub fn request(
+        &mut self,
+        body: RequestBody,
+        timeout: Option<Duration>,
+    ) -> anyhow::Result<ResponseBody> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(&mut self.conn, &HostMessage::Request(Request { id, body }))?;
+        self.conn.set_read_timeout(timeout)?;
+        loop {
+            match read_frame::<_, AgentMessage>(&mut self.conn)? {
+                Some(AgentMessage::Response(r)) if r.id == id => {
+                    return r.result.map_err(|e| anyhow::anyhow!("{}", e.message));
+                }
+                Some(_) => continue,
+                None => anyhow::bail!("the container's hull-vmm closed its control socket"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hull_protocol::ProcessRef;
+
+    use super::*;
+
+    #[test]
+    fn clients_reach_the_inbox_and_get_answers() {
+        let dir = std::env::temp_dir().join(format!("hull-control-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let (tx, rx) = std::sync::mpsc::channel::<ClientRequest>();
+        serve(&path, tx, "6.12".into()).unwrap();
+
+        let answering = std::thread::spawn(move || {
+            let msg: ClientRequest = rx.recv().unwrap();
+            assert_eq!(msg.request.body, RequestBody::ListProcesses);
+            respond(
+                &msg.writer,
+                msg.request.id,
+                Ok(ResponseBody::Processes(vec![])),
+            );
+        });
+        let mut client = Client::connect(&path).unwrap();
+        let err = client
+            .request(RequestBody::Shutdown, Some(Duration::from_secs(5)))
+            .unwrap_err();
+        assert!(err.to_string().contains("hull-vmm's own"), "{err}");
+        let answer = client
+            .request(RequestBody::ListProcesses, Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(answer, ResponseBody::Processes(vec![]));
+        answering.join().unwrap();
+        assert!(allowed(&RequestBody::Wait {
+            process: ProcessRef::Init
+        })
+        .is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,690 @@
+//! Container mode (`hull-vmm --container FILE`): hull-vmm is the container's init as the host
+//! sees it. Besides running the VM it
+//! 1. waits for the guest agent's readiness line on the console, connects to it (the one
+//!    control connection), attaches the init's stdio streams and has it create the container;
+//! 2. says so on its sync descriptor (one [`CreateReport`] line), which `hull create` waits on;
+//! 3. relays its own standard streams to the container's (or a host pty, whose master goes to
+//!    `--console-socket`, to the guest's pty), serves `hull` commands on the control socket
+//!    (`control`), and forwards the signals it receives to the container's init;
+//! 4. when the init exits, drains its output, has the agent power the VM off and exits with the
+//!    init's status (code, or 128 + signal).
+//!
+//! A signal that would end a process, received before the container exists, ends the VM.
+
+pub mod console;
+pub mod control;
+pub mod ready;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use hull_protocol::{
+    attach_stream, host_handshake, hybrid, read_frame, write_frame, AgentMessage, CreateContainer,
+    Event, HostMessage, ProcessRef, Request, RequestBody, Stdio, StreamKind, CONTROL_PORT,
+    STDIO_PORT,
+};
+use nix::sys::signal::{SigSet, Signal};
+use serde::{Deserialize, Serialize};
+
+use crate::builder::Stopper;
+use control::{ClientRequest, ClientWriter};
+
+/// From hull-vmm's start to the agent's readiness line (a PVM boot takes most of a minute).
+const BOOT_DEADLINE: Duration = Duration::from_secs(300);
+/// For a vsock connection to be accepted, the handshake, and `create_container`'s answer.
+const AGENT_DEADLINE: Duration = Duration::from_secs(120);
+/// After the init's exit, for its output to drain (descendants may hold it open).
+const OUTPUT_GRACE: Duration = Duration::from_secs(10);
+/// After `shutdown`, for the VM to power off.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
+/// Bytes of the console quoted in an error.
+const TAIL_BYTES: u64 = 2048;
+
+/// What `hull` gives hull-vmm to run a container (`--container FILE`, JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerConfig {
+    /// The request that creates the container (its id, spec, rootfs and init's stdio).
+    pub create: CreateContainer,
+    /// Where to serve `hull` commands.
+    pub control_socket: PathBuf,
+    /// With a terminal: where to send the pty master (runc's `--console-socket`). Without
+    /// one, hull-vmm's own standard streams are the container's.
+    #[serde(default)]
+    pub console_socket: Option<PathBuf>,
+}
+
+impl ContainerConfig {
+    /// Reads a container configuration file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read container file {}", path.display()))?;
+        let config: Self = serde_json::from_str(&text)
+            .with_context(|| format!("container file {}: malformed", path.display()))?;
+        if matches!(config.create.stdio, Stdio::Terminal { .. }) && config.console_socket.is_none()
+        {
+            bail!(
+                "container file {}: field `console_socket` is missing: a terminal needs one",
+                path.display()
+            );
+        }
+        Ok(config)
+    }
+}
+
+/// hull-vmm's one line on its sync descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CreateReport {
+    /// The container is created; its init waits for `start_container`.
+    Created,
+    /// It could not be; the text says why.
+    Failed(String),
+}
+
+/// The signals hull-vmm forwards to the container's init: every catchable one but those it
+/// needs itself (`SIGCHLD`, `SIGPIPE`, the synchronous fault signals, the vCPU kick).
+pub const FORWARDED: [Signal; 21] = [
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGABRT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGTERM,
+    Signal::SIGSTKFLT,
+    Signal::SIGCONT,
+    Signal::SIGTSTP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGURG,
+    Signal::SIGXCPU,
+    Signal::SIGXFSZ,
+    Signal::SIGVTALRM,
+    Signal::SIGPROF,
+    Signal::SIGWINCH,
+    Signal::SIGIO,
+    Signal::SIGPWR,
+];
+
+/// Blocks [`FORWARDED`] in the calling thread; call before any other thread starts, so that
+/// every thread inherits the mask and the supervisor's `sigwait` takes them all.
+pub fn block_forwarded_signals() -> io::Result<SigSet> {
+    let mut set = SigSet::empty();
+    for signal in FORWARDED {
+        set.add(signal);
+    }
+    set.thread_block()?;
+    Ok(set)
+}
+
+/// Whether a signal's default action ends the process.
+fn terminates(signal: Signal) -> bool {
+    !matches!(
+        signal,
+        Signal::SIGCONT
+            | Signal::SIGTSTP
+            | Signal::SIGTTIN
+            | Signal::SIGTTOU
+            | Signal::SIGURG
+            | Signal::SIGWINCH
+            | Signal::SIGCHLD
+    )
+}
+
+/// What the supervisor's loop waits for.
+enum Incoming {
+    Signal(i32),
+    /// The host terminal's window size changed.
+    Resize,
+    Agent(AgentMessage),
+    AgentGone(String),
+    Client(ClientRequest),
+    /// The init's output has drained (or the grace period ran out).
+    Drained,
+}
+
+impl From<ClientRequest> for Incoming {
+    fn from(request: ClientRequest) -> Self {
+        Incoming::Client(request)
+    }
+}
+
+/// The exit status hull-vmm reports: the init's, once known.
+pub type ExitCell = Arc<Mutex<Option<i32>>>;
+
+/// Starts the supervisor threads. `signals` were blocked by [`block_forwarded_signals`];
+/// `sync` receives the [`CreateReport`]; `stopper` ends the VM. Returns where the exit status
+/// will be.
+pub fn start(
+    config: ContainerConfig,
+    console: PathBuf,
+    vsock: PathBuf,
+    signals: SigSet,
+    sync: Option<File>,
+    stopper: Stopper,
+) -> io::Result<ExitCell> {
+    let status: ExitCell = Arc::new(Mutex::new(None));
+    let created = Arc::new(AtomicBool::new(false));
+    let terminal = matches!(config.create.stdio, Stdio::Terminal { .. });
+    let (tx, rx) = channel();
+    let supervisor = Supervisor {
+        config,
+        console,
+        vsock,
+        status: status.clone(),
+        created: created.clone(),
+        stopper,
+        tx: tx.clone(),
+        pending: HashMap::new(),
+        next_id: 1,
+        host_tty: None,
+    };
+    let early_stop = supervisor.stopper_clone()?;
+    let early_status = status.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let Ok(signal) = signals.wait() else { return };
+            log::info!("received {signal}");
+            if terminal && signal == Signal::SIGWINCH {
+                let _ = tx.send(Incoming::Resize);
+            } else if created.load(Ordering::Acquire) {
+                if tx.send(Incoming::Signal(signal as i32)).is_err() {
+                    return;
+                }
+            } else if terminates(signal) {
+                *early_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal as i32);
+                early_stop.stop(format!("{signal} before the container was created"));
+            }
+        })?;
+    std::thread::Builder::new()
+        .name("container".into())
+        .spawn(move || supervisor.run(rx, sync))?;
+    Ok(status)
+}
+
+struct Supervisor {
+    config: ContainerConfig,
+    console: PathBuf,
+    vsock: PathBuf,
+    status: ExitCell,
+    created: Arc<AtomicBool>,
+    stopper: Stopper,
+    tx: Sender<Incoming>,
+    /// Requests sent to the agent and not answered yet: who gets the answer.
+    pending: HashMap<u64, Route>,
+    next_id: u64,
+    /// With a terminal: the slave of the host pty (for its window size).
+    host_tty: Option<OwnedFd>,
+}
+
+enum Route {
+    Client { writer: ClientWriter, id: u64 },
+    Own(&'static str),
+}
+
+/// What the setup hands the serving loop.
+struct Running {
+    control: UnixStream,
+    /// How many output relays will report their end.
+    outputs: usize,
+    done: Receiver<()>,
+}
+
+impl Supervisor {
+    fn stopper_clone(&self) -> io::Result<Stopper> {
+        self.stopper.try_clone()
+    }
+
+    fn run(mut self, rx: Receiver<Incoming>, sync: Option<File>) {
+        let setup = self.setup(&rx);
+        let report = match &setup {
+            Ok(_) => CreateReport::Created,
+            Err(err) => CreateReport::Failed(format!("{err:#}")),
+        };
+        if let Some(mut sync) = sync {
+            let mut line = serde_json::to_vec(&report).expect("a CreateReport serializes");
+            line.push(b'\n');
+            if let Err(err) = sync.write_all(&line) {
+                log::warn!("cannot report on the sync descriptor: {err}");
+            }
+        }
+        match setup {
+            Ok(running) => {
+                self.created.store(true, Ordering::Release);
+                self.serve(running, &rx);
+            }
+            Err(err) => {
+                log::error!("{err:#}");
+                self.set_status(1);
+                self.stopper.stop("the container could not be created");
+            }
+        }
+    }
+
+    fn set_status(&self, status: i32) {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(status);
+    }
+
+    fn console_tail(&self) -> String {
+        let tail = ready::tail(&self.console, TAIL_BYTES);
+        if tail.trim().is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n--- console ({}) ---\n{}",
+                self.console.display(),
+                tail.trim_end()
+            )
+        }
+    }
+
+    /// Boot wait, agent connection, streams, `create_container`.
+    fn setup(&mut self, rx: &Receiver<Incoming>) -> anyhow::Result<Running> {
+        let spawned = Instant::now();
+        let ready = ready::wait_ready(&self.console, spawned, BOOT_DEADLINE)
+            .map_err(|e| anyhow!("{e}{}", self.console_tail()))?;
+        log::info!(
+            "agent ready after {} ms (guest uptime {:?} ms)",
+            ready.at.duration_since(spawned).as_millis(),
+            ready.guest_uptime_ms
+        );
+        let mut control = hybrid::connect(&self.vsock, CONTROL_PORT, Some(AGENT_DEADLINE))
+            .context("cannot reach the guest agent")?;
+        control.set_read_timeout(Some(AGENT_DEADLINE))?;
+        let hello = host_handshake(&mut control, env!("CARGO_PKG_VERSION"))
+            .context("handshake with the guest agent")?;
+        control.set_read_timeout(None)?;
+        log::info!(
+            "agent {} (protocol {}, kernel {})",
+            hello.agent_version,
+            hello.protocol_version,
+            hello.kernel_release
+        );
+        let mut reader = control.try_clone()?;
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("agent".into())
+            .spawn(move || loop {
+                let gone = match read_frame::<_, AgentMessage>(&mut reader) {
+                    Ok(Some(msg)) => {
+                        if tx.send(Incoming::Agent(msg)).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(None) => "closed".to_owned(),
+                    Err(err) => format!("{:#}", anyhow!(err)),
+                };
+                let _ = tx.send(Incoming::AgentGone(gone));
+                return;
+            })?;
+
+        let stdio = self.config.create.stdio;
+        let mut streams = Vec::new();
+        for kind in stdio.streams() {
+            let mut conn = hybrid::connect(&self.vsock, STDIO_PORT, Some(AGENT_DEADLINE))
+                .with_context(|| format!("cannot open the init's {kind} stream"))?;
+            conn.set_read_timeout(Some(AGENT_DEADLINE))?;
+            attach_stream(&mut conn, &ProcessRef::Init, kind)?;
+            conn.set_read_timeout(None)?;
+            streams.push((kind, conn));
+        }
+
+        let id = self.send(
+            &mut control,
+            RequestBody::CreateContainer(self.config.create.clone()),
+            Route::Own("create_container"),
+        )?;
+        self.await_own(rx, id, "create container")?;
+
+        let (done_tx, done) = channel();
+        let outputs = match stdio {
+            Stdio::Pipes { .. } => self.relay_pipes(streams, &done_tx)?,
+            Stdio::Terminal { rows, cols } => self.relay_terminal(streams, rows, cols, &done_tx)?,
+        };
+        control::serve(
+            &self.config.control_socket,
+            self.tx.clone(),
+            hello.kernel_release,
+        )?;
+        Ok(Running {
+            control,
+            outputs,
+            done,
+        })
+    }
+
+    fn send(
+        &mut self,
+        control: &mut UnixStream,
+        body: RequestBody,
+        route: Route,
+    ) -> anyhow::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(control, &HostMessage::Request(Request { id, body }))
+            .context("cannot send a request to the guest agent")?;
+        self.pending.insert(id, route);
+        Ok(id)
+    }
+
+    /// Waits for the answer to one of hull-vmm's own requests during setup.
+    fn await_own(&mut self, rx: &Receiver<Incoming>, id: u64, what: &str) -> anyhow::Result<()> {
+        let end = Instant::now() + AGENT_DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Incoming::Agent(AgentMessage::Response(r))) if r.id == id => {
+                    self.pending.remove(&id);
+                    return r
+                        .result
+                        .map(drop)
+                        .map_err(|e| anyhow!("{what}: the guest agent refused: {e}"));
+                }
+                Ok(Incoming::AgentGone(why)) => bail!(
+                    "{what}: the guest agent's connection ended ({why}){}",
+                    self.console_tail()
+                ),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "{what}: no answer from the guest agent within {} s",
+                    AGENT_DEADLINE.as_secs()
+                ),
+                Err(RecvTimeoutError::Disconnected) => bail!("{what}: internal channel closed"),
+            }
+        }
+    }
+
+    /// hull-vmm's standard streams to the init's.
+    fn relay_pipes(
+        &self,
+        streams: Vec<(StreamKind, UnixStream)>,
+        done: &Sender<()>,
+    ) -> anyhow::Result<usize> {
+        let mut outputs = 0;
+        for (kind, stream) in streams {
+            match kind {
+                StreamKind::Stdin => {
+                    let input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+                    relay("stdin", input, stream, None)?;
+                }
+                StreamKind::Stdout | StreamKind::Stderr => {
+                    let fd = if kind == StreamKind::Stdout {
+                        io::stdout().as_fd().try_clone_to_owned()?
+                    } else {
+                        io::stderr().as_fd().try_clone_to_owned()?
+                    };
+                    relay("output", stream, File::from(fd), Some(done.clone()))?;
+                    outputs += 1;
+                }
+                StreamKind::Terminal => bail!("a terminal stream without a terminal"),
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// A host pty, its master sent to the console socket, its slave relayed to the guest's.
+    fn relay_terminal(
+        &mut self,
+        streams: Vec<(StreamKind, UnixStream)>,
+        rows: u16,
+        cols: u16,
+        done: &Sender<()>,
+    ) -> anyhow::Result<usize> {
+        let Some((_, stream)) = streams
+            .into_iter()
+            .find(|(k, _)| *k == StreamKind::Terminal)
+        else {
+            bail!("no terminal stream");
+        };
+        let socket = self
+            .config
+            .console_socket
+            .clone()
+            .context("a terminal needs a console socket")?;
+        let pty = console::HostPty::open(rows, cols).context("cannot open a host pty")?;
+        // As the controlling terminal, a resize of the master sends hull-vmm SIGWINCH, and
+        // the master's close SIGHUP (forwarded to the init, as a hang-up). Only possible when
+        // hull-vmm leads its session, which `hull create` arranges.
+        if let Err(err) = console::make_controlling(pty.slave.as_fd()) {
+            log::info!("the host pty is not hull-vmm's controlling terminal ({err}): no resizes");
+        }
+        console::send_master(&socket, pty.master.as_fd())?;
+        drop(pty.master);
+        let slave_in = File::from(pty.slave.try_clone()?);
+        let slave_out = File::from(pty.slave.try_clone()?);
+        relay("terminal input", slave_in, stream.try_clone()?, None)?;
+        relay("terminal output", stream, slave_out, Some(done.clone()))?;
+        self.host_tty = Some(pty.slave);
+        Ok(1)
+    }
+
+    /// Serves until the VM is told to power off.
+    fn serve(mut self, mut running: Running, rx: &Receiver<Incoming>) {
+        let mut deadline: Option<Instant> = None;
+        let mut exited = false;
+        loop {
+            let incoming = match deadline {
+                Some(end) => match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                    Ok(incoming) => incoming,
+                    Err(_) => {
+                        self.stopper
+                            .stop("the guest did not power off after shutdown");
+                        return;
+                    }
+                },
+                None => match rx.recv() {
+                    Ok(incoming) => incoming,
+                    Err(_) => return,
+                },
+            };
+            match incoming {
+                Incoming::Signal(signal) => {
+                    let body = RequestBody::Signal {
+                        process: ProcessRef::Init,
+                        signal,
+                        all: false,
+                    };
+                    self.send_or_warn(&mut running.control, body, Route::Own("signal"));
+                }
+                Incoming::Resize => {
+                    let Some(tty) = &self.host_tty else { continue };
+                    match console::window_size(tty) {
+                        Ok((rows, cols)) => {
+                            let body = RequestBody::ResizeTerminal {
+                                process: ProcessRef::Init,
+                                rows,
+                                cols,
+                            };
+                            self.send_or_warn(&mut running.control, body, Route::Own("resize"));
+                        }
+                        Err(err) => log::warn!("cannot read the terminal's size: {err}"),
+                    }
+                }
+                Incoming::Client(ClientRequest { request, writer }) => {
+                    let route = Route::Client {
+                        writer: writer.clone(),
+                        id: request.id,
+                    };
+                    if let Err(err) = self.send(&mut running.control, request.body, route) {
+                        control::respond(
+                            &writer,
+                            request.id,
+                            Err(hull_protocol::ErrorResponse::new(
+                                hull_protocol::ErrorKind::Io,
+                                format!("{err:#}"),
+                            )),
+                        );
+                    }
+                }
+                Incoming::Agent(AgentMessage::Response(response)) => {
+                    match self.pending.remove(&response.id) {
+                        Some(Route::Client { writer, id }) => {
+                            control::respond(&writer, id, response.result)
+                        }
+                        Some(Route::Own(what)) => {
+                            if let Err(err) = response.result {
+                                log::warn!("{what}: the guest agent refused: {err}");
+                            }
+                        }
+                        None => log::debug!("an answer to no request: {}", response.id),
+                    }
+                }
+                Incoming::Agent(AgentMessage::Event(Event::Exited {
+                    process: ProcessRef::Init,
+                    status,
+                    pid,
+                })) if !exited => {
+                    exited = true;
+                    log::info!("container init (pid {pid}) exited: {status:?}");
+                    self.set_status(status.shell_status());
+                    let tx = self.tx.clone();
+                    let outputs = running.outputs;
+                    let done = std::mem::replace(&mut running.done, channel().1);
+                    std::thread::spawn(move || {
+                        let end = Instant::now() + OUTPUT_GRACE;
+                        for _ in 0..outputs {
+                            let left = end.saturating_duration_since(Instant::now());
+                            if done.recv_timeout(left).is_err() {
+                                log::warn!("container output still open {} s after its init exited; leaving it", OUTPUT_GRACE.as_secs());
+                                break;
+                            }
+                        }
+                        let _ = tx.send(Incoming::Drained);
+                    });
+                }
+                Incoming::Agent(other) => log::debug!("from the agent: {other:?}"),
+                Incoming::Drained => {
+                    self.send_or_warn(
+                        &mut running.control,
+                        RequestBody::Shutdown,
+                        Route::Own("shutdown"),
+                    );
+                    deadline = Some(Instant::now() + SHUTDOWN_DEADLINE);
+                }
+                Incoming::AgentGone(why) => {
+                    if exited {
+                        // The power-off closes the connection; the VM ends by itself.
+                        deadline.get_or_insert(Instant::now() + SHUTDOWN_DEADLINE);
+                    } else {
+                        log::error!(
+                            "the guest agent's connection ended ({why}) before the container exited{}",
+                            self.console_tail()
+                        );
+                        self.stopper.stop("the guest agent went away");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_or_warn(&mut self, control: &mut UnixStream, body: RequestBody, route: Route) {
+        if let Err(err) = self.send(control, body, route) {
+            log::warn!("{err:#}");
+        }
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own until the end of `from` (or a write error);
+/// then closes both and reports on `done`.
+fn relay<R, W>(name: &str, mut from: R, mut to: W, done: Option<Sender<()>>) -> io::Result<()>
+where
+    R: io::Read + Send + 'static,
+    W: io::Write + Send + 'static,
+{
+    let name = name.to_owned();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            if let Err(err) = io::copy(&mut from, &mut to) {
+                log::debug!("{name} relay: {err}");
+            }
+            drop(to);
+            drop(from);
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_config_round_trips_and_needs_a_console_socket_for_a_terminal() {
+        let dir = std::env::temp_dir().join(format!("hull-ccfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut config = ContainerConfig {
+            create: CreateContainer {
+                container_id: "c1".into(),
+                spec: serde_json::json!({"process": {"args": ["true"]}}),
+                rootfs: hull_protocol::Rootfs {
+                    fs_tag: "rootfs".into(),
+                    readonly: false,
+                },
+                stdio: Stdio::Terminal { rows: 24, cols: 80 },
+            },
+            control_socket: dir.join("control.sock"),
+            console_socket: Some(dir.join("console.sock")),
+        };
+        let path = dir.join("container.json");
+        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+        assert_eq!(ContainerConfig::from_file(&path).unwrap(), config);
+
+        config.console_socket = None;
+        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+        let err = ContainerConfig::from_file(&path).unwrap_err();
+        assert!(err.to_string().contains("console_socket"), "{err}");
+        std::fs::write(&path, "{").unwrap();
+        let err = ContainerConfig::from_file(&path).unwrap_err();
+        assert!(err.to_string().contains("malformed"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reports_are_one_json_line_each() {
+        assert_eq!(
+            serde_json::to_string(&CreateReport::Created).unwrap(),
+            "\"created\""
+        );
+        assert_eq!(
+            serde_json::to_string(&CreateReport::Failed("x".into())).unwrap(),
+            "{\"failed\":\"x\"}"
+        );
+        assert!(terminates(Signal::SIGTERM));
+        assert!(!terminates(Signal::SIGWINCH));
+        assert!(!FORWARDED.contains(&Signal::SIGCHLD));
+        assert!(!FORWARDED.contains(&Signal::SIGPIPE));
+    }
+
+    #[test]
+    fn relay_copies_to_the_end_and_reports() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (c, mut d) = UnixStream::pair().unwrap();
+        let (tx, rx) = channel();
+        relay("test", a, c, Some(tx)).unwrap();
+        b.write_all(b"hello").unwrap();
+        drop(b);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let mut out = String::new();
+        io::Read::read_to_string(&mut d, &mut out).unwrap();
+        assert_eq!(out, "hello");
+    }
+}
