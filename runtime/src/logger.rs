@@ -84,7 +84,7 @@ fn format_line(format: LogFormat, level: &str, msg: &str, time: &str) -> String 
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC.
-fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

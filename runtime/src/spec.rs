@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hull_protocol::Stdio;
 use serde_json::Value;
 use vmm::config::{SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB};
 
@@ -62,6 +63,10 @@ pub struct BundleSpec {
     pub vcpus: u32,
     /// `linux.resources.memory.limit` in bytes, if positive.
     pub memory_limit: Option<u64>,
+    /// `process.terminal`.
+    pub terminal: bool,
+    /// `process.consoleSize`: rows, columns.
+    pub console_size: Option<(u16, u16)>,
 }
 
 /// Where the VM's files are.
@@ -107,21 +112,33 @@ impl BundleSpec {
             Some(list) if list.iter().all(Value::is_string) => {}
             _ => return Err(checker.invalid("process.args", args, "must be an array of strings")),
         }
-        if let Some(terminal) = lookup(&spec, &["process", "terminal"]) {
-            match terminal.as_bool() {
-                Some(false) => {}
-                Some(true) => {
-                    return Err(checker.invalid(
-                        "process.terminal",
-                        terminal,
-                        "terminals are not supported yet; use terminal: false",
-                    ))
-                }
-                None => {
-                    return Err(checker.invalid("process.terminal", terminal, "must be a boolean"))
+        let terminal = match lookup(&spec, &["process", "terminal"]) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(checker.invalid("process.terminal", other, "must be a boolean"))
+            }
+        };
+        let console_size = match lookup(&spec, &["process", "consoleSize"]) {
+            None | Some(Value::Null) => None,
+            Some(size) => {
+                let dim = |name| {
+                    size.get(name)
+                        .and_then(Value::as_u64)
+                        .and_then(|n| u16::try_from(n).ok())
+                };
+                match (dim("height"), dim("width")) {
+                    (Some(rows), Some(cols)) => Some((rows, cols)),
+                    _ => {
+                        return Err(checker.invalid(
+                            "process.consoleSize",
+                            size,
+                            "must have `height` and `width` from 0 to 65535",
+                        ))
+                    }
                 }
             }
-        }
+        };
 
         let root_path = checker.required(&spec, &["root", "path"], "root.path")?;
         let root_str = match root_path.as_str() {
@@ -172,7 +189,24 @@ impl BundleSpec {
             readonly,
             vcpus,
             memory_limit,
+            terminal,
+            console_size,
         })
+    }
+
+    /// How the init's standard streams are connected: all three relayed, or a terminal of
+    /// the spec's `consoleSize` (24x80 without one).
+    pub fn stdio(&self) -> Stdio {
+        if self.terminal {
+            let (rows, cols) = self.console_size.unwrap_or((24, 80));
+            Stdio::Terminal { rows, cols }
+        } else {
+            Stdio::Pipes {
+                stdin: true,
+                stdout: true,
+                stderr: true,
+            }
+        }
     }
 
     /// The VM that runs this container: at most `max_vcpus` vCPUs (the host's limit).
@@ -526,8 +560,8 @@ mod tests {
             "field `process.args` = \"sh\": must be an array of strings",
         );
         check(
-            &|s| s["process"]["terminal"] = json!(true),
-            "field `process.terminal` = true: terminals are not supported yet; use terminal: false",
+            &|s| s["process"]["terminal"] = json!("yes"),
+            "field `process.terminal` = \"yes\": must be a boolean",
         );
         check(
             &|s| {

@@ -1,8 +1,11 @@
 //! A container's state directory, `<root>/<id>/`: created exclusively (the container id is
-//! taken while it exists) and removed when the command that made it ends, on every path.
+//! taken while it exists) and removed on every failure path of the command that made it;
+//! `delete` removes it after a successful `create`.
 //!
-//! It holds `vm.json` (the VM's configuration), `vsock.sock` (the VMM's hybrid vsock socket),
-//! `console.log` (the guest's serial console) and `vmm.log` (hull-vmm's own messages).
+//! It holds `state.json` (`container.rs`), `vm.json` (the VM's configuration),
+//! `container.json` (what hull-vmm creates in the guest), `vsock.sock` (the VMM's hybrid vsock
+//! socket), `control.sock` (hull-vmm's control socket), `console.log` (the guest's serial
+//! console) and `vmm.log` (hull-vmm's own messages).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -49,10 +52,11 @@ pub fn validate_id(id: &str) -> Result<(), StateError> {
     Ok(())
 }
 
-/// `<root>/<id>/`, removed with everything in it on drop.
+/// `<root>/<id>/`, removed with everything in it on drop unless kept.
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
+    keep: bool,
 }
 
 impl StateDir {
@@ -69,7 +73,7 @@ impl StateDir {
             })?;
         let path = root.join(id);
         match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => Ok(Self { path }),
+            Ok(()) => Ok(Self { path, keep: false }),
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(StateError::Exists {
                     id: id.to_owned(),
@@ -78,6 +82,11 @@ impl StateDir {
             }
             Err(source) => Err(StateError::Create { path, source }),
         }
+    }
+
+    /// Leaves the directory in place: the container lives on after this command.
+    pub fn keep(mut self) {
+        self.keep = true;
     }
 
     /// The directory.
@@ -108,6 +117,9 @@ impl StateDir {
 
 impl Drop for StateDir {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         if let Err(err) = std::fs::remove_dir_all(&self.path) {
             if err.kind() != std::io::ErrorKind::NotFound {
                 log::warn!("cannot remove {}: {err}", self.path.display());

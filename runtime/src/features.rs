@@ -1,0 +1,374 @@
+//! `hull features`: the runtime-spec "features" document (features.md, features-linux.md of
+//! runtime-spec 1.1.0), stating what hull really does with a `config.json`.
+//!
+//! Everything in the container is the guest agent's doing, so the lists come from it
+//! (guest-agent/src/container/): the mount options its `parse_options` turns into mount flags
+//! (every other option goes to the file system as data, which the spec says not to list), the
+//! namespaces it unshares (a `user` namespace is refused), its capability table, and the seccomp
+//! actions, operators and flags it compiles. The tests read those files and fail when the
+//! agent and this document disagree.
+//!
+//! Not claimed: cgroup managers (hull applies `linux.resources` by sizing the VM, not with
+//! cgroups), AppArmor, SELinux, Intel RDT. `architectures` of a seccomp profile is not read:
+//! every filter admits x86-64 system calls only. `mountExtensions` is a runtime-spec 1.2
+//! property, which a document whose `ociVersionMax` is 1.1.0 must not contain.
+//!
+//! Hooks run on the host (`hooks.rs`); `createContainer` and `startContainer`, which the spec
+//! runs in the container's namespaces, run there too, since the container is inside the VM.
+
+use serde_json::{json, Value};
+
+/// The oldest `ociVersion` hull takes.
+pub const OCI_VERSION_MIN: &str = "1.0.0";
+/// The newest `ociVersion` hull knows.
+pub const OCI_VERSION_MAX: &str = "1.1.0";
+
+/// The hooks, in the order of a container's life.
+const HOOKS: [&str; 6] = [
+    "prestart",
+    "createRuntime",
+    "createContainer",
+    "startContainer",
+    "poststart",
+    "poststop",
+];
+
+/// The options the agent's `parse_options` turns into mount or propagation flags.
+const MOUNT_OPTIONS: [&str; 30] = [
+    "async",
+    "atime",
+    "bind",
+    "defaults",
+    "dev",
+    "diratime",
+    "dirsync",
+    "exec",
+    "noatime",
+    "nodev",
+    "nodiratime",
+    "noexec",
+    "norelatime",
+    "nosuid",
+    "private",
+    "rbind",
+    "relatime",
+    "remount",
+    "ro",
+    "rprivate",
+    "rshared",
+    "rslave",
+    "runbindable",
+    "rw",
+    "shared",
+    "slave",
+    "strictatime",
+    "suid",
+    "sync",
+    "unbindable",
+];
+
+const NAMESPACES: [&str; 6] = ["cgroup", "ipc", "mount", "network", "pid", "uts"];
+
+/// The agent's capability table, in kernel order (as the spec's example lists them).
+const CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// `SCMP_ACT_NOTIFY` and `SCMP_ACT_TRACE` are refused by the agent.
+const SECCOMP_ACTIONS: [&str; 7] = [
+    "SCMP_ACT_ALLOW",
+    "SCMP_ACT_ERRNO",
+    "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL_PROCESS",
+    "SCMP_ACT_KILL_THREAD",
+    "SCMP_ACT_LOG",
+    "SCMP_ACT_TRAP",
+];
+
+const SECCOMP_OPERATORS: [&str; 7] = [
+    "SCMP_CMP_EQ",
+    "SCMP_CMP_GE",
+    "SCMP_CMP_GT",
+    "SCMP_CMP_LE",
+    "SCMP_CMP_LT",
+    "SCMP_CMP_MASKED_EQ",
+    "SCMP_CMP_NE",
+];
+
+const SECCOMP_ARCHS: [&str; 1] = ["SCMP_ARCH_X86_64"];
+
+/// All honoured: `TSYNC` trivially, the container's init having one thread when it installs
+/// the filter; the guest kernel (6.x) has `LOG` (4.14) and `SPEC_ALLOW` (4.17).
+const SECCOMP_FLAGS: [&str; 3] = [
+    "SECCOMP_FILTER_FLAG_LOG",
+    "SECCOMP_FILTER_FLAG_SPEC_ALLOW",
+    "SECCOMP_FILTER_FLAG_TSYNC",
+];
+
+/// The version of seccompiler (rust-vmm) that compiles the agent's filters, as runc names its
+/// libseccomp.
+const SECCOMPILER_VERSION: &str = "0.5.0";
+
+/// The features document `hull features` prints.
+pub fn features() -> Value {
+    json!({
+        "ociVersionMin": OCI_VERSION_MIN,
+        "ociVersionMax": OCI_VERSION_MAX,
+        "hooks": &HOOKS[..],
+        "mountOptions": &MOUNT_OPTIONS[..],
+        "linux": {
+            "namespaces": &NAMESPACES[..],
+            "capabilities": &CAPABILITIES[..],
+            "cgroup": {
+                "v1": false,
+                "v2": false,
+                "systemd": false,
+                "systemdUser": false,
+                "rdma": false
+            },
+            "seccomp": {
+                "enabled": true,
+                "actions": &SECCOMP_ACTIONS[..],
+                "operators": &SECCOMP_OPERATORS[..],
+                "archs": &SECCOMP_ARCHS[..],
+                "knownFlags": &SECCOMP_FLAGS[..],
+                "supportedFlags": &SECCOMP_FLAGS[..]
+            },
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false},
+            "intelRdt": {"enabled": false}
+        },
+        "annotations": {
+            "io.github.rust-vmm.seccompiler.version": SECCOMPILER_VERSION
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    const AGENT_CAPS: &str = include_str!("../../guest-agent/src/container/caps.rs");
+    const AGENT_SETUP: &str = include_str!("../../guest-agent/src/container/setup.rs");
+    const AGENT_SECCOMP: &str = include_str!("../../guest-agent/src/container/seccomp.rs");
+    const AGENT_CONTAINER: &str = include_str!("../../guest-agent/src/container/mod.rs");
+    const CARGO_LOCK: &str = include_str!("../../Cargo.lock");
+
+    /// The double-quoted literals of `text`.
+    fn literals(text: &str) -> Vec<&str> {
+        text.split('"').skip(1).step_by(2).collect()
+    }
+
+    /// The part of `text` from `start` to the next `end`.
+    fn section<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+        let from = text
+            .find(start)
+            .unwrap_or_else(|| panic!("{start:?} not found"));
+        let rest = &text[from..];
+        &rest[..rest
+            .find(end)
+            .unwrap_or_else(|| panic!("{end:?} not found"))]
+    }
+
+    /// The agent's code without its tests.
+    fn code(text: &str) -> &str {
+        text.split("#[cfg(test)]").next().unwrap()
+    }
+
+    fn strings(value: &Value) -> Vec<&str> {
+        value
+            .as_array()
+            .unwrap_or_else(|| panic!("{value} is not an array"))
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect()
+    }
+
+    fn set<'a>(list: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> {
+        list.into_iter().collect()
+    }
+
+    #[test]
+    fn document_parses_with_a_sane_version_range() {
+        let text = serde_json::to_string_pretty(&features()).unwrap();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        let version = |key: &str| -> Vec<u32> {
+            doc[key]
+                .as_str()
+                .unwrap()
+                .split('.')
+                .map(|n| n.parse().unwrap())
+                .collect()
+        };
+        let (min, max) = (version("ociVersionMin"), version("ociVersionMax"));
+        assert_eq!(min.len(), 3);
+        assert_eq!(max.len(), 3);
+        assert_eq!(min[0], 1);
+        assert!(min <= max, "{min:?} > {max:?}");
+        // A 1.2 property must not appear in a document for 1.1.
+        assert!(doc["linux"].get("mountExtensions").is_none());
+        assert!(doc.get("potentiallyUnsafeConfigAnnotations").is_none());
+        assert_eq!(doc["linux"]["seccomp"]["enabled"], true);
+        assert_eq!(doc["linux"]["cgroup"]["v2"], false);
+    }
+
+    #[test]
+    fn lists_are_unique_and_sets_are_sorted() {
+        let doc = features();
+        let linux = &doc["linux"];
+        let seccomp = &linux["seccomp"];
+        for list in [
+            &doc["hooks"],
+            &doc["mountOptions"],
+            &linux["namespaces"],
+            &linux["capabilities"],
+            &seccomp["actions"],
+            &seccomp["operators"],
+            &seccomp["archs"],
+            &seccomp["knownFlags"],
+            &seccomp["supportedFlags"],
+        ] {
+            let items = strings(list);
+            assert_eq!(set(items.iter().copied()).len(), items.len(), "{list}");
+        }
+        // Hooks in life-cycle order and capabilities in kernel order, as the spec's examples;
+        // everything else sorted.
+        for list in [
+            &doc["mountOptions"],
+            &linux["namespaces"],
+            &seccomp["actions"],
+            &seccomp["operators"],
+            &seccomp["archs"],
+            &seccomp["knownFlags"],
+            &seccomp["supportedFlags"],
+        ] {
+            let items = strings(list);
+            assert!(items.windows(2).all(|w| w[0] < w[1]), "not sorted: {list}");
+        }
+        assert!(set(strings(&seccomp["supportedFlags"]))
+            .is_subset(&set(strings(&seccomp["knownFlags"]))));
+        assert_eq!(
+            strings(&doc["hooks"]),
+            [
+                "prestart",
+                "createRuntime",
+                "createContainer",
+                "startContainer",
+                "poststart",
+                "poststop"
+            ]
+        );
+    }
+
+    #[test]
+    fn capabilities_are_the_agents_table() {
+        let table = section(AGENT_CAPS, "pub const NAMES", "];");
+        let agent = literals(table);
+        assert!(agent.len() >= 41, "{agent:?}");
+        assert_eq!(strings(&features()["linux"]["capabilities"]), agent);
+    }
+
+    #[test]
+    fn mount_options_are_the_ones_the_agent_makes_flags_of() {
+        let body = section(AGENT_SETUP, "pub fn parse_options", "\n}\n");
+        // Option names, not the "," that joins the data.
+        let agent = set(literals(body)
+            .into_iter()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase())));
+        assert!(agent.contains("strictatime") && agent.contains("runbindable"));
+        // The inner match spells the propagation types without their `r`; those are in the
+        // document too, as options of their own.
+        assert_eq!(set(strings(&features()["mountOptions"])), agent);
+    }
+
+    #[test]
+    fn namespaces_are_the_ones_the_agent_unshares() {
+        let body = section(
+            AGENT_CONTAINER,
+            "for (i, ns) in spec.linux.namespaces",
+            "\"user\"",
+        );
+        let accepted = set(literals(body));
+        assert_eq!(set(strings(&features()["linux"]["namespaces"])), accepted);
+    }
+
+    #[test]
+    fn seccomp_lists_are_what_the_agent_compiles() {
+        let code = code(AGENT_SECCOMP);
+        let all = literals(code);
+        let seccomp = &features()["linux"]["seccomp"];
+        let refused = set(["SCMP_ACT_NOTIFY", "SCMP_ACT_TRACE"]);
+        let actions: BTreeSet<&str> = all
+            .iter()
+            .copied()
+            .filter(|s| s.starts_with("SCMP_ACT_") && !refused.contains(s))
+            .collect();
+        assert_eq!(set(strings(&seccomp["actions"])), actions);
+        for name in &refused {
+            assert!(all.contains(name), "the agent no longer mentions {name}");
+        }
+        let operators: BTreeSet<&str> = all
+            .iter()
+            .copied()
+            .filter(|s| s.starts_with("SCMP_CMP_"))
+            .collect();
+        assert_eq!(set(strings(&seccomp["operators"])), operators);
+        let flags: BTreeSet<&str> = all
+            .iter()
+            .copied()
+            .filter(|s| s.starts_with("SECCOMP_FILTER_FLAG_"))
+            .collect();
+        assert_eq!(set(strings(&seccomp["knownFlags"])), flags);
+    }
+
+    #[test]
+    fn seccompiler_version_is_the_locked_one() {
+        let entry = section(CARGO_LOCK, "name = \"seccompiler\"\n", "\n\n");
+        let version = literals(entry)[1];
+        assert_eq!(
+            features()["annotations"]["io.github.rust-vmm.seccompiler.version"],
+            version
+        );
+    }
+}
