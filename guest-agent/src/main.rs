@@ -24,6 +24,7 @@ mod mode;
 mod power;
 mod ready;
 mod reaper;
+mod relay;
 mod server;
 mod signals;
 mod spec;

@@ -8,6 +8,11 @@
 //!   until a request claims it.
 //! - the **main loop** (`main.rs`) reaps and hands what it reaped to [`Server::reaped`], which
 //!   sends the `exited` event and answers waits.
+//! - one **terminal** relay per process with a terminal (`relay.rs`).
+//!
+//! The container's processes (its init and those `exec` added) are tracked by pid from before
+//! they can run: each waits for a start byte (`container/mod.rs`), so an exit is never reaped
+//! before the agent knows whose it is.
 //!
 //! They share one [`State`] behind a mutex. Nothing blocks while holding it except writes of a
 //! frame to the control connection, which the host reads continuously; forks and the start
@@ -22,18 +27,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use hull_protocol::stdio::StreamReply;
 use hull_protocol::{
     agent_handshake, decode_body, read_frame_body, read_stream_hello, request_id_of, write_frame,
-    AgentMessage, CreateContainer, ErrorKind, ErrorResponse, Event, ExitStatus, HostMessage,
+    AgentMessage, CreateContainer, ErrorKind, ErrorResponse, Event, Exec, ExitStatus, HostMessage,
     ProcessInfo, ProcessRef, Request, RequestBody, Response, ResponseBody, Stdio, StreamKind,
     MAX_FRAME_SIZE,
 };
+use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::container::{self, Config, Created, RootfsSource, Validated};
+use crate::container::{
+    self, Config, Created, ExecConfig, RootfsSource, SeccompPlan, StdioSetup, Validated,
+};
 use crate::listener::Listener;
 use crate::reaper::{Ending, Reaped};
-use crate::spec::Spec;
-use crate::{console, power};
+use crate::spec::{Process, Spec};
+use crate::{console, power, relay};
 
 /// Where things are: `/...` in the guest, under the test root on a host.
 #[derive(Debug, Clone)]
@@ -69,20 +77,35 @@ struct State {
     /// Streams attached and not yet claimed by a request.
     streams: HashMap<(ProcessRef, StreamKind), File>,
     container_id: Option<String>,
+    /// What `exec` needs of the created container's spec.
+    container: Option<ContainerInfo>,
     /// The created container, until `start_container` takes it.
     created: Option<Created>,
-    init: Option<InitProcess>,
+    /// The init, then every exec'd process, in the order they were created. Entries stay after
+    /// the process has ended: `wait` still answers, and an exec id is never reused.
+    processes: Vec<Tracked>,
     /// `wait` requests not answered yet: request id and process.
     waits: Vec<(u64, ProcessRef)>,
 }
 
 #[derive(Debug)]
-struct InitProcess {
+struct ContainerInfo {
+    /// The init's namespaces an exec'd process joins (`container::exec_namespaces`).
+    namespaces: Vec<(&'static str, CloneFlags)>,
+    seccomp: Option<SeccompPlan>,
+}
+
+/// A process of the container, from its creation on.
+#[derive(Debug)]
+struct Tracked {
+    process: ProcessRef,
     pid: Pid,
+    /// Whether the `started` response went out.
     started: bool,
     exit: Option<ExitStatus>,
     /// Whether the `exited` event went out (only after the `started` response).
     reported: bool,
+    terminal: Option<relay::Handle>,
 }
 
 impl State {
@@ -98,26 +121,47 @@ impl State {
         self.send(&AgentMessage::Response(Response { id, result }));
     }
 
-    /// Sends the init's `exited` event and answers its waits, once it has started and ended.
-    fn flush_exit(&mut self) {
-        let Some(init) = &mut self.init else { return };
-        let (true, false, Some(status)) = (init.started, init.reported, init.exit) else {
+    fn find(&self, process: &ProcessRef) -> Option<&Tracked> {
+        self.processes.iter().find(|p| p.process == *process)
+    }
+
+    fn find_mut(&mut self, process: &ProcessRef) -> Option<&mut Tracked> {
+        self.processes.iter_mut().find(|p| p.process == *process)
+    }
+
+    /// Sends a process's `exited` event and answers its waits, once it has started and ended.
+    fn flush_exit(&mut self, process: &ProcessRef) {
+        let Some(tracked) = self.find_mut(process) else {
             return;
         };
-        init.reported = true;
-        let pid = init.pid.as_raw();
+        let (true, false, Some(status)) = (tracked.started, tracked.reported, tracked.exit) else {
+            return;
+        };
+        tracked.reported = true;
+        let pid = tracked.pid.as_raw();
         self.send(&AgentMessage::Event(Event::Exited {
-            process: ProcessRef::Init,
+            process: process.clone(),
             pid,
             status,
         }));
         let waits = std::mem::take(&mut self.waits);
-        for (id, process) in waits {
-            if process == ProcessRef::Init {
+        for (id, waiting_for) in waits {
+            if waiting_for == *process {
                 self.respond(id, Ok(ResponseBody::Exited { status }));
             } else {
-                self.waits.push((id, process));
+                self.waits.push((id, waiting_for));
             }
+        }
+    }
+
+    /// The init, if the container is running: started and not ended.
+    fn running_init(&self) -> Result<Pid, ErrorResponse> {
+        let state = |m: &str| ErrorResponse::new(ErrorKind::InvalidState, m);
+        match self.find(&ProcessRef::Init) {
+            None => Err(state("no container is created")),
+            Some(Tracked { started: false, .. }) => Err(state("the container is not started")),
+            Some(Tracked { exit: Some(_), .. }) => Err(state("the init process has exited")),
+            Some(init) => Ok(init.pid),
         }
     }
 }
@@ -166,15 +210,23 @@ impl Server {
     pub fn reaped(&self, reaped: &[Reaped]) {
         let mut state = self.lock();
         for r in reaped {
-            let Some(init) = &mut state.init else { break };
-            if init.pid == r.pid && init.exit.is_none() {
-                init.exit = Some(match r.ending {
-                    Ending::Exited(code) => ExitStatus::Code(code),
-                    Ending::Signaled(signal) => ExitStatus::Signal(signal as i32),
-                });
+            let Some(tracked) = state
+                .processes
+                .iter_mut()
+                .find(|p| p.pid == r.pid && p.exit.is_none())
+            else {
+                continue;
+            };
+            tracked.exit = Some(match r.ending {
+                Ending::Exited(code) => ExitStatus::Code(code),
+                Ending::Signaled(signal) => ExitStatus::Signal(signal as i32),
+            });
+            if let Some(terminal) = &mut tracked.terminal {
+                terminal.process_ended();
             }
+            let process = tracked.process.clone();
+            state.flush_exit(&process);
         }
-        state.flush_exit();
     }
 
     fn control_loop(self, listener: Listener) {
@@ -260,10 +312,12 @@ impl Server {
                 self.kill_all(Signal::SIGKILL);
                 power::power_off("shutdown requested by the host");
             }
-            RequestBody::Exec(_) => err(ErrorKind::Unsupported, "exec is not implemented yet"),
-            RequestBody::ResizeTerminal { .. } => {
-                err(ErrorKind::Unsupported, "terminals are not implemented yet")
-            }
+            RequestBody::Exec(exec) => self.exec(id, exec),
+            RequestBody::ResizeTerminal {
+                process,
+                rows,
+                cols,
+            } => self.resize_terminal(&process, rows, cols),
         };
         if let Reply::Now(result) = reply {
             self.lock().respond(id, result);
@@ -275,11 +329,13 @@ impl Server {
     fn create(&self, create: CreateContainer) -> Reply {
         let reply = self.try_create(create);
         if let Reply::Now(Err(_)) = &reply {
-            self.lock()
-                .streams
-                .retain(|(process, _), _| *process != ProcessRef::Init);
+            self.drop_streams(&ProcessRef::Init);
         }
         reply
+    }
+
+    fn drop_streams(&self, of: &ProcessRef) {
+        self.lock().streams.retain(|(process, _), _| process != of);
     }
 
     fn try_create(&self, create: CreateContainer) -> Reply {
@@ -302,25 +358,11 @@ impl Server {
             Ok(v) => v,
             Err(e) => return Reply::Now(Err(e)),
         };
-        let Stdio::Pipes {
-            stdin,
-            stdout,
-            stderr,
-        } = create.stdio
-        else {
-            return err(
-                ErrorKind::InvalidRequest,
-                "stdio terminal does not match process.terminal false",
-            );
-        };
-        let stdio = match self.claim_streams(&[
-            (stdin, StreamKind::Stdin),
-            (stdout, StreamKind::Stdout),
-            (stderr, StreamKind::Stderr),
-        ]) {
-            Ok(stdio) => stdio,
-            Err(e) => return Reply::Now(Err(e)),
-        };
+        let (stdio, terminal_conn) =
+            match self.claim_stdio(&ProcessRef::Init, &create.stdio, &process) {
+                Ok(v) => v,
+                Err(e) => return Reply::Now(Err(e)),
+            };
         let rootfs = match &paths.rootfs_override {
             Some(dir) => RootfsSource::Bind(dir.clone()),
             None => RootfsSource::Virtiofs {
@@ -328,6 +370,10 @@ impl Server {
             },
         };
         let readonly = create.rootfs.readonly || spec.root.as_ref().is_some_and(|r| r.readonly);
+        let info = ContainerInfo {
+            namespaces: container::exec_namespaces(&spec),
+            seccomp: seccomp.clone(),
+        };
         let config = Config {
             spec,
             process,
@@ -340,46 +386,167 @@ impl Server {
             no_pivot: paths.no_pivot,
             stdio,
         };
-        match container::create(config) {
-            Ok(created) => {
-                let mut state = self.lock();
-                state.container_id = Some(create.container_id);
-                state.init = Some(InitProcess {
-                    pid: created.init_pid,
-                    started: false,
-                    exit: None,
-                    reported: false,
-                });
-                state.created = Some(created);
-                Reply::Now(Ok(ResponseBody::Ok))
+        let mut created = match container::create(config) {
+            Ok(created) => created,
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        let terminal = match start_relay(&ProcessRef::Init, &mut created, terminal_conn) {
+            Ok(terminal) => terminal,
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        let mut state = self.lock();
+        state.container_id = Some(create.container_id);
+        state.container = Some(info);
+        state.processes.push(Tracked {
+            process: ProcessRef::Init,
+            pid: created.pid,
+            started: false,
+            exit: None,
+            reported: false,
+            terminal,
+        });
+        state.created = Some(created);
+        Reply::Now(Ok(ResponseBody::Ok))
+    }
+
+    /// `exec`: checks, forks the process into the container, tracks it, then lets it run. On
+    /// failure its streams are closed and the exec id stays free (nothing ran).
+    fn exec(&self, id: u64, exec: Exec) -> Reply {
+        let process_ref = ProcessRef::Exec(exec.exec_id.clone());
+        let reply = self.try_exec(id, &process_ref, &exec);
+        if let Reply::Now(Err(_)) = &reply {
+            self.drop_streams(&process_ref);
+        }
+        reply
+    }
+
+    fn try_exec(&self, id: u64, process_ref: &ProcessRef, exec: &Exec) -> Reply {
+        let (init, namespaces, seccomp) = {
+            let state = self.lock();
+            let init = match state.running_init() {
+                Ok(init) => init,
+                Err(e) => return Reply::Now(Err(e)),
+            };
+            if state.find(process_ref).is_some() {
+                return err(
+                    ErrorKind::AlreadyExists,
+                    format!("exec id {:?} is already taken", exec.exec_id),
+                );
             }
-            Err(e) => Reply::Now(Err(e)),
+            let info = state
+                .container
+                .as_ref()
+                .expect("a running init has its info");
+            (init, info.namespaces.clone(), info.seccomp.clone())
+        };
+        let process: Process = match exec.parse_process() {
+            Ok(process) => process,
+            Err(e) => return err(ErrorKind::InvalidSpec, format!("process: {e}")),
+        };
+        let caps = match container::validate_process(&process) {
+            Ok(caps) => caps,
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        let (stdio, terminal_conn) = match self.claim_stdio(process_ref, &exec.stdio, &process) {
+            Ok(v) => v,
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        let (namespaces, root) =
+            match container::open_init_namespaces(&self.shared.paths.proc_dir, init, &namespaces) {
+                Ok(v) => v,
+                Err(e) => return Reply::Now(Err(e)),
+            };
+        let mut created = match container::exec(ExecConfig {
+            process,
+            caps,
+            seccomp,
+            namespaces,
+            root,
+            stdio,
+        }) {
+            Ok(created) => created,
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        let terminal = match start_relay(process_ref, &mut created, terminal_conn) {
+            Ok(terminal) => terminal,
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        // Tracked before it may run, so that its exit finds it.
+        self.lock().processes.push(Tracked {
+            process: process_ref.clone(),
+            pid: created.pid,
+            started: false,
+            exit: None,
+            reported: false,
+            terminal,
+        });
+        match created.start() {
+            Ok(pid) => {
+                let mut state = self.lock();
+                state.respond(id, Ok(ResponseBody::Started { pid: pid.as_raw() }));
+                if let Some(tracked) = state.find_mut(process_ref) {
+                    tracked.started = true;
+                }
+                state.flush_exit(process_ref);
+                Reply::Later
+            }
+            Err(e) => {
+                // It never ran: forget it (its relay sees the end and closes the stream).
+                self.lock().processes.retain(|p| p.process != *process_ref);
+                Reply::Now(Err(e))
+            }
         }
     }
 
-    /// Takes the init's attached streams; `/dev/null` for those not asked for. Fails, taking
-    /// none, if one asked for is not attached.
-    fn claim_streams(
+    /// Takes the attached streams `stdio` names for `process`, after checking that `stdio`
+    /// agrees with its `terminal` field: the descriptors to become its 0, 1, 2 (`/dev/null` for
+    /// streams not asked for), or the terminal's stream connection. Fails, taking none, if one
+    /// asked for is not attached.
+    fn claim_stdio(
         &self,
-        wanted: &[(bool, StreamKind); 3],
-    ) -> Result<[OwnedFd; 3], ErrorResponse> {
+        process: &ProcessRef,
+        stdio: &Stdio,
+        spec_process: &Process,
+    ) -> Result<(StdioSetup, Option<File>), ErrorResponse> {
+        container::check_terminal(stdio, spec_process)?;
+        let not_attached = |kind: StreamKind| {
+            ErrorResponse::new(
+                ErrorKind::InvalidState,
+                format!("the {kind} stream of {process} is not attached"),
+            )
+        };
         let mut state = self.lock();
+        let wanted = match *stdio {
+            Stdio::Terminal { rows, cols } => {
+                let conn = state
+                    .streams
+                    .remove(&(process.clone(), StreamKind::Terminal))
+                    .ok_or_else(|| not_attached(StreamKind::Terminal))?;
+                return Ok((StdioSetup::Terminal { rows, cols }, Some(conn)));
+            }
+            Stdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => [
+                (stdin, StreamKind::Stdin),
+                (stdout, StreamKind::Stdout),
+                (stderr, StreamKind::Stderr),
+            ],
+        };
         for (want, kind) in wanted {
-            if *want && !state.streams.contains_key(&(ProcessRef::Init, *kind)) {
-                return Err(ErrorResponse::new(
-                    ErrorKind::InvalidState,
-                    format!("the {kind} stream of the init process is not attached"),
-                ));
+            if want && !state.streams.contains_key(&(process.clone(), kind)) {
+                return Err(not_attached(kind));
             }
         }
         let dev_null = self.shared.paths.agent_root.join("dev/null");
         let mut fds = Vec::with_capacity(3);
         for (want, kind) in wanted {
-            let fd = if *want {
+            let fd = if want {
                 OwnedFd::from(
                     state
                         .streams
-                        .remove(&(ProcessRef::Init, *kind))
+                        .remove(&(process.clone(), kind))
                         .expect("checked above"),
                 )
             } else {
@@ -398,7 +565,10 @@ impl Server {
             };
             fds.push(fd);
         }
-        Ok(fds.try_into().expect("three streams"))
+        Ok((
+            StdioSetup::Pipes(fds.try_into().expect("three streams")),
+            None,
+        ))
     }
 
     fn start_container(&self, id: u64) -> Reply {
@@ -416,29 +586,41 @@ impl Server {
             Ok(pid) => {
                 let mut state = self.lock();
                 state.respond(id, Ok(ResponseBody::Started { pid: pid.as_raw() }));
-                if let Some(init) = &mut state.init {
+                if let Some(init) = state.find_mut(&ProcessRef::Init) {
                     init.started = true;
                 }
-                state.flush_exit();
+                state.flush_exit(&ProcessRef::Init);
                 Reply::Later
             }
             Err(e) => Reply::Now(Err(e)),
         }
     }
 
-    fn init_pid(&self) -> Result<(Pid, bool), ErrorResponse> {
-        match &self.lock().init {
-            Some(init) => Ok((init.pid, init.exit.is_some())),
-            None => Err(ErrorResponse::new(
+    /// A tracked process's pid and whether it has ended.
+    fn pid_of(&self, process: &ProcessRef) -> Result<(Pid, bool), ErrorResponse> {
+        match self.lock().find(process) {
+            Some(tracked) => Ok((tracked.pid, tracked.exit.is_some())),
+            None if *process == ProcessRef::Init => Err(ErrorResponse::new(
                 ErrorKind::NotFound,
                 "no container is created",
+            )),
+            None => Err(ErrorResponse::new(
+                ErrorKind::NotFound,
+                format!("no such process: {process}"),
             )),
         }
     }
 
+    fn init_pid(&self) -> Result<(Pid, bool), ErrorResponse> {
+        self.pid_of(&ProcessRef::Init)
+    }
+
     fn signal(&self, process: &ProcessRef, number: i32, all: bool) -> Reply {
-        if *process != ProcessRef::Init {
-            return err(ErrorKind::NotFound, format!("no such process: {process}"));
+        if all && *process != ProcessRef::Init {
+            return err(
+                ErrorKind::InvalidRequest,
+                format!("signal with all: true names {process}; it must name the init process"),
+            );
         }
         let Ok(signal) = Signal::try_from(number) else {
             return err(
@@ -446,12 +628,12 @@ impl Server {
                 format!("signal {number} is not supported"),
             );
         };
-        let (pid, exited) = match self.init_pid() {
+        let (pid, exited) = match self.pid_of(process) {
             Ok(v) => v,
             Err(e) => return Reply::Now(Err(e)),
         };
         if exited {
-            return err(ErrorKind::InvalidState, "the init process has exited");
+            return err(ErrorKind::InvalidState, format!("{process} has exited"));
         }
         if all {
             self.kill_all(signal);
@@ -464,13 +646,13 @@ impl Server {
     }
 
     fn wait(&self, id: u64, process: ProcessRef) -> Reply {
-        if process != ProcessRef::Init {
-            return err(ErrorKind::NotFound, format!("no such process: {process}"));
-        }
         let mut state = self.lock();
-        match &state.init {
-            None => err(ErrorKind::NotFound, "no container is created"),
-            Some(InitProcess {
+        match state.find(&process) {
+            None if process == ProcessRef::Init => {
+                err(ErrorKind::NotFound, "no container is created")
+            }
+            None => err(ErrorKind::NotFound, format!("no such process: {process}")),
+            Some(Tracked {
                 reported: true,
                 exit: Some(status),
                 ..
@@ -480,6 +662,23 @@ impl Server {
                 Reply::Later
             }
         }
+    }
+
+    fn resize_terminal(&self, process: &ProcessRef, rows: u16, cols: u16) -> Reply {
+        let state = self.lock();
+        let Some(tracked) = state.find(process) else {
+            return err(ErrorKind::NotFound, format!("no such process: {process}"));
+        };
+        let Some(terminal) = &tracked.terminal else {
+            return err(
+                ErrorKind::InvalidRequest,
+                format!("{process} has no terminal (its stdio is pipes)"),
+            );
+        };
+        if tracked.exit.is_some() {
+            return err(ErrorKind::InvalidState, format!("{process} has exited"));
+        }
+        Reply::Now(terminal.resize(rows, cols).map(|()| ResponseBody::Ok))
     }
 
     /// The processes of the container: those in the init's PID namespace if it has its own,
@@ -576,7 +775,7 @@ impl Server {
         }
         let exists = match &process {
             ProcessRef::Init => state.container_id.is_some(),
-            ProcessRef::Exec(_) => false,
+            ProcessRef::Exec(_) => state.find(&process).is_some(),
         };
         if exists {
             return rejected(
@@ -593,6 +792,29 @@ impl Server {
         }
         state.streams.insert(key, stream);
         StreamReply::Accepted
+    }
+}
+
+/// Starts the relay of a new process's terminal, if it has one.
+fn start_relay(
+    process: &ProcessRef,
+    created: &mut Created,
+    conn: Option<File>,
+) -> Result<Option<relay::Handle>, ErrorResponse> {
+    match (created.terminal.take(), conn) {
+        (Some(master), Some(conn)) => relay::start(process.to_string(), master, conn)
+            .map(Some)
+            .map_err(|e| {
+                ErrorResponse::new(
+                    ErrorKind::Io,
+                    format!("starting the terminal relay of {process}: {e}"),
+                )
+            }),
+        (None, None) => Ok(None),
+        _ => Err(ErrorResponse::new(
+            ErrorKind::Internal,
+            format!("the terminal of {process} and its stream do not match"),
+        )),
     }
 }
 

@@ -156,3 +156,66 @@ pub fn seccomp_set_filter(
     };
     Errno::result(res).map(drop)
 }
+
+/// `ioctl(master, TIOCSPTLCK, &0)`: unlocks the slave of a pty master (`unlockpt(3)`).
+pub fn pty_unlock(master: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int through its pointer argument, which points at a live
+    // local of that type; the descriptor is borrowed, so it is open across the call.
+    let res = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) };
+    Errno::result(res).map(drop)
+}
+
+/// `ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)`: opens the slave of a pty master
+/// through the master itself, so no `/dev/pts` path is looked up (Linux 4.13).
+pub fn pty_peer(master: std::os::fd::BorrowedFd<'_>) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: TIOCGPTPEER takes the open flags as an integer argument and touches no memory of
+    // ours; the master is borrowed, so it is open across the call.
+    let res = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+    Errno::result(res).map(owned_fd)
+}
+
+/// `ioctl(fd, TIOCSCTTY, 0)`: makes the terminal `fd` the controlling terminal of the calling
+/// process, which must be a session leader without one (after `setsid`).
+pub fn set_controlling_terminal(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal it from another session)
+    // and touches no memory of ours; the descriptor is borrowed, so it is open.
+    let res = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 0 as libc::c_int) };
+    Errno::result(res).map(drop)
+}
+
+/// `ioctl(fd, TIOCSWINSZ)`: sets a terminal's window size (on the master or the slave); the
+/// kernel sends `SIGWINCH` to the foreground process group if it changed.
+pub fn set_window_size(fd: std::os::fd::BorrowedFd<'_>, rows: u16, cols: u16) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `struct winsize` through its pointer argument, which points
+    // at a live local of libc's (the kernel's) layout; the descriptor is borrowed, so it is open.
+    let res = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    Errno::result(res).map(drop)
+}
+
+/// `ioctl(fd, TIOCGWINSZ)`: a terminal's window size as (rows, columns).
+#[cfg(test)]
+pub fn window_size(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<(u16, u16)> {
+    use std::os::fd::AsRawFd;
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `struct winsize` through its pointer argument, which points
+    // at a live, writable local of libc's (the kernel's) layout; the descriptor is borrowed.
+    let res = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
+    Errno::result(res).map(|_| (size.ws_row, size.ws_col))
+}

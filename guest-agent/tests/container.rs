@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use hull_protocol::{
     attach_stream, host_handshake, read_frame, write_frame, AgentMessage, CreateContainer,
-    ErrorKind, ErrorResponse, Event, ExitStatus, HostMessage, ProcessRef, Request, RequestBody,
-    ResponseBody, Rootfs, Stdio as StdioSpec, StreamKind,
+    ErrorKind, ErrorResponse, Event, Exec, ExitStatus, HostMessage, ProcessRef, Request,
+    RequestBody, ResponseBody, Rootfs, Stdio as StdioSpec, StreamKind,
 };
 use serde_json::{json, Value};
 
@@ -30,7 +30,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "id", "hostname", "pwd", "env", "sleep", "true", "false", "head", "touch",
-    "kill", "ls", "yes", "grep", "printf",
+    "kill", "ls", "yes", "grep", "printf", "readlink", "stty", "tty", "test", "stat",
 ];
 
 fn agent() -> String {
@@ -168,10 +168,86 @@ impl Vm {
     }
 
     fn attach(&self, kind: StreamKind) -> UnixStream {
+        self.attach_to(&ProcessRef::Init, kind)
+    }
+
+    fn try_attach(
+        &self,
+        process: &ProcessRef,
+        kind: StreamKind,
+    ) -> Result<UnixStream, hull_protocol::stdio::StreamError> {
         let mut conn = UnixStream::connect(self.dir.0.join("stdio.sock")).expect("connect stdio");
         conn.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        attach_stream(&mut conn, &ProcessRef::Init, kind).expect("attach stream");
-        conn
+        attach_stream(&mut conn, process, kind).map(|()| conn)
+    }
+
+    fn attach_to(&self, process: &ProcessRef, kind: StreamKind) -> UnixStream {
+        self.try_attach(process, kind).expect("attach stream")
+    }
+
+    /// Runs `exec` (its streams must be attached); the pid on success.
+    fn exec(
+        &mut self,
+        exec_id: &str,
+        process: Value,
+        stdio: StdioSpec,
+    ) -> Result<i32, ErrorResponse> {
+        let body = RequestBody::Exec(Exec {
+            exec_id: exec_id.into(),
+            process,
+            stdio,
+        });
+        self.request(body).map(|r| match r {
+            ResponseBody::Started { pid } => pid,
+            other => panic!("exec answered {other:?}"),
+        })
+    }
+
+    /// Waits for the `exited` event of `process`, keeping the others for later.
+    fn exit_of(&mut self, process: &ProcessRef) -> (i32, ExitStatus) {
+        let deadline = Instant::now() + DEADLINE;
+        let mut i = 0;
+        loop {
+            while i < self.events.len() {
+                let Event::Exited {
+                    process: p,
+                    pid,
+                    status,
+                } = &self.events[i];
+                if p == process {
+                    let found = (*pid, *status);
+                    self.events.remove(i);
+                    return found;
+                }
+                i += 1;
+            }
+            assert!(Instant::now() < deadline, "no exit of {process} in time");
+            match read_frame::<_, AgentMessage>(&mut self.control)
+                .expect("read an event before the deadline")
+                .expect("agent closed the control connection")
+            {
+                AgentMessage::Event(e) => self.events.push(e),
+                other => panic!("expected an event, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits until the container's processes include one with these arguments.
+    fn wait_for_process(&mut self, args: &[&str]) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let Ok(ResponseBody::Processes(list)) = self.request(RequestBody::ListProcesses) else {
+                panic!("list_processes failed");
+            };
+            if list.iter().any(|p| p.args == args) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{args:?} never showed up: {list:?}"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn request(&mut self, body: RequestBody) -> Result<ResponseBody, ErrorResponse> {
@@ -208,6 +284,20 @@ impl Vm {
     }
 
     fn create(&mut self, spec: Value, stdin: bool, readonly: bool) -> Result<(), ErrorResponse> {
+        let stdio = StdioSpec::Pipes {
+            stdin,
+            stdout: true,
+            stderr: true,
+        };
+        self.create_with(spec, stdio, readonly)
+    }
+
+    fn create_with(
+        &mut self,
+        spec: Value,
+        stdio: StdioSpec,
+        readonly: bool,
+    ) -> Result<(), ErrorResponse> {
         let body = RequestBody::CreateContainer(CreateContainer {
             container_id: "c1".into(),
             spec,
@@ -215,11 +305,7 @@ impl Vm {
                 fs_tag: "rootfs".into(),
                 readonly,
             },
-            stdio: StdioSpec::Pipes {
-                stdin,
-                stdout: true,
-                stderr: true,
-            },
+            stdio,
         });
         self.request(body).map(|r| assert_eq!(r, ResponseBody::Ok))
     }
@@ -778,5 +864,478 @@ fn bad_specs_give_clear_errors() {
         err.message.contains("process.args[0] \"no-such-program\""),
         "{err:?}"
     );
+    vm.shutdown();
+}
+
+/// A container whose init has written `/tmp/from-init` and sleeps; its stdout and stderr are
+/// not read.
+fn running_container(env: &[(&str, &str)]) -> (Vm, [UnixStream; 2]) {
+    let mut vm = Vm::boot(env);
+    let streams = [vm.attach(StreamKind::Stdout), vm.attach(StreamKind::Stderr)];
+    vm.create(
+        spec(&[
+            "sh",
+            "-c",
+            "echo written by init > /tmp/from-init; exec sleep 100",
+        ]),
+        false,
+        false,
+    )
+    .expect("create");
+    vm.request(RequestBody::StartContainer).expect("start");
+    vm.wait_for_process(&["sleep", "100"]);
+    (vm, streams)
+}
+
+/// An exec's `process` object: the spec's, running `args`.
+fn exec_process(args: &[&str]) -> Value {
+    spec(args)["process"].clone()
+}
+
+const ALL_PIPES: StdioSpec = StdioSpec::Pipes {
+    stdin: false,
+    stdout: true,
+    stderr: true,
+};
+
+#[test]
+fn exec_runs_in_the_init_s_namespaces_and_root() {
+    if !can_run() {
+        return;
+    }
+    let script = "echo pid=$$; hostname; cat /tmp/from-init; cat /proc/1/cmdline; echo; \
+                  for ns in ipc uts net pid mnt cgroup; do \
+                    [ \"$(readlink /proc/self/ns/$ns)\" = \"$(readlink /proc/1/ns/$ns)\" ] && echo same-$ns; \
+                  done; \
+                  grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; echo oops >&2; exit 7";
+    // Both ways the init may have switched root: pivot_root, and move + chroot (the guest's).
+    for env in [&[][..], &[("HULL_AGENT_TEST_NO_PIVOT", "1")][..]] {
+        let (mut vm, _init_streams) = running_container(env);
+        let e1 = ProcessRef::Exec("e1".into());
+        let stdout = reader(vm.attach_to(&e1, StreamKind::Stdout));
+        let stderr = reader(vm.attach_to(&e1, StreamKind::Stderr));
+        let pid = vm
+            .exec("e1", exec_process(&["sh", "-c", script]), ALL_PIPES)
+            .expect("exec");
+        assert_eq!(vm.exit_of(&e1), (pid, ExitStatus::Code(7)));
+        assert_eq!(
+            vm.request(RequestBody::Wait { process: e1 }),
+            Ok(ResponseBody::Exited {
+                status: ExitStatus::Code(7)
+            })
+        );
+        let out = String::from_utf8(stdout.join().unwrap()).unwrap();
+        let expected_caps = format!("{:016x}", (1u64 << 29) | (1 << 5) | (1 << 10));
+        let lines: Vec<_> = out.lines().collect();
+        assert!(lines[0].starts_with("pid=") && lines[0] != "pid=1", "{out}");
+        assert_eq!(
+            lines[1..],
+            [
+                "runc",
+                "written by init",
+                "sleep\x00100\x00",
+                "same-ipc",
+                "same-uts",
+                "same-net",
+                "same-pid",
+                "same-mnt",
+                "same-cgroup",
+                &format!("CapEff:\t{expected_caps}"),
+                "NoNewPrivs:\t1",
+            ],
+            "{env:?}"
+        );
+        assert_eq!(stderr.join().unwrap(), b"oops\n");
+        // The init runs on.
+        vm.wait_for_process(&["sleep", "100"]);
+        vm.shutdown();
+    }
+}
+
+#[test]
+fn exec_with_another_user_env_cwd_and_the_container_s_seccomp() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let _streams = [vm.attach(StreamKind::Stdout), vm.attach(StreamKind::Stderr)];
+    vm.create(deny_mkdir(&["sleep", "100"], true, None), false, false)
+        .expect("create");
+    vm.request(RequestBody::StartContainer).expect("start");
+    vm.wait_for_process(&["sleep", "100"]);
+    let mut process = exec_process(&[
+        "sh",
+        "-c",
+        "id -u; id -g; id -G; echo $FOO; pwd; umask; grep CapEff /proc/self/status; \
+         mkdir /tmp/d 2>&1 || echo mkdir-denied",
+    ]);
+    process["user"] = json!({"uid": 1000, "gid": 1001, "additionalGids": [1002], "umask": 63});
+    process["env"] = json!(["PATH=/bin", "FOO=from exec"]);
+    process["cwd"] = json!("/tmp");
+    process["capabilities"] = json!({});
+    let e1 = ProcessRef::Exec("e1".into());
+    let stdout = reader(vm.attach_to(&e1, StreamKind::Stdout));
+    let _stderr = vm.attach_to(&e1, StreamKind::Stderr);
+    vm.exec("e1", process, ALL_PIPES).expect("exec");
+    assert_eq!(vm.exit_of(&e1).1, ExitStatus::Code(0));
+    let out = String::from_utf8(stdout.join().unwrap()).unwrap();
+    let lines: Vec<_> = out.lines().collect();
+    assert_eq!(
+        lines[..7],
+        [
+            "1000",
+            "1001",
+            "1001 1002",
+            "from exec",
+            "/tmp",
+            "0077",
+            "CapEff:\t0000000000000000"
+        ],
+        "{out}"
+    );
+    assert!(lines[7].contains("Operation not permitted"), "{out}");
+    assert_eq!(lines[8], "mkdir-denied", "{out}");
+    vm.shutdown();
+}
+
+#[test]
+fn signals_reach_exec_processes() {
+    if !can_run() {
+        return;
+    }
+    let (mut vm, _streams) = running_container(&[]);
+    let e1 = ProcessRef::Exec("e1".into());
+    let pid = vm
+        .exec("e1", exec_process(&["sleep", "50"]), StdioSpec::NULL)
+        .expect("exec");
+    vm.wait_for_process(&["sleep", "50"]);
+    let signal = |vm: &mut Vm, process: &ProcessRef, all: bool| {
+        vm.request(RequestBody::Signal {
+            process: process.clone(),
+            signal: 15,
+            all,
+        })
+    };
+    let err = signal(&mut vm, &e1, true).expect_err("all needs the init");
+    assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err:?}");
+    let err = signal(&mut vm, &ProcessRef::Exec("nope".into()), false).expect_err("unknown");
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err:?}");
+    assert_eq!(signal(&mut vm, &e1, false), Ok(ResponseBody::Ok));
+    assert_eq!(vm.exit_of(&e1), (pid, ExitStatus::Signal(15)));
+    let err = signal(&mut vm, &e1, false).expect_err("ended");
+    assert_eq!(err.kind, ErrorKind::InvalidState, "{err:?}");
+    // The init was not touched.
+    vm.wait_for_process(&["sleep", "100"]);
+    vm.shutdown();
+}
+
+#[test]
+fn exec_processes_die_with_the_init_and_are_reported() {
+    if !can_run() {
+        return;
+    }
+    let (mut vm, _streams) = running_container(&[]);
+    let e1 = ProcessRef::Exec("e1".into());
+    let stdout = reader(vm.attach_to(&e1, StreamKind::Stdout));
+    vm.exec(
+        "e1",
+        exec_process(&["sh", "-c", "echo up; exec sleep 60"]),
+        StdioSpec::Pipes {
+            stdin: false,
+            stdout: true,
+            stderr: false,
+        },
+    )
+    .expect("exec");
+    vm.wait_for_process(&["sleep", "60"]);
+    // A wait for the exec asked before the end is answered at the end.
+    let id = vm.next_id;
+    vm.next_id += 1;
+    write_frame(
+        &mut vm.control,
+        &HostMessage::Request(Request {
+            id,
+            body: RequestBody::Wait {
+                process: e1.clone(),
+            },
+        }),
+    )
+    .expect("send wait");
+    assert_eq!(
+        vm.request(RequestBody::Signal {
+            process: ProcessRef::Init,
+            signal: 9,
+            all: false
+        }),
+        Ok(ResponseBody::Ok)
+    );
+    // The kernel kills the rest of the PID namespace when its init ends.
+    let mut waited = None;
+    let mut exits = Vec::new();
+    while waited.is_none() || exits.len() < 2 {
+        match read_frame::<_, AgentMessage>(&mut vm.control)
+            .expect("read before the deadline")
+            .expect("agent closed the control connection")
+        {
+            AgentMessage::Response(r) if r.id == id => waited = Some(r.result),
+            AgentMessage::Event(Event::Exited {
+                process, status, ..
+            }) => exits.push((process, status)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    exits.sort_by_key(|(p, _)| p.to_string());
+    assert_eq!(
+        exits,
+        [
+            (e1.clone(), ExitStatus::Signal(9)),
+            (ProcessRef::Init, ExitStatus::Signal(9))
+        ]
+    );
+    assert_eq!(
+        waited,
+        Some(Ok(ResponseBody::Exited {
+            status: ExitStatus::Signal(9)
+        }))
+    );
+    assert_eq!(stdout.join().unwrap(), b"up\n");
+    let err = vm
+        .exec("e2", exec_process(&["true"]), StdioSpec::NULL)
+        .expect_err("no exec into an ended container");
+    assert_eq!(err.kind, ErrorKind::InvalidState, "{err:?}");
+    vm.shutdown();
+}
+
+#[test]
+fn exec_is_refused_before_start_and_with_a_taken_id() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let refused = |vm: &mut Vm, id: &str| {
+        vm.exec(id, exec_process(&["true"]), StdioSpec::NULL)
+            .expect_err("exec must be refused")
+    };
+    assert_eq!(refused(&mut vm, "e1").kind, ErrorKind::InvalidState);
+    let _streams = [vm.attach(StreamKind::Stdout), vm.attach(StreamKind::Stderr)];
+    vm.create(spec(&["sleep", "100"]), false, false)
+        .expect("create");
+    let err = refused(&mut vm, "e1");
+    assert_eq!(err.kind, ErrorKind::InvalidState);
+    assert!(err.message.contains("not started"), "{err:?}");
+    vm.request(RequestBody::StartContainer).expect("start");
+    vm.wait_for_process(&["sleep", "100"]);
+
+    // A process the exec cannot become names the field; nothing ran, so the id stays free.
+    let mut bad = exec_process(&["true"]);
+    bad["cwd"] = json!("/no/such/dir");
+    let err = vm.exec("e1", bad, StdioSpec::NULL).expect_err("bad cwd");
+    assert!(
+        err.message.contains("process.cwd \"/no/such/dir\""),
+        "{err:?}"
+    );
+    let err = vm
+        .exec("e1", exec_process(&["no-such-program"]), StdioSpec::NULL)
+        .expect_err("no program");
+    assert!(
+        err.message.contains("process.args[0] \"no-such-program\""),
+        "{err:?}"
+    );
+    // stdio must agree with process.terminal, and its streams must be attached.
+    let err = vm
+        .exec(
+            "e1",
+            exec_process(&["true"]),
+            StdioSpec::Terminal { rows: 1, cols: 1 },
+        )
+        .expect_err("terminal mismatch");
+    assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err:?}");
+    let err = vm
+        .exec("e1", exec_process(&["true"]), ALL_PIPES)
+        .expect_err("streams not attached");
+    assert_eq!(err.kind, ErrorKind::InvalidState, "{err:?}");
+
+    let e1 = ProcessRef::Exec("e1".into());
+    let pid = vm
+        .exec("e1", exec_process(&["true"]), StdioSpec::NULL)
+        .expect("exec");
+    assert_eq!(vm.exit_of(&e1), (pid, ExitStatus::Code(0)));
+    let err = refused(&mut vm, "e1");
+    assert_eq!(err.kind, ErrorKind::AlreadyExists, "{err:?}");
+    let err = vm
+        .try_attach(&e1, StreamKind::Stdout)
+        .expect_err("a stream for a taken id");
+    assert!(err.to_string().contains("rejected"), "{err}");
+    assert_eq!(
+        vm.request(RequestBody::Wait { process: e1 }),
+        Ok(ResponseBody::Exited {
+            status: ExitStatus::Code(0)
+        })
+    );
+    vm.shutdown();
+}
+
+/// Reads `conn` until what came so far contains `needle`; gives all of it.
+fn read_until(conn: &mut UnixStream, seen: &mut Vec<u8>, needle: &str) -> String {
+    let deadline = Instant::now() + DEADLINE;
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        let n = conn.read(&mut buf).expect("read the terminal");
+        assert!(
+            n > 0,
+            "terminal ended without {needle:?}: {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(seen).into_owned()
+}
+
+/// Reads `conn` to its end.
+fn read_to_end(mut conn: UnixStream, seen: &mut Vec<u8>) -> String {
+    conn.read_to_end(seen)
+        .expect("read the terminal to its end");
+    String::from_utf8_lossy(seen).into_owned()
+}
+
+/// Prints what the terminal is, waits for a line, and prints the size again.
+const TERMINAL_SCRIPT: &str = "tty; test -t 0 && test -t 1 && test -t 2 && echo all-tty; \
+     echo owner=$(stat -c %u $(tty)); echo size=$(stty size); read line; \
+     echo got=$line size=$(stty size); exit 3";
+
+/// Drives [`TERMINAL_SCRIPT`] on `conn` and checks what it printed.
+fn check_terminal(vm: &mut Vm, process: &ProcessRef, mut conn: UnixStream, uid: u32) -> String {
+    let mut seen = Vec::new();
+    let out = read_until(&mut conn, &mut seen, "size=24 80\r\n");
+    assert!(out.contains("all-tty\r\n"), "{out:?}");
+    let tty = out.lines().next().expect("a tty line").trim_end();
+    assert!(tty.starts_with("/dev/pts/"), "{out:?}");
+    assert!(out.contains(&format!("owner={uid}\r\n")), "{out:?}");
+    assert_eq!(
+        vm.request(RequestBody::ResizeTerminal {
+            process: process.clone(),
+            rows: 40,
+            cols: 123
+        }),
+        Ok(ResponseBody::Ok)
+    );
+    conn.write_all(b"hello\n").expect("type a line");
+    let out = read_until(&mut conn, &mut seen, "got=hello size=40 123\r\n");
+    assert_eq!(vm.exit_of(process).1, ExitStatus::Code(3));
+    // The stream ends once the process has ended and its output is read.
+    let out = read_to_end(conn, &mut seen).split_off(out.len());
+    assert_eq!(out, "", "output after the end");
+    let err = vm
+        .request(RequestBody::ResizeTerminal {
+            process: process.clone(),
+            rows: 1,
+            cols: 1,
+        })
+        .expect_err("resize after the end");
+    assert_eq!(err.kind, ErrorKind::InvalidState, "{err:?}");
+    tty.to_owned()
+}
+
+#[test]
+fn init_with_a_terminal() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let conn = vm.attach(StreamKind::Terminal);
+    let mut s = spec(&["sh", "-c", TERMINAL_SCRIPT]);
+    s["process"]["terminal"] = json!(true);
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    vm.create_with(s, StdioSpec::Terminal { rows: 24, cols: 80 }, false)
+        .expect("create");
+    vm.request(RequestBody::StartContainer).expect("start");
+    let tty = check_terminal(&mut vm, &ProcessRef::Init, conn, 1000);
+    assert_eq!(tty, "/dev/pts/0");
+    let err = vm
+        .request(RequestBody::ResizeTerminal {
+            process: ProcessRef::Exec("nope".into()),
+            rows: 1,
+            cols: 1,
+        })
+        .expect_err("no such process");
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err:?}");
+    vm.shutdown();
+}
+
+#[test]
+fn terminal_must_match_process_terminal() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let conn = vm.attach(StreamKind::Terminal);
+    let err = vm
+        .create_with(
+            spec(&["true"]),
+            StdioSpec::Terminal { rows: 24, cols: 80 },
+            false,
+        )
+        .expect_err("mismatch");
+    assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err:?}");
+    assert!(
+        err.message
+            .contains("stdio terminal does not match process.terminal false"),
+        "{err:?}"
+    );
+    drop(conn);
+    let _streams = [vm.attach(StreamKind::Stdout), vm.attach(StreamKind::Stderr)];
+    let mut s = spec(&["true"]);
+    s["process"]["terminal"] = json!(true);
+    let err = vm.create(s, false, false).expect_err("mismatch");
+    assert!(
+        err.message
+            .contains("stdio pipes does not match process.terminal true"),
+        "{err:?}"
+    );
+    vm.shutdown();
+}
+
+#[test]
+fn exec_with_a_terminal() {
+    if !can_run() {
+        return;
+    }
+    let (mut vm, _streams) = running_container(&[("HULL_AGENT_TEST_NO_PIVOT", "1")]);
+    let e1 = ProcessRef::Exec("e1".into());
+    let conn = vm.attach_to(&e1, StreamKind::Terminal);
+    let mut process = exec_process(&["sh", "-c", TERMINAL_SCRIPT]);
+    process["terminal"] = json!(true);
+    process["user"] = json!({"uid": 1000, "gid": 1000});
+    vm.exec("e1", process, StdioSpec::Terminal { rows: 24, cols: 80 })
+        .expect("exec");
+    let tty = check_terminal(&mut vm, &e1, conn, 1000);
+    assert!(tty.starts_with("/dev/pts/"), "{tty}");
+    // A second one, as root, gets another pty of the same devpts.
+    let e2 = ProcessRef::Exec("e2".into());
+    let conn = vm.attach_to(&e2, StreamKind::Terminal);
+    let mut process = exec_process(&["sh", "-c", "tty; ls /dev/pts"]);
+    process["terminal"] = json!(true);
+    vm.exec("e2", process, StdioSpec::Terminal { rows: 5, cols: 6 })
+        .expect("exec");
+    assert_eq!(vm.exit_of(&e2).1, ExitStatus::Code(0));
+    let out = read_to_end(conn, &mut Vec::new());
+    assert!(out.starts_with("/dev/pts/"), "{out:?}");
+    assert!(out.contains("ptmx"), "{out:?}");
+    // A descendant that keeps the slave open (and ignores the hangup) does not hold the stream
+    // open once the process has ended.
+    let e3 = ProcessRef::Exec("e3".into());
+    let conn = vm.attach_to(&e3, StreamKind::Terminal);
+    let mut process = exec_process(&["sh", "-c", "trap '' HUP; sleep 60 & echo bye"]);
+    process["terminal"] = json!(true);
+    vm.exec("e3", process, StdioSpec::Terminal { rows: 5, cols: 6 })
+        .expect("exec");
+    assert_eq!(vm.exit_of(&e3).1, ExitStatus::Code(0));
+    assert_eq!(read_to_end(conn, &mut Vec::new()), "bye\r\n");
+    vm.wait_for_process(&["sleep", "60"]);
     vm.shutdown();
 }

@@ -1,31 +1,39 @@
-//! Setting up and starting the container, the way runc does it, in child processes.
+//! Setting up and starting the container's processes, the way runc does it, in child processes.
 //!
 //! The agent (which has threads by now) forks an intermediate child that is a copy of one
-//! thread only. It takes the stdio descriptors as 0, 1, 2, unshares the namespaces the spec asks
-//! for (always a mount namespace) and forks the container's init, which is PID 1 of the new PID
-//! namespace if there is one; it reports the init's pid and exits (the init is re-parented to
-//! the agent, which reaps it). The init sets up its mounts and root (`setup.rs`), reports
-//! `Ready` and blocks on the start pipe. [`Created::start`] writes one byte there; the init
-//! then takes on the process's identity (`process.rs`) and calls `execve`.
+//! thread only. It takes the stdio descriptors as 0, 1, 2 and enters the container's namespaces:
+//! for the init it unshares those the spec asks for (always a mount namespace), for an exec'd
+//! process it joins the init's (`setns`). Then it forks the process itself, which is in the
+//! container's PID namespace if there is one, reports the process's pid and exits (the process
+//! is re-parented to the agent, which reaps it). The process sets up its mounts and root
+//! (`setup.rs`; an exec'd process takes the init's root), opens its terminal if it has one
+//! (`terminal.rs`), reports `Ready` and blocks on the start pipe. [`Created::start`] writes one
+//! byte there; the process then takes on the OCI process's identity (`process.rs`) and calls
+//! `execve`. An exec'd process waits for the start byte too, so the agent knows its pid before
+//! it can end.
 //!
 //! Reports travel on one pipe, as `hull-protocol` frames of [`Report`], each small enough for a
 //! single atomic pipe write. The pipe is close-on-exec: after the start byte, its end of file
 //! means `execve` succeeded; a `Failed` report means it did not. Errors carry the message the
-//! host sees, naming the spec field and value at fault.
+//! host sees, naming the spec field and value at fault. A terminal's master comes back on a Unix
+//! socket pair, before `Ready`.
 
 mod caps;
 mod process;
 mod seccomp;
 mod setup;
 mod syscalls;
+mod terminal;
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
-use hull_protocol::{read_frame, write_frame, ErrorKind, ErrorResponse};
+use hull_protocol::{read_frame, write_frame, ErrorKind, ErrorResponse, Stdio};
 use nix::fcntl::OFlag;
+use nix::sched::CloneFlags;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::{pipe2, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +42,7 @@ use crate::sys;
 
 pub use caps::CapPlan;
 pub use seccomp::SeccompPlan;
+pub use setup::{exec_namespaces, open_init_namespaces};
 
 /// Where the container's root file system comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +69,32 @@ pub struct Config {
     /// Do not try `pivot_root`; move the root and `chroot` (what the guest's initramfs needs
     /// anyway, see `setup.rs`). The host tests set it to cover that path.
     pub no_pivot: bool,
-    /// The process's stdin, stdout, stderr.
-    pub stdio: [OwnedFd; 3],
+    pub stdio: StdioSetup,
+}
+
+/// How the process's standard streams are set up.
+#[derive(Debug)]
+pub enum StdioSetup {
+    /// These descriptors (stream connections or `/dev/null`) become its 0, 1, 2.
+    Pipes([OwnedFd; 3]),
+    /// A pty from the container's `/dev/ptmx` with this initial window size; its master comes
+    /// back in [`Created::terminal`].
+    Terminal { rows: u16, cols: u16 },
+}
+
+/// An extra process in the running container (`exec`), gathered and checked before the fork.
+#[derive(Debug)]
+pub struct ExecConfig {
+    pub process: Process,
+    pub caps: Option<CapPlan>,
+    /// The container's `linux.seccomp`, which runc applies to exec'd processes too.
+    pub seccomp: Option<SeccompPlan>,
+    /// The init's namespaces to join, `/proc/<init>/ns/*` opened by the agent
+    /// ([`open_init_namespaces`]), in the order they are joined.
+    pub namespaces: Vec<(CloneFlags, OwnedFd)>,
+    /// The init's root directory (`/proc/<init>/root`), opened by the agent.
+    pub root: OwnedFd,
+    pub stdio: StdioSetup,
 }
 
 /// What [`Config::validate`] takes from the spec for the container's process.
@@ -84,12 +117,69 @@ enum Report {
     Failed(ErrorResponse),
 }
 
-/// A set-up container whose init waits for [`Created::start`].
+/// A set-up process (the init or an exec'd one) that waits for [`Created::start`].
 #[derive(Debug)]
 pub struct Created {
-    pub init_pid: Pid,
+    /// Its pid in the agent's PID namespace.
+    pub pid: Pid,
+    /// The master of its terminal, if it has one.
+    pub terminal: Option<OwnedFd>,
     start: File,
     reports: File,
+}
+
+/// What the init and an exec'd process do differently; the rest of [`launch`] is the same.
+trait Stages {
+    fn process(&self) -> &Process;
+    fn caps(&self) -> Option<&CapPlan>;
+    fn seccomp(&self) -> Option<&SeccompPlan>;
+    fn stdio(&self) -> &StdioSetup;
+    /// In the intermediate child: enter the container's namespaces.
+    fn enter_namespaces(&self) -> Result<(), ErrorResponse>;
+    /// In the process, before `Ready`: mounts and root.
+    fn prepare_root(&self) -> Result<(), ErrorResponse>;
+}
+
+impl Stages for Config {
+    fn process(&self) -> &Process {
+        &self.process
+    }
+    fn caps(&self) -> Option<&CapPlan> {
+        self.caps.as_ref()
+    }
+    fn seccomp(&self) -> Option<&SeccompPlan> {
+        self.seccomp.as_ref()
+    }
+    fn stdio(&self) -> &StdioSetup {
+        &self.stdio
+    }
+    fn enter_namespaces(&self) -> Result<(), ErrorResponse> {
+        setup::unshare_namespaces(&self.spec)
+    }
+    fn prepare_root(&self) -> Result<(), ErrorResponse> {
+        setup::prepare(self)
+    }
+}
+
+impl Stages for ExecConfig {
+    fn process(&self) -> &Process {
+        &self.process
+    }
+    fn caps(&self) -> Option<&CapPlan> {
+        self.caps.as_ref()
+    }
+    fn seccomp(&self) -> Option<&SeccompPlan> {
+        self.seccomp.as_ref()
+    }
+    fn stdio(&self) -> &StdioSetup {
+        &self.stdio
+    }
+    fn enter_namespaces(&self) -> Result<(), ErrorResponse> {
+        setup::join_namespaces(&self.namespaces)
+    }
+    fn prepare_root(&self) -> Result<(), ErrorResponse> {
+        setup::enter_init_root(&self.root)
+    }
 }
 
 impl Config {
@@ -102,20 +192,7 @@ impl Config {
             .process
             .clone()
             .ok_or_else(|| invalid("the spec has no process".into()))?;
-        if process.args.is_empty() {
-            return Err(invalid("process.args is empty".into()));
-        }
-        if !process.cwd.starts_with('/') {
-            return Err(invalid(format!(
-                "process.cwd {:?} is not absolute",
-                process.cwd
-            )));
-        }
-        if process.terminal {
-            return Err(unsupported(
-                "process.terminal true: a pty in the guest is not implemented yet".into(),
-            ));
-        }
+        let caps = validate_process(&process)?;
         for (i, ns) in spec.linux.namespaces.iter().enumerate() {
             match ns.kind.as_str() {
                 "pid" | "network" | "mount" | "ipc" | "uts" | "cgroup" => {}
@@ -137,16 +214,6 @@ impl Config {
                 "hostname is set but linux.namespaces has no \"uts\" namespace".into(),
             ));
         }
-        for (i, r) in process.rlimits.iter().enumerate() {
-            process::resource(&r.kind).ok_or_else(|| {
-                invalid(format!("process.rlimits[{i}]: unknown type {:?}", r.kind))
-            })?;
-        }
-        let caps = process
-            .capabilities
-            .as_ref()
-            .map(CapPlan::from_spec)
-            .transpose()?;
         let seccomp = spec
             .linux
             .seccomp
@@ -161,23 +228,91 @@ impl Config {
     }
 }
 
+/// Checks an OCI `process` object (the spec's, or an exec's) before any process exists; gives
+/// its capability plan.
+pub fn validate_process(process: &Process) -> Result<Option<CapPlan>, ErrorResponse> {
+    let invalid = |m: String| ErrorResponse::new(ErrorKind::InvalidSpec, m);
+    if process.args.is_empty() {
+        return Err(invalid("process.args is empty".into()));
+    }
+    if !process.cwd.starts_with('/') {
+        return Err(invalid(format!(
+            "process.cwd {:?} is not absolute",
+            process.cwd
+        )));
+    }
+    for (i, r) in process.rlimits.iter().enumerate() {
+        process::resource(&r.kind)
+            .ok_or_else(|| invalid(format!("process.rlimits[{i}]: unknown type {:?}", r.kind)))?;
+    }
+    process
+        .capabilities
+        .as_ref()
+        .map(CapPlan::from_spec)
+        .transpose()
+}
+
+/// Checks that a request's `stdio` agrees with the process's `terminal` field.
+pub fn check_terminal(stdio: &Stdio, process: &Process) -> Result<(), ErrorResponse> {
+    let (name, terminal) = match stdio {
+        Stdio::Pipes { .. } => ("pipes", false),
+        Stdio::Terminal { .. } => ("terminal", true),
+    };
+    if terminal != process.terminal {
+        return Err(ErrorResponse::new(
+            ErrorKind::InvalidRequest,
+            format!(
+                "stdio {name} does not match process.terminal {}",
+                process.terminal
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Forks the container's processes and waits until its init is set up (or has failed).
 pub fn create(config: Config) -> Result<Created, ErrorResponse> {
+    launch(config)
+}
+
+/// Forks an extra process into the running container and waits until it is set up (or has
+/// failed).
+pub fn exec(config: ExecConfig) -> Result<Created, ErrorResponse> {
+    launch(config)
+}
+
+fn launch<S: Stages>(stages: S) -> Result<Created, ErrorResponse> {
     let io = |what: &str, e: nix::Error| ErrorResponse::new(ErrorKind::Io, format!("{what}: {e}"));
     let (reports_r, reports_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io("pipe", e))?;
     let (start_r, start_w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| io("pipe", e))?;
+    let channel = match stages.stdio() {
+        StdioSetup::Pipes(_) => None,
+        StdioSetup::Terminal { .. } => Some(
+            socketpair(
+                AddressFamily::Unix,
+                SockType::Stream,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| io("socketpair", e))?,
+        ),
+    };
+    let (agent_end, child_end) = channel.map_or((None, None), |(a, c)| (Some(a), Some(c)));
     match sys::fork().map_err(|e| io("fork", e))? {
         ForkResult::Child => {
             drop(reports_r);
             drop(start_w);
-            intermediate(&config, File::from(reports_w), start_r)
+            drop(agent_end);
+            intermediate(&stages, File::from(reports_w), start_r, child_end)
         }
         ForkResult::Parent { .. } => {}
     }
-    // Only the children hold these now, so the pipes end when the children do.
+    // Only the children hold these now, so the pipes end when the children do, and the stream
+    // descriptors are the process's alone.
     drop(reports_w);
     drop(start_r);
-    drop(config);
+    drop(child_end);
+    drop(stages);
     let mut reports = File::from(reports_r);
     let mut pid = None;
     let mut ready = false;
@@ -200,8 +335,13 @@ pub fn create(config: Config) -> Result<Created, ErrorResponse> {
             }
         }
     }
+    // The process sent its terminal's master before `Ready`.
+    let terminal = agent_end
+        .map(|channel| terminal::recv_fd(channel.as_fd()))
+        .transpose()?;
     Ok(Created {
-        init_pid: pid.expect("the loop ends only with a pid"),
+        pid: pid.expect("the loop ends only with a pid"),
+        terminal,
         start: File::from(start_w),
         reports,
     })
@@ -214,7 +354,7 @@ impl Created {
         let _ = self.start.write_all(&[1]);
         drop(self.start);
         match read_frame::<_, Report>(&mut self.reports) {
-            Ok(None) => Ok(self.init_pid),
+            Ok(None) => Ok(self.pid),
             Ok(Some(Report::Failed(err))) => Err(err),
             Ok(Some(other)) => Err(ErrorResponse::new(
                 ErrorKind::Internal,
@@ -246,12 +386,19 @@ fn report(pipe: &mut File, report: Report) {
 }
 
 /// The intermediate child. Never returns.
-fn intermediate(config: &Config, mut reports: File, start: OwnedFd) -> ! {
+fn intermediate<S: Stages>(
+    stages: &S,
+    mut reports: File,
+    start: OwnedFd,
+    channel: Option<OwnedFd>,
+) -> ! {
     let result = (|| -> Result<Pid, ErrorResponse> {
-        setup::take_stdio(&config.stdio)?;
-        setup::unshare_namespaces(&config.spec)?;
+        if let StdioSetup::Pipes(stdio) = stages.stdio() {
+            setup::take_stdio(stdio)?;
+        }
+        stages.enter_namespaces()?;
         match sys::fork().map_err(|e| ErrorResponse::new(ErrorKind::Io, format!("fork: {e}")))? {
-            ForkResult::Child => init(config, reports.try_clone_or_exit(), start),
+            ForkResult::Child => process_stage(stages, reports.try_clone_or_exit(), start, channel),
             ForkResult::Parent { child } => Ok(child),
         }
     })();
@@ -262,9 +409,21 @@ fn intermediate(config: &Config, mut reports: File, start: OwnedFd) -> ! {
     sys::exit_now(0)
 }
 
-/// The container's init. Never returns.
-fn init(config: &Config, mut reports: File, start: OwnedFd) -> ! {
-    if let Err(err) = setup::prepare(config) {
+/// The container's init or exec'd process, until `execve`. Never returns.
+fn process_stage<S: Stages>(
+    stages: &S,
+    mut reports: File,
+    start: OwnedFd,
+    channel: Option<OwnedFd>,
+) -> ! {
+    let prepared = stages.prepare_root().and_then(|()| {
+        let (StdioSetup::Terminal { rows, cols }, Some(channel)) = (stages.stdio(), channel) else {
+            return Ok(());
+        };
+        let master = terminal::take(*rows, *cols, stages.process().user.uid)?;
+        terminal::send_fd(channel.as_fd(), master.as_fd())
+    });
+    if let Err(err) = prepared {
         report(&mut reports, Report::Failed(err));
         sys::exit_now(1);
     }
@@ -279,11 +438,7 @@ fn init(config: &Config, mut reports: File, start: OwnedFd) -> ! {
         }
     }
     drop(start);
-    let err = process::exec(
-        &config.process,
-        config.caps.as_ref(),
-        config.seccomp.as_ref(),
-    );
+    let err = process::exec(stages.process(), stages.caps(), stages.seccomp());
     report(&mut reports, Report::Failed(err));
     sys::exit_now(127)
 }
@@ -297,5 +452,64 @@ impl TryCloneOrExit for File {
     /// end, and the agent sees the pipe end without a report.
     fn try_clone_or_exit(&self) -> Self {
         self.try_clone().unwrap_or_else(|_| sys::exit_now(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(json: serde_json::Value) -> Process {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn stdio_must_agree_with_process_terminal() {
+        let pipes = Stdio::NULL;
+        let tty = Stdio::Terminal { rows: 24, cols: 80 };
+        let with = process(serde_json::json!({"terminal": true, "args": ["sh"]}));
+        let without = process(serde_json::json!({"args": ["sh"]}));
+        assert!(check_terminal(&pipes, &without).is_ok());
+        assert!(check_terminal(&tty, &with).is_ok());
+        let err = check_terminal(&tty, &without).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidRequest);
+        assert_eq!(
+            err.message,
+            "stdio terminal does not match process.terminal false"
+        );
+        let err = check_terminal(&pipes, &with).unwrap_err();
+        assert_eq!(
+            err.message,
+            "stdio pipes does not match process.terminal true"
+        );
+    }
+
+    #[test]
+    fn an_exec_process_is_checked_like_the_init() {
+        let err = validate_process(&process(serde_json::json!({"args": []}))).unwrap_err();
+        assert_eq!(err.message, "process.args is empty");
+        let err = validate_process(&process(serde_json::json!({"args": ["sh"], "cwd": "tmp"})))
+            .unwrap_err();
+        assert_eq!(err.message, "process.cwd \"tmp\" is not absolute");
+        let err = validate_process(&process(serde_json::json!({
+            "args": ["sh"], "rlimits": [{"type": "RLIMIT_FLY", "hard": 1, "soft": 1}]
+        })))
+        .unwrap_err();
+        assert_eq!(
+            err.message,
+            "process.rlimits[0]: unknown type \"RLIMIT_FLY\""
+        );
+        let caps = validate_process(&process(serde_json::json!({
+            "args": ["sh"], "capabilities": {"bounding": ["CAP_KILL"]}
+        })))
+        .unwrap()
+        .unwrap();
+        assert_eq!(caps.bounding, 1 << 5);
+        // The spec without a process, or with a terminal, is the init's business.
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "process": {"terminal": true, "args": ["sh"]}
+        }))
+        .unwrap();
+        assert!(Config::validate(&spec).unwrap().process.terminal);
     }
 }

@@ -1,6 +1,8 @@
-//! The container's init before the start: namespaces, mounts, root, hostname.
+//! The container's processes before the start: namespaces, mounts, root, hostname for the init;
+//! the init's namespaces and root for an exec'd process.
 //!
-//! Runs in forked children only (see `mod.rs`). Every error names the spec field and value.
+//! Runs in forked children only (see `mod.rs`), except [`open_init_namespaces`], which the agent
+//! calls. Every error names the spec field and value.
 //!
 //! The root switch: `pivot_root(2)` refuses to move the initramfs (`rootfs`, which has no parent
 //! mount), and in the guest the agent's root *is* the initramfs. There the init moves the
@@ -16,10 +18,13 @@ use std::path::{Path, PathBuf};
 
 use hull_protocol::{ErrorKind, ErrorResponse};
 use nix::errno::Errno;
+use nix::fcntl::{open, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
-use nix::unistd::{chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, pivot_root, sethostname};
+use nix::unistd::{
+    chdir, chroot, dup2_stderr, dup2_stdin, dup2_stdout, fchdir, pivot_root, sethostname, Pid,
+};
 
 use super::{Config, RootfsSource};
 use crate::spec::{Mount, Spec};
@@ -64,6 +69,71 @@ pub fn unshare_namespaces(spec: &Spec) -> Result<(), ErrorResponse> {
             .map_err(|e| io("unshare(CLONE_NEWPID) for linux.namespaces \"pid\"", e))?;
     }
     Ok(())
+}
+
+/// The namespaces of the init that an exec'd process joins, as `/proc/PID/ns/` names with their
+/// `setns` types: those the spec has the container unshare, and always the mount namespace (see
+/// [`unshare_namespaces`]). In joining order: the PID namespace, which takes effect for the
+/// next child only, before the mount namespace, which is last so that nothing after it is
+/// looked up in the container's file system.
+pub fn exec_namespaces(spec: &Spec) -> Vec<(&'static str, CloneFlags)> {
+    const ORDER: [(&str, &str, CloneFlags); 5] = [
+        ("ipc", "ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", "uts", CloneFlags::CLONE_NEWUTS),
+        ("network", "net", CloneFlags::CLONE_NEWNET),
+        ("cgroup", "cgroup", CloneFlags::CLONE_NEWCGROUP),
+        ("pid", "pid", CloneFlags::CLONE_NEWPID),
+    ];
+    let mut join: Vec<_> = ORDER
+        .iter()
+        .filter(|(kind, ..)| {
+            spec.linux
+                .namespaces
+                .iter()
+                .any(|ns| ns.kind == *kind && ns.path.is_none())
+        })
+        .map(|(_, name, flag)| (*name, *flag))
+        .collect();
+    join.push(("mnt", CloneFlags::CLONE_NEWNS));
+    join
+}
+
+/// Opens the init's namespaces (`<proc_dir>/<init>/ns/<name>`) and its root directory
+/// (`<proc_dir>/<init>/root`), in the agent, for an exec'd process to join.
+pub fn open_init_namespaces(
+    proc_dir: &Path,
+    init: Pid,
+    namespaces: &[(&'static str, CloneFlags)],
+) -> Result<(Vec<(CloneFlags, OwnedFd)>, OwnedFd), ErrorResponse> {
+    let dir = proc_dir.join(init.to_string());
+    let open_at = |path: PathBuf, flags: OFlag| {
+        open(&path, flags | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| io(format!("opening {}", path.display()), e))
+    };
+    let mut fds = Vec::with_capacity(namespaces.len());
+    for (name, flag) in namespaces {
+        fds.push((*flag, open_at(dir.join("ns").join(name), OFlag::O_RDONLY)?));
+    }
+    let root = open_at(dir.join("root"), OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+    Ok((fds, root))
+}
+
+/// Joins the init's namespaces (`setns`), in the intermediate child of an exec.
+pub fn join_namespaces(namespaces: &[(CloneFlags, OwnedFd)]) -> Result<(), ErrorResponse> {
+    for (flag, fd) in namespaces {
+        setns(fd, *flag).map_err(|e| io(format!("joining the init's namespace ({flag:?})"), e))?;
+    }
+    Ok(())
+}
+
+/// Takes the init's root (opened by the agent from `/proc/<init>/root`), in an exec'd process.
+/// `setns` into the mount namespace already gives it the top mount on the namespace's `/`,
+/// which is the init's root after `pivot_root` and after the guest's move + `chroot` alike;
+/// taking the init's own root makes that explicit and holds whatever the init did.
+pub fn enter_init_root(root: &OwnedFd) -> Result<(), ErrorResponse> {
+    fchdir(root).map_err(|e| io("fchdir to the init's root", e))?;
+    chroot(".").map_err(|e| io("chroot into the init's root", e))?;
+    chdir("/").map_err(|e| io("chdir /", e))
 }
 
 /// Everything from the mount tree to the hostname, in the container's init.
@@ -439,6 +509,23 @@ mod tests {
 
     fn opts(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn exec_joins_the_unshared_namespaces_and_always_the_mount_namespace() {
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "linux": {"namespaces": [
+                {"type": "mount"}, {"type": "pid"}, {"type": "uts"},
+                {"type": "network", "path": "/var/run/netns/host-side"}, {"type": "cgroup"}
+            ]}
+        }))
+        .unwrap();
+        let names: Vec<_> = exec_namespaces(&spec).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["uts", "cgroup", "pid", "mnt"]);
+        assert_eq!(
+            exec_namespaces(&Spec::default()),
+            [("mnt", CloneFlags::CLONE_NEWNS)]
+        );
     }
 
     #[test]
