@@ -22,7 +22,7 @@ use hull_protocol::{
 };
 use serde_json::Value;
 use vmm::container::console;
-use vmm::container::CreateReport;
+use vmm::container::{relay, CreateReport};
 
 use crate::container::{Container, Status};
 
@@ -283,9 +283,9 @@ fn relay_streams(
     let mut outputs = 0;
     for (kind, stream) in streams {
         match kind {
-            StreamKind::Stdin => copy("stdin", dup(std::io::stdin().as_fd())?, stream, None)?,
+            StreamKind::Stdin => relay("stdin", dup(std::io::stdin().as_fd())?, stream, None)?,
             StreamKind::Stdout => {
-                copy(
+                relay(
                     "stdout",
                     stream,
                     dup(std::io::stdout().as_fd())?,
@@ -294,7 +294,7 @@ fn relay_streams(
                 outputs += 1;
             }
             StreamKind::Stderr => {
-                copy(
+                relay(
                     "stderr",
                     stream,
                     dup(std::io::stderr().as_fd())?,
@@ -314,8 +314,8 @@ fn relay_streams(
                         dup(std::io::stdout().as_fd())?,
                     ),
                 };
-                copy("terminal input", input, stream.try_clone()?, None)?;
-                copy("terminal output", stream, output, Some(done.clone()))?;
+                relay("terminal input", input, stream.try_clone()?, None)?;
+                relay("terminal output", stream, output, Some(done.clone()))?;
                 outputs += 1;
             }
         }
@@ -325,31 +325,6 @@ fn relay_streams(
 
 fn dup(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
     Ok(File::from(fd.try_clone_to_owned()?))
-}
-
-fn copy<R, W>(
-    name: &'static str,
-    mut from: R,
-    mut to: W,
-    done: Option<Sender<()>>,
-) -> std::io::Result<()>
-where
-    R: std::io::Read + Send + 'static,
-    W: std::io::Write + Send + 'static,
-{
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            if let Err(err) = std::io::copy(&mut from, &mut to) {
-                log::debug!("{name} relay: {err}");
-            }
-            drop(to);
-            drop(from);
-            if let Some(done) = done {
-                let _ = done.send(());
-            }
-        })?;
-    Ok(())
 }
 
 /// `--detach`: starts a background `hull exec` with the same process (written to a file in the

@@ -600,9 +600,29 @@ impl Supervisor {
     }
 }
 
-/// Copies `from` to `to` on a thread of its own until the end of `from` (or a write error);
-/// then closes both and reports on `done`.
-fn relay<R, W>(name: &str, mut from: R, mut to: W, done: Option<Sender<()>>) -> io::Result<()>
+/// Copies `from` to `to` with plain reads and writes until the end of `from`.
+///
+/// Not `io::copy`: on Linux it splices from a socket into a pipe, and splice waits for the
+/// socket's data holding the pipe's lock, so whoever reads the pipe sees nothing until the
+/// container writes again or ends: output of a process that keeps running is held back.
+pub fn pump(from: &mut impl io::Read, to: &mut impl io::Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Copies `from` to `to` ([`pump`]) on a thread of its own until the end of `from` (or a
+/// write error); then closes both and reports on `done`.
+pub fn relay<R, W>(name: &str, mut from: R, mut to: W, done: Option<Sender<()>>) -> io::Result<()>
 where
     R: io::Read + Send + 'static,
     W: io::Write + Send + 'static,
@@ -611,7 +631,7 @@ where
     std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
-            if let Err(err) = io::copy(&mut from, &mut to) {
+            if let Err(err) = pump(&mut from, &mut to) {
                 log::debug!("{name} relay: {err}");
             }
             drop(to);
