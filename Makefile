@@ -14,7 +14,7 @@ HULL_VMM := target/release/hull-vmm
 CARGO ?= cargo
 
 # Debian packages the host side needs (the kernel build installs its own).
-HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static
+HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static containerd
 
 .PHONY: demo test kernel agent build bench lint deps clean
 

@@ -237,3 +237,30 @@ impl Drop for Running {
 pub fn run(cmd: Command, deadline: Duration) -> Finished {
     Running::spawn(cmd).wait(deadline)
 }
+
+/// Every other process and its command line (arguments joined by spaces).
+pub fn processes() -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+/// Other processes whose command line mentions `needle`, as `PID: COMMAND LINE`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    processes()
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains(needle))
+        .map(|(pid, cmdline)| format!("{pid}: {cmdline}"))
+        .collect()
+}

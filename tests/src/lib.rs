@@ -3,4 +3,5 @@
 
 pub mod bundle;
 pub mod harness;
+pub mod image;
 pub mod tiny_guest;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_tests::bundle::{Bundle, BundleBuilder};
-use hull_tests::harness::{guest_artifacts, workspace_bin, TempDir};
+use hull_tests::harness::{guest_artifacts, processes_mentioning, workspace_bin, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const ID: &str = "test-ctr";
@@ -61,26 +61,6 @@ fn check_artifacts() {
     );
 }
 
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let me = std::process::id().to_string();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
-            continue;
-        }
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if text.contains(needle) {
-                found.push(format!("{name}: {text}"));
-            }
-        }
-    }
-    found
-}
-
-/// Nothing of a run under `root` is left: no state directory, no `hull-vmm`.
 fn assert_no_leftovers(root: &Path) {
     let state = root.join(ID);
     assert!(

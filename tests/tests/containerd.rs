@@ -1,0 +1,582 @@
+//! End to end: hull as a drop-in runc under containerd's runc v2 shim. The test starts Debian's
+//! containerd privately (its own root, state and socket in a temporary directory, CRI off),
+//! imports a busybox image built here (no registry is reachable) and runs it with
+//! `ctr run --runc-binary <hull>`, so that every task is a micro-VM whose `hull-vmm` is the
+//! task's process on the host. Checked the way a user of containerd would: a foreground
+//! `ctr run --rm` prints what the guest kernel says and exits with the container's status; a
+//! detached task is listed by `ctr task ls` and `ctr task ps`, runs `ctr task exec`, takes
+//! SIGTERM from `ctr task kill`, and containerd sees it stop with its exit status.
+//!
+//! containerd still keeps shim sockets and runc state under `/run/containerd`, so the test
+//! works in a containerd namespace of its own and at the end checks that nothing is left: no
+//! task, container, image or namespace in containerd, no shim or `hull-vmm`, no hull state
+//! directory, no mount. Two VMs, one after the other: about two minutes on a PVM host.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hull_tests::harness::{guest_artifacts, processes, run, workspace_bin, Finished, TempDir};
+use hull_tests::image::write_busybox_image;
+
+/// The image the test builds and imports.
+const IMAGE: &str = "docker.io/library/hull-busybox:test";
+/// For a `ctr` command that boots a micro-VM (about a minute on a PVM host).
+const VM_DEADLINE: Duration = Duration::from_secs(300);
+/// For any other `ctr` command.
+const CTR_DEADLINE: Duration = Duration::from_secs(120);
+/// For containerd to answer on its socket, and to exit when told to.
+const DAEMON_DEADLINE: Duration = Duration::from_secs(60);
+/// For a task to be seen stopped, and for its output to arrive.
+const TASK_DEADLINE: Duration = Duration::from_secs(120);
+/// Bytes of each log quoted when a step fails.
+const TAIL_BYTES: usize = 4096;
+/// The containers the test makes.
+const IDS: [&str; 2] = ["c1", "c2"];
+
+/// The foreground container's script: the guest kernel's release and a status of its own.
+const FOREGROUND_SCRIPT: &str = "echo hi from $(uname -r); exit 7";
+/// The detached container's script. It is its PID namespace's init, which a signal reaches
+/// only through a handler; it says it is ready (after the trap is set) in its log, leaves a
+/// mark in its rootfs for the exec to find, and sleeps in a loop (a trap runs after the
+/// foreground command in progress).
+const DETACHED_SCRIPT: &str = "trap 'echo got TERM; exit 143' TERM; echo init-was-here > /mark; \
+                               echo started on $(hostname); while :; do sleep 1; done";
+/// What the exec runs in the detached container.
+const EXEC_SCRIPT: &str = "echo exec in $(hostname) sees $(cat /mark); exit 5";
+
+/// A private containerd: config, root, state, socket and log in a temporary directory; the
+/// daemon is killed, and what the test made in it removed, on drop.
+struct Containerd {
+    dir: TempDir,
+    daemon: Option<Child>,
+    namespace: String,
+    started: Instant,
+}
+
+impl Containerd {
+    fn start() -> Self {
+        let dir = TempDir::new("containerd");
+        let path = dir.path();
+        let config = format!(
+            "version = 2\n\
+             root = \"{root}\"\n\
+             state = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{socket}\"\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n",
+            root = path.join("root").display(),
+            state = path.join("state").display(),
+            socket = path.join("containerd.sock").display(),
+            opt = path.join("opt").display(),
+        );
+        std::fs::write(path.join("config.toml"), config).expect("write config.toml");
+        let log = File::create(path.join("containerd.log")).expect("create containerd.log");
+        let daemon = Command::new("containerd")
+            .arg("--config")
+            .arg(path.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup the log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let mut containerd = Self {
+            dir,
+            daemon: Some(daemon),
+            namespace: format!("hull-test-{}", std::process::id()),
+            started: Instant::now(),
+        };
+        containerd.wait_until_serving();
+        containerd
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// Where the runc shim tells hull to keep its state (`--root`).
+    fn runc_root(&self) -> PathBuf {
+        Path::new("/run/containerd/runc").join(&self.namespace)
+    }
+
+    /// The task's bundle, where the shim keeps hull's `log.json`.
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(&self.namespace)
+            .join(id)
+    }
+
+    fn wait_until_serving(&mut self) {
+        loop {
+            if self.socket().exists() && self.ctr(&["version"], CTR_DEADLINE).status.success() {
+                eprintln!("containerd serving after {:?}", self.started.elapsed());
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.daemon.as_mut().map(Child::try_wait) {
+                self.fail(&format!("containerd exited at start: {status}"));
+            }
+            if self.started.elapsed() > DAEMON_DEADLINE {
+                self.fail(&format!(
+                    "containerd not serving within {DAEMON_DEADLINE:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `ctr` against this containerd in the test's namespace, killed after `deadline`.
+    fn ctr(&self, args: &[&str], deadline: Duration) -> Finished {
+        let mut cmd = Command::new("timeout");
+        cmd.arg("--kill-after=10")
+            .arg(deadline.as_secs().to_string())
+            .arg("ctr")
+            .arg("--connect-timeout=10s")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", &self.namespace])
+            .args(args);
+        // `timeout` ends it first; this is for `timeout` itself.
+        run(cmd, deadline + Duration::from_secs(30))
+    }
+
+    /// `ctr` that must succeed; returns its standard output.
+    fn ctr_ok(&self, args: &[&str], deadline: Duration) -> String {
+        let out = self.ctr(args, deadline);
+        if !out.status.success() {
+            self.fail(&format!("ctr {}: {}", args.join(" "), describe(&out)));
+        }
+        out.stdout
+    }
+
+    /// The task's host pid and status, as `ctr task ls` shows them.
+    fn task(&self, id: &str) -> Option<(u32, String)> {
+        let list = self.ctr_ok(&["tasks", "ls"], CTR_DEADLINE);
+        list.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields[..] {
+                [task, pid, ref status] if task == id => {
+                    Some((pid.parse().ok()?, status.to_string()))
+                }
+                _ => None,
+            }
+        })
+    }
+
+    /// Waits until `ctr task ls` shows the task with `status`; returns its pid.
+    fn wait_for_task(&self, id: &str, status: &str, deadline: Duration) -> u32 {
+        let start = Instant::now();
+        loop {
+            let task = self.task(id);
+            if let Some((pid, seen)) = &task {
+                if seen == status {
+                    return *pid;
+                }
+            }
+            if start.elapsed() > deadline {
+                self.fail(&format!(
+                    "task {id} not {status} within {deadline:?}: ctr task ls shows {task:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Container ids in the namespace.
+    fn containers(&self) -> Vec<String> {
+        let list = self.ctr_ok(&["containers", "ls", "-q"], CTR_DEADLINE);
+        list.lines().map(str::to_owned).collect()
+    }
+
+    /// The daemon's log, the tails of hull's logs for each container (the shim's `log.json`,
+    /// hull-vmm's `vmm.log`, the guest's `console.log`), whichever still exist.
+    fn diagnostics(&self) -> String {
+        let mut text = String::new();
+        let mut quote = |path: PathBuf| {
+            if let Ok(bytes) = std::fs::read(&path) {
+                let tail = &bytes[bytes.len().saturating_sub(TAIL_BYTES)..];
+                text.push_str(&format!(
+                    "\n--- {} ---\n{}",
+                    path.display(),
+                    String::from_utf8_lossy(tail).trim_end()
+                ));
+            }
+        };
+        quote(self.dir.path().join("containerd.log"));
+        for id in IDS {
+            quote(self.bundle(id).join("log.json"));
+            quote(self.runc_root().join(id).join("vmm.log"));
+            quote(self.runc_root().join(id).join("console.log"));
+        }
+        text
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        panic!("{what}\n{}", self.diagnostics());
+    }
+
+    /// Fails with `what` (and the logs) unless `ok`.
+    fn ensure(&self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            self.fail(&what());
+        }
+    }
+
+    /// Needles that name what this test started outside containerd itself: the shims (started
+    /// with `-namespace NS`) and the hull-vmm processes (whose config is under the runc root).
+    fn needles(&self) -> [String; 2] {
+        [
+            format!("-namespace {} ", self.namespace),
+            format!("{}/", self.runc_root().display()),
+        ]
+    }
+
+    /// Processes of this test that are still alive.
+    fn leftover_processes(&self) -> Vec<(i32, String)> {
+        let needles = self.needles();
+        processes()
+            .into_iter()
+            .filter(|(_, cmdline)| needles.iter().any(|n| cmdline.contains(n.as_str())))
+            .collect()
+    }
+
+    /// Mounts under the temporary directory (the tasks' rootfs, snapshots).
+    fn leftover_mounts(&self) -> Vec<String> {
+        let prefix = format!("{}/", self.dir.path().display());
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        mountinfo
+            .lines()
+            .filter_map(|line| line.split(' ').nth(4))
+            .filter(|point| point.starts_with(&prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Removes everything the test made in containerd and checks that nothing of it is left
+    /// anywhere; then stops the daemon.
+    fn shut_down(mut self) {
+        let containers = self.containers();
+        self.ensure(containers.is_empty(), || {
+            format!("containers left in containerd: {containers:?}")
+        });
+        self.ctr_ok(&["images", "rm", "--sync", IMAGE], CTR_DEADLINE);
+        // Refused unless the namespace holds nothing: no container, image, content, snapshot.
+        self.ctr_ok(&["namespaces", "rm", &self.namespace], CTR_DEADLINE);
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.leftover_processes();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() > end {
+                self.fail(&format!("processes left behind: {left:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let runc_root = self.runc_root();
+        let states: Vec<_> = std::fs::read_dir(&runc_root)
+            .map(|dir| dir.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if !states.is_empty() {
+            self.fail(&format!("hull state left behind: {states:?}"));
+        }
+        // The shim makes the namespace's runc root and leaves it, as it does with runc.
+        let _ = std::fs::remove_dir(&runc_root);
+        self.stop_daemon();
+        let mounts = self.leftover_mounts();
+        if !mounts.is_empty() {
+            self.fail(&format!("mounts left behind: {mounts:?}"));
+        }
+    }
+
+    /// SIGTERM to containerd, SIGKILL if it has not exited within the deadline.
+    fn stop_daemon(&mut self) {
+        let Some(mut daemon) = self.daemon.take() else {
+            return;
+        };
+        signal(daemon.id() as i32, libc::SIGTERM);
+        let end = Instant::now() + DAEMON_DEADLINE;
+        while let Ok(None) = daemon.try_wait() {
+            if Instant::now() > end {
+                let _ = daemon.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = daemon.wait();
+    }
+}
+
+impl Drop for Containerd {
+    /// After a failure: kill the tasks, remove containers, image and namespace as far as
+    /// containerd still can, then whatever it could not (hull's VMs and state, shims, mounts).
+    fn drop(&mut self) {
+        let Some(daemon) = self.daemon.as_mut() else {
+            return;
+        };
+        if let Ok(None) = daemon.try_wait() {
+            let quick = Duration::from_secs(30);
+            for id in IDS {
+                let _ = self.ctr(&["tasks", "kill", "--signal", "SIGKILL", id], quick);
+                let _ = self.ctr(&["tasks", "rm", "--force", id], quick);
+                let _ = self.ctr(&["containers", "rm", id], quick);
+            }
+            let _ = self.ctr(&["images", "rm", "--sync", IMAGE], quick);
+            let _ = self.ctr(&["namespaces", "rm", &self.namespace], quick);
+        }
+        self.stop_daemon();
+        let root = self.runc_root();
+        for id in IDS {
+            if root.join(id).exists() {
+                let _ = Command::new("timeout")
+                    .arg("30")
+                    .arg(workspace_bin("hull"))
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["delete", "--force", id])
+                    .status();
+            }
+        }
+        for (pid, _) in self.leftover_processes() {
+            signal(pid, libc::SIGKILL);
+        }
+        for point in self.leftover_mounts().iter().rev() {
+            if let Ok(point) = std::ffi::CString::new(point.as_str()) {
+                // SAFETY: `point` is a NUL-terminated path that outlives the call.
+                unsafe { libc::umount2(point.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; `pid` is positive,
+    // one process this test started.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Every process but this one, with its command line (arguments joined by spaces).
+fn describe(out: &Finished) -> String {
+    format!(
+        "{} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status, out.elapsed, out.stdout, out.stderr
+    )
+}
+
+fn check_prerequisites() {
+    let (kernel, initramfs) = guest_artifacts();
+    assert!(
+        kernel.is_file() && initramfs.is_file(),
+        "guest artifacts missing: run `make kernel agent` first"
+    );
+    for bin in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            found,
+            "{bin} not found: run `make deps` (Debian's containerd)"
+        );
+    }
+}
+
+/// Waits until the file at `path` holds a line starting with `prefix`; returns that line.
+fn wait_for_line(ctd: &Containerd, path: &Path, prefix: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.starts_with(prefix)) {
+            return line.to_owned();
+        }
+        if start.elapsed() > TASK_DEADLINE {
+            ctd.fail(&format!(
+                "no line starting with {prefix:?} in {} within {TASK_DEADLINE:?}; it holds:\n{text}",
+                path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `ctr run --rm` in the foreground: the guest kernel's greeting, the container's status, and
+/// nothing left of the task afterwards.
+fn foreground_run(ctd: &Containerd, hull: &str) {
+    let out = ctd.ctr(
+        &[
+            "run",
+            "--runc-binary",
+            hull,
+            "--rm",
+            IMAGE,
+            "c1",
+            "sh",
+            "-c",
+            FOREGROUND_SCRIPT,
+        ],
+        VM_DEADLINE,
+    );
+    eprintln!("ctr run --rm took {:?}", out.elapsed);
+    let context = describe(&out);
+    if out.status.code() != Some(7) {
+        ctd.fail(&format!("ctr run --rm: want status 7: {context}"));
+    }
+    let release = out
+        .stdout
+        .strip_prefix("hi from ")
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .unwrap_or_else(|| ctd.fail(&format!("ctr run --rm: want one greeting: {context}")));
+    // The guest kernel's release: the container ran in the VM, not on the host.
+    ctd.ensure(release.ends_with("-hull"), || {
+        format!("not the guest kernel: {context}")
+    });
+    ctd.ensure(ctd.task("c1").is_none(), || {
+        "task c1 left after ctr run --rm".into()
+    });
+    ctd.ensure(!ctd.containers().iter().any(|c| c == "c1"), || {
+        "container c1 left after ctr run --rm".into()
+    });
+    let state = ctd.runc_root().join("c1");
+    ctd.ensure(!state.exists(), || {
+        format!("{} left behind", state.display())
+    });
+}
+
+/// `ctr run -d`, then `ctr task ls`, `ps`, `exec` and `kill`; containerd sees the task stop
+/// with the status its trap exits with.
+fn detached_task(ctd: &Containerd, hull: &str, dir: &Path) {
+    let log = dir.join("c2.log");
+    let log_uri = format!("file://{}", log.display());
+    let out = ctd.ctr(
+        &[
+            "run",
+            "--detach",
+            "--runc-binary",
+            hull,
+            "--log-uri",
+            &log_uri,
+            IMAGE,
+            "c2",
+            "sh",
+            "-c",
+            DETACHED_SCRIPT,
+        ],
+        VM_DEADLINE,
+    );
+    eprintln!("ctr run --detach took {:?}", out.elapsed);
+    if !out.status.success() {
+        ctd.fail(&format!("ctr run --detach: {}", describe(&out)));
+    }
+    let started = wait_for_line(ctd, &log, "started on ");
+    let hostname = started.trim_start_matches("started on ").to_owned();
+
+    // The task's process on the host is the container's hull-vmm.
+    let pid = ctd.wait_for_task("c2", "RUNNING", TASK_DEADLINE);
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default();
+    let vm_config = ctd.runc_root().join("c2/vm.json");
+    ctd.ensure(
+        cmdline.contains("hull-vmm") && cmdline.contains(&vm_config.display().to_string()),
+        || format!("task c2's pid {pid} is not its hull-vmm: {cmdline:?}"),
+    );
+
+    // `ctr task ps` lists the guest's pids: the shell among them, as hull itself sees it.
+    let listed = ctd.ctr_ok(&["tasks", "ps", "c2"], CTR_DEADLINE);
+    let pids: Vec<u32> = listed
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    let mut hull_ps = Command::new(hull);
+    hull_ps
+        .arg("--root")
+        .arg(ctd.runc_root())
+        .args(["ps", "c2"]);
+    let table = run(hull_ps, CTR_DEADLINE);
+    let shell = table.stdout.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields[..] {
+            [pid, _ppid, _uid, "sh", "-c", ..] => pid.parse::<u32>().ok(),
+            _ => None,
+        }
+    });
+    match shell {
+        Some(shell) if pids.contains(&shell) => {}
+        _ => ctd.fail(&format!(
+            "ctr task ps does not list the container's shell:\n{listed}\nhull ps:\n{}",
+            describe(&table)
+        )),
+    }
+
+    // `ctr task exec` runs in the same container: its hostname, its rootfs.
+    let exec = ctd.ctr(
+        &[
+            "tasks",
+            "exec",
+            "--exec-id",
+            "e1",
+            "c2",
+            "sh",
+            "-c",
+            EXEC_SCRIPT,
+        ],
+        CTR_DEADLINE,
+    );
+    eprintln!("ctr task exec took {:?}", exec.elapsed);
+    let want = format!("exec in {hostname} sees init-was-here\n");
+    ctd.ensure(exec.status.code() == Some(5) && exec.stdout == want, || {
+        format!(
+            "ctr task exec: want status 5 and {want:?}: {}",
+            describe(&exec)
+        )
+    });
+
+    // SIGTERM reaches the shell's trap; containerd sees the task stop with its status.
+    ctd.ctr_ok(&["tasks", "kill", "c2"], CTR_DEADLINE);
+    wait_for_line(ctd, &log, "got TERM");
+    ctd.wait_for_task("c2", "STOPPED", TASK_DEADLINE);
+    // `ctr task delete` reports the status containerd recorded (as a warning, not in its own
+    // exit status).
+    let deleted = ctd.ctr(&["tasks", "delete", "c2"], CTR_DEADLINE);
+    ctd.ensure(
+        deleted.status.success() && deleted.stderr.contains("non-zero exit code 143"),
+        || {
+            format!(
+                "ctr task delete: want the task's status 143: {}",
+                describe(&deleted)
+            )
+        },
+    );
+    ctd.ctr_ok(&["containers", "rm", "c2"], CTR_DEADLINE);
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    ctd.ensure(output == format!("{started}\ngot TERM\n"), || {
+        format!("c2's output: {output:?}")
+    });
+}
+
+#[test]
+fn ctr_runs_busybox_in_micro_vms_through_the_runc_shim() {
+    check_prerequisites();
+    let hull = workspace_bin("hull");
+    let hull = hull.to_str().expect("the hull path is UTF-8");
+    let work = TempDir::new("ctr-work");
+    let image = write_busybox_image(work.path(), IMAGE);
+    let ctd = Containerd::start();
+    let image = image.to_str().expect("the image path is UTF-8");
+    ctd.ctr_ok(&["images", "import", image], CTR_DEADLINE);
+    let images = ctd.ctr_ok(&["images", "ls", "-q"], CTR_DEADLINE);
+    ctd.ensure(images.lines().any(|l| l == IMAGE), || {
+        format!("{IMAGE} not imported: {images}")
+    });
+
+    let start = Instant::now();
+    foreground_run(&ctd, hull);
+    detached_task(&ctd, hull, work.path());
+    ctd.shut_down();
+    eprintln!("two tasks in micro-VMs took {:?}", start.elapsed());
+}
