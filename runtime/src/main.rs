@@ -17,6 +17,7 @@ mod signals;
 mod spec;
 mod specgen;
 mod state;
+mod tty;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -261,7 +262,11 @@ impl CreateArgs {
 fn forward_to_vmm() -> anyhow::Result<()> {
     signals::forward(|signal| {
         let pid = VMM_PID.load(Ordering::Acquire);
-        if pid > 0 {
+        if signal == libc::SIGWINCH {
+            // Our terminal's size goes to the container's (`hull run` with a terminal);
+            // hull-vmm learns of it from its own terminal.
+            tty::resize();
+        } else if pid > 0 {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::try_from(signal).ok(),

@@ -1,14 +1,26 @@
 //! `hull run`: `create` + `start`, then (in the foreground) wait for hull-vmm, which exits with
 //! the container's status, and delete the container. With `--detach` it returns once started.
+//! A terminal without `--console-socket` is relayed to hull's own stdio (`tty.rs`).
 
 use crate::container::{self, CreateOptions};
 
 /// Runs the container; returns the status to exit with: the container's (code, or 128 +
 /// signal) in the foreground, 0 when detached.
 pub fn run(opts: &CreateOptions, detach: bool) -> anyhow::Result<i32> {
-    let opts = CreateOptions {
+    let mut opts = CreateOptions {
         attached: !detach,
         ..opts.clone()
+    };
+    // A terminal and nowhere to send it: relay it here, as runc does.
+    let terminal = if !detach
+        && opts.console_socket.is_none()
+        && crate::spec::BundleSpec::load(&opts.bundle)?.terminal
+    {
+        let foreground = crate::tty::Foreground::start(&std::env::temp_dir())?;
+        opts.console_socket = Some(foreground.socket().to_owned());
+        Some(foreground)
+    } else {
+        None
     };
     let mut created = container::create(&opts)?;
     created.container.start()?;
@@ -26,6 +38,9 @@ pub fn run(opts: &CreateOptions, detach: bool) -> anyhow::Result<i32> {
         (None, None) => 255,
     };
     log::debug!("hull-vmm exited: {status}");
+    if let Some(terminal) = terminal {
+        terminal.finish();
+    }
     created.container.delete(false)?;
     Ok(code)
 }
