@@ -49,8 +49,8 @@ struct Cli {
     /// Accepted for runc compatibility: hull's containers are VMs, not cgroups of the host.
     #[arg(long = "systemd-cgroup", global = true)]
     systemd_cgroup: bool,
-    /// Accepted for runc compatibility (runc's rootless mode); hull needs root for /dev/kvm
-    /// only as far as its permissions say.
+    /// runc's rootless mode: with `spec`, write a spec for a rootless container; otherwise
+    /// accepted (hull needs /dev/kvm, as far as its permissions say, not root).
     #[arg(long, global = true, value_name = "true|false|auto", num_args = 0..=1, default_missing_value = "true")]
     rootless: Option<String>,
     #[command(subcommand)]
@@ -187,9 +187,6 @@ enum Command {
     Spec {
         #[arg(long, short = 'b', default_value = ".")]
         bundle: PathBuf,
-        /// A spec for a rootless container.
-        #[arg(long)]
-        rootless: bool,
     },
 }
 
@@ -434,8 +431,9 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
             print_json(&features::features());
             Ok(0)
         }
-        Command::Spec { bundle, rootless } => {
-            let rootless = *rootless || cli.rootless.as_deref() == Some("true");
+        Command::Spec { bundle } => {
+            // `--rootless` (global, as in runc): a spec for a rootless container.
+            let rootless = cli.rootless.as_deref() == Some("true");
             specgen::write_spec(bundle, rootless)?;
             Ok(0)
         }

@@ -48,6 +48,8 @@ pub struct BundleBuilder {
     gid: u32,
     readonly: bool,
     pid_namespace: bool,
+    terminal: bool,
+    hooks: Option<String>,
 }
 
 impl Default for BundleBuilder {
@@ -62,6 +64,8 @@ impl Default for BundleBuilder {
             gid: 0,
             readonly: false,
             pid_namespace: true,
+            terminal: false,
+            hooks: None,
         }
     }
 }
@@ -104,6 +108,18 @@ impl BundleBuilder {
         self
     }
 
+    /// `process.terminal`.
+    pub fn terminal(mut self, terminal: bool) -> Self {
+        self.terminal = terminal;
+        self
+    }
+
+    /// The spec's `hooks` object, as JSON text.
+    pub fn hooks(mut self, hooks: &str) -> Self {
+        self.hooks = Some(hooks.to_owned());
+        self
+    }
+
     /// The `config.json` text.
     pub fn config_json(&self) -> String {
         let strings = |list: &[String]| {
@@ -115,7 +131,7 @@ impl BundleBuilder {
             r#"{{
   "ociVersion": "1.0.2-dev",
   "process": {{
-    "terminal": false,
+    "terminal": {terminal},
     "user": {{"uid": {uid}, "gid": {gid}}},
     "args": {args},
     "env": {env},
@@ -130,7 +146,7 @@ impl BundleBuilder {
     "rlimits": [{{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}}],
     "noNewPrivileges": true
   }},
-  "root": {{"path": "rootfs", "readonly": {readonly}}},
+  {hooks}"root": {{"path": "rootfs", "readonly": {readonly}}},
   "hostname": "runc",
   "mounts": [
     {{"destination": "/proc", "type": "proc", "source": "proc"}},
@@ -169,6 +185,11 @@ impl BundleBuilder {
             args = strings(&self.args),
             env = strings(&self.env),
             readonly = self.readonly,
+            terminal = self.terminal,
+            hooks = self
+                .hooks
+                .as_ref()
+                .map_or_else(String::new, |h| format!("\"hooks\": {h},\n  ")),
             pid = if self.pid_namespace {
                 r#"{"type": "pid"}, "#
             } else {

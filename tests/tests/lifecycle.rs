@@ -1,13 +1,19 @@
 //! End to end: runc's verbs on real micro-VMs, the way containerd's shim drives them: `create`
 //! (pid file, stdio inherited by hull-vmm), `state`, `list`, `start`, `ps`, `exec`, `kill`,
-//! `delete`, and the errors for wrong transitions and bad input. Two containers run at once:
+//! `delete`, hooks on the host, a terminal sent over `--console-socket` (input, output, window
+//! size), `exec -t`, and the errors for wrong transitions and bad input; `spec` and `features`.
+//! Two containers run at once:
 //! `kill -9` of one hull-vmm must leave the other running, and `delete` must clean up after it.
 //! The test is its processes' subreaper, as the shim is, so it reaps each hull-vmm and checks
 //! that it exits with its container's status. One test (two VMs at once) of about two minutes
 //! on a PVM host.
 
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_tests::bundle::Bundle;
@@ -64,6 +70,58 @@ impl Hull<'_> {
 
     fn state(&self, id: &str) -> Value {
         serde_json::from_str(&self.ok(&["state", id])).expect("state is JSON")
+    }
+}
+
+/// The test's end of `--console-socket`: takes the pty master hull-vmm sends, and collects
+/// what the container writes to its terminal.
+struct ConsoleReader {
+    master: std::sync::mpsc::Receiver<File>,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+impl ConsoleReader {
+    fn listen(path: &Path) -> Self {
+        let listener = UnixListener::bind(path).expect("bind the console socket");
+        let (tx, master) = std::sync::mpsc::channel();
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let sink = output.clone();
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().expect("hull-vmm connects");
+            let fd = vmm::container::console::receive_fd(&conn).expect("a pty master arrives");
+            let mut reader = File::from(fd);
+            tx.send(reader.try_clone().unwrap()).unwrap();
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once hull-vmm (the slave's holder) is gone.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self { master, output }
+    }
+
+    fn master(&self) -> File {
+        self.master
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no pty master on the console socket")
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned();
+            if text.contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "no {needle:?} on the terminal: {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -156,10 +214,55 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     hull.fails(&["create", "bad/id"], "invalid container id");
     assert!(!root.path().join("bad").exists());
 
-    // A traps SIGTERM and exits 9; B just sleeps.
+    // spec and features need no VM.
+    let spec_dir = work.path().join("spec");
+    std::fs::create_dir(&spec_dir).unwrap();
+    hull.ok(&["spec", "--bundle", spec_dir.to_str().unwrap()]);
+    let spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(spec_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(spec["root"]["path"], "rootfs");
+    assert_eq!(spec["process"]["args"], serde_json::json!(["sh"]));
+    hull.fails(&["spec", "--bundle", spec_dir.to_str().unwrap()], "exists");
+    let features: Value = serde_json::from_str(&hull.ok(&["features"])).unwrap();
+    assert!(features["ociVersionMax"]
+        .as_str()
+        .unwrap()
+        .starts_with("1."));
+    assert!(features["hooks"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("poststop")));
+
+    // A has a terminal and hooks; it reads a line, traps SIGTERM and exits 9. B just sleeps.
+    let hook = |kind: &str| {
+        let file = work.path().join(format!("{kind}.json"));
+        format!(
+            r#"[{{"path": "/bin/sh", "args": ["sh", "-c", "cat > {}"], "timeout": 30}}]"#,
+            file.display()
+        )
+    };
+    let hooks = format!(
+        r#"{{"createRuntime": {}, "prestart": {}, "poststart": {}, "poststop": {}}}"#,
+        hook("createRuntime"),
+        hook("prestart"),
+        hook("poststart"),
+        hook("poststop")
+    );
     let a = Bundle::builder()
-        .script("trap 'echo got-term; exit 9' TERM; echo started-a; while :; do sleep 1; done")
+        .terminal(true)
+        .hooks(&hooks)
+        .script(
+            "trap 'echo got-term; exit 9' TERM; echo started-a; read line; echo \"got-$line\"; \
+             while :; do sleep 1; done",
+        )
         .build();
+    let hook_state = |kind: &str| -> Value {
+        let path = work.path().join(format!("{kind}.json"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("hook {kind} did not run ({}: {e})", path.display()));
+        serde_json::from_str(&text).unwrap()
+    };
     let b = Bundle::builder()
         .script("echo started-b; while :; do sleep 1; done")
         .build();
@@ -168,10 +271,13 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     let pid_file = work.path().join("a.pid");
     // hull-vmm inherits create's stdout and stderr (as runc's init does), so they are files:
     // a pipe would stay open for as long as the container runs.
+    let console_socket = work.path().join("console.sock");
+    let console = ConsoleReader::listen(&console_socket);
     let create = |bundle: &Bundle, id: &str, out: &Path, pid_file: Option<&Path>| {
         let mut cmd = hull.command(&["create", "--bundle", bundle.path().to_str().unwrap()]);
         if let Some(p) = pid_file {
             cmd.arg("--pid-file").arg(p);
+            cmd.arg("--console-socket").arg(&console_socket);
         }
         let err = out.with_extension("err");
         cmd.arg(id)
@@ -193,8 +299,15 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     }
     eprintln!("two creates took {:?}", t0.elapsed());
 
+    let master = console.master();
     let state_a = hull.state("a");
     assert_eq!(state_a["status"], "created");
+    for kind in ["createRuntime", "prestart"] {
+        let seen = hook_state(kind);
+        assert_eq!(seen["id"], "a", "{kind}: {seen}");
+        assert_eq!(seen["status"], "created", "{kind}: {seen}");
+        assert_eq!(seen["pid"], state_a["pid"], "{kind}: {seen}");
+    }
     assert_eq!(state_a["ociVersion"], "1.0.2");
     assert_eq!(state_a["bundle"], a.path().to_str().unwrap());
     let pid_a = state_a["pid"].as_i64().unwrap() as i32;
@@ -214,7 +327,7 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
         .collect();
     assert_eq!(ids, ["a", "b"]);
     hull.fails(
-        &["create", "--bundle", a.path().to_str().unwrap(), "a"],
+        &["create", "--bundle", b.path().to_str().unwrap(), "a"],
         "container a already exists",
     );
     assert_eq!(
@@ -228,9 +341,12 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     hull.ok(&["start", "a"]);
     hull.ok(&["start", "b"]);
     assert_eq!(hull.state("a")["status"], "running");
+    assert_eq!(hook_state("poststart")["status"], "running");
     hull.fails(&["start", "a"], "already running");
     hull.fails(&["delete", "a"], "that is not stopped: running");
-    wait_for_text(&out_a, "started-a");
+    console.wait_for("started-a");
+    (&master).write_all(b"hello\r").unwrap();
+    console.wait_for("got-hello");
     wait_for_text(&out_b, "started-b");
 
     // kill -9 of b's hull-vmm: b is stopped, a runs on; delete cleans b up.
@@ -265,14 +381,43 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     );
     assert_eq!(String::from_utf8_lossy(&exec.stdout), "exec-42\n");
 
+    // The terminal: a new window size on the master reaches the guest's pty; exec -t gets a
+    // pty of its own.
+    vmm::container::console::set_window_size(&master, 40, 100).unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let size = hull.ok(&["exec", "a", "sh", "-c", "stty -F /dev/pts/0 size"]);
+        if size.trim() == "40 100" {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the guest's pty is {size:?}, not 40 100"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let tty = hull.run(&["exec", "-t", "a", "sh", "-c", "tty; exit 3"]);
+    assert_eq!(
+        tty.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&tty.stderr)
+    );
+    let tty_out = String::from_utf8_lossy(&tty.stdout);
+    assert!(
+        tty_out.starts_with("/dev/pts/") && !tty_out.starts_with("/dev/pts/0"),
+        "{tty_out:?}"
+    );
+
     // SIGTERM by name reaches a's trap; hull-vmm exits with the container's status.
     hull.ok(&["kill", "a", "TERM"]);
     assert_eq!(reap(pid_a), 9);
-    wait_for_text(&out_a, "got-term");
+    console.wait_for("got-term");
     wait_for_status(&hull, "a", "stopped");
     hull.fails(&["kill", "a", "KILL"], "not running");
     hull.fails(&["start", "a"], "has stopped");
     hull.ok(&["delete", "a"]);
+    assert_eq!(hook_state("poststop")["status"], "stopped");
     hull.fails(&["state", "a"], "does not exist");
     assert!(
         std::fs::read_dir(root.path()).unwrap().next().is_none(),
