@@ -277,11 +277,24 @@ fn binary_output_is_byte_exact_and_written_files_reach_the_host() {
 
 #[test]
 fn a_readonly_rootfs_refuses_writes_and_exit_1_comes_back() {
-    let (bundle, out) = run_in_vm(Bundle::builder().readonly(true).script("touch /nope"), None);
+    // The rootfs lacks the mount points /proc, /dev and /sys: the guest cannot make them in a
+    // read-only share, so hull makes them on the host first, as runc does.
+    check_artifacts();
+    let bundle = Bundle::builder()
+        .readonly(true)
+        .script("test -e /proc/self/status && test -c /dev/null && touch /nope")
+        .build();
+    for dir in ["proc", "dev", "sys"] {
+        std::fs::remove_dir(bundle.rootfs().join(dir)).unwrap();
+    }
+    let out = hull_run(bundle.path(), None);
     let context = out.context();
     assert_eq!(out.status.code(), Some(1), "{context}");
     assert!(out.stderr.contains("Read-only file system"), "{context}");
     assert!(!bundle.rootfs().join("nope").exists());
+    for dir in ["proc", "dev", "sys"] {
+        assert!(bundle.rootfs().join(dir).is_dir(), "no mount point /{dir}");
+    }
 }
 
 #[test]
