@@ -368,10 +368,14 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
         "exec",
         "--env",
         "X=42",
+        "--cwd",
+        "/tmp",
+        "--user",
+        "1000:1000",
         "a",
         "sh",
         "-c",
-        "echo exec-$X; exit 4",
+        "echo exec-$X-$(pwd)-$(id -u):$(id -g); exit 4",
     ]);
     assert_eq!(
         exec.status.code(),
@@ -379,7 +383,10 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
         "{}",
         String::from_utf8_lossy(&exec.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&exec.stdout), "exec-42\n");
+    assert_eq!(
+        String::from_utf8_lossy(&exec.stdout),
+        "exec-42-/tmp-1000:1000\n"
+    );
 
     // The terminal: a new window size on the master reaches the guest's pty; exec -t gets a
     // pty of its own.
