@@ -32,7 +32,7 @@ pub use handshake::{
 pub use message::{
     request_id_of, AgentMessage, CreateContainer, ErrorKind, ErrorResponse, Event, Exec,
     ExitStatus, HostMessage, ProcessInfo, ProcessRef, Request, RequestBody, Response, ResponseBody,
-    Rootfs, Stdio, StreamKind,
+    Rootfs, Stdio, StreamKind, CAPABILITY_NAMES,
 };
 pub use stdio::{attach_stream, read_stream_hello, StreamError, StreamHello, StreamReply};
 

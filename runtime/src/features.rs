@@ -69,51 +69,6 @@ const MOUNT_OPTIONS: [&str; 30] = [
 
 const NAMESPACES: [&str; 6] = ["cgroup", "ipc", "mount", "network", "pid", "uts"];
 
-/// The agent's capability table, in kernel order (as the spec's example lists them).
-const CAPABILITIES: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
-
 /// `SCMP_ACT_NOTIFY` and `SCMP_ACT_TRACE` are refused by the agent.
 const SECCOMP_ACTIONS: [&str; 7] = [
     "SCMP_ACT_ALLOW",
@@ -158,7 +113,7 @@ pub fn features() -> Value {
         "mountOptions": &MOUNT_OPTIONS[..],
         "linux": {
             "namespaces": &NAMESPACES[..],
-            "capabilities": &CAPABILITIES[..],
+            "capabilities": &hull_protocol::CAPABILITY_NAMES[..],
             "cgroup": {
                 "v1": false,
                 "v2": false,
@@ -189,7 +144,6 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    const AGENT_CAPS: &str = include_str!("../../guest-agent/src/container/caps.rs");
     const AGENT_SETUP: &str = include_str!("../../guest-agent/src/container/setup.rs");
     const AGENT_SECCOMP: &str = include_str!("../../guest-agent/src/container/seccomp.rs");
     const AGENT_CONTAINER: &str = include_str!("../../guest-agent/src/container/mod.rs");
@@ -299,14 +253,6 @@ mod tests {
                 "poststop"
             ]
         );
-    }
-
-    #[test]
-    fn capabilities_are_the_agents_table() {
-        let table = section(AGENT_CAPS, "pub const NAMES", "];");
-        let agent = literals(table);
-        assert!(agent.len() >= 41, "{agent:?}");
-        assert_eq!(strings(&features()["linux"]["capabilities"]), agent);
     }
 
     #[test]

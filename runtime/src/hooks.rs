@@ -392,20 +392,12 @@ mod tests {
     use serde_json::json;
     use std::os::unix::fs::PermissionsExt;
 
-    /// A temporary directory, removed on drop.
-    struct TempDir(PathBuf);
+    /// A temporary directory for hook scripts, removed on drop.
+    struct TempDir(crate::testutil::TempDir);
 
     impl TempDir {
         fn new() -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "hull-hooks-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
+            Self(crate::testutil::TempDir::new("hooks"))
         }
 
         /// An executable shell script `name` with `body`.
@@ -418,12 +410,6 @@ mod tests {
 
         fn path(&self, name: &str) -> PathBuf {
             self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 

@@ -17,6 +17,8 @@ mod signals;
 mod spec;
 mod specgen;
 mod state;
+#[cfg(test)]
+mod testutil;
 mod tty;
 
 use std::path::PathBuf;

@@ -340,17 +340,11 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     /// A temporary directory with `rootfs/` and `outside/`, removed on drop.
-    struct TempDir(PathBuf);
+    struct TempDir(crate::testutil::TempDir);
 
     impl TempDir {
         fn new() -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "hull-mountpoints-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
+            let dir = crate::testutil::TempDir::new("mountpoints");
             std::fs::create_dir_all(dir.join("rootfs")).unwrap();
             std::fs::create_dir_all(dir.join("outside")).unwrap();
             Self(dir)
@@ -373,19 +367,13 @@ mod tests {
                 entries.is_empty(),
                 "created outside the rootfs: {entries:?}"
             );
-            let top: Vec<_> = std::fs::read_dir(&self.0)
+            let top: Vec<_> = std::fs::read_dir(self.0.path())
                 .unwrap()
                 .map(|e| e.unwrap().file_name().into_string().unwrap())
                 .collect();
             let mut top = top;
             top.sort();
             assert_eq!(top, ["outside", "rootfs"]);
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 
