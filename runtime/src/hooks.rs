@@ -57,19 +57,8 @@ pub struct Hooks {
     pub poststop: Vec<Hook>,
 }
 
-/// Errors in the `hooks` of a `config.json`.
-#[derive(Debug, thiserror::Error)]
-pub enum HookError {
-    #[error("{}: field `{field}` is missing", path.display())]
-    Missing { path: PathBuf, field: String },
-    #[error("{}: field `{field}` = {value}: {reason}", path.display())]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        value: String,
-        reason: &'static str,
-    },
-}
+/// Errors in the `hooks` of a `config.json`: the file, the field and the value.
+pub type HookError = crate::spec::SpecError;
 
 /// Reads `hooks` of `spec`, the contents of `config_path` (named in errors).
 pub fn parse_hooks(spec: &Value, config_path: &Path) -> Result<Hooks, HookError> {
@@ -108,21 +97,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn invalid(&self, field: String, value: &Value, reason: &'static str) -> HookError {
-        let mut value = value.to_string();
-        if value.len() > 200 {
-            let mut cut = 200;
-            while !value.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            value.truncate(cut);
-            value.push_str("...");
-        }
-        HookError::Invalid {
-            path: self.path.to_owned(),
-            field,
-            value,
-            reason,
-        }
+        HookError::invalid(self.path, field, value, reason)
     }
 
     fn strings(&self, field: String, value: Option<&Value>) -> Result<Vec<String>, HookError> {
@@ -142,10 +117,7 @@ impl Parser<'_> {
         }
         let path = match entry.get("path") {
             None | Some(Value::Null) => {
-                return Err(HookError::Missing {
-                    path: self.path.to_owned(),
-                    field: format!("{field}.path"),
-                })
+                return Err(HookError::missing(self.path, format!("{field}.path")))
             }
             Some(Value::String(p)) if p.starts_with('/') => PathBuf::from(p),
             Some(other) => {

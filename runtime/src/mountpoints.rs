@@ -28,21 +28,17 @@ use nix::fcntl::{openat, openat2, readlinkat, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{mkdirat, Mode};
 use serde_json::Value;
 
+use crate::spec::SpecError;
+
 /// Links followed for one destination before giving up, as the kernel's `MAXSYMLINKS`.
 const MAX_SYMLINKS: usize = 40;
 
 /// Errors reading `mounts` or making mount points.
 #[derive(Debug, thiserror::Error)]
 pub enum MountPointError {
-    #[error("{}: field `{field}` is missing", path.display())]
-    Missing { path: PathBuf, field: String },
-    #[error("{}: field `{field}` = {value}: {reason}", path.display())]
-    Invalid {
-        path: PathBuf,
-        field: String,
-        value: String,
-        reason: &'static str,
-    },
+    /// `mounts` is not what the spec says.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     #[error("cannot open rootfs {}", rootfs.display())]
     Rootfs {
         rootfs: PathBuf,
@@ -87,11 +83,8 @@ pub struct MountPoint {
 
 /// The spec's `mounts`, in order; `spec` is the contents of `config_path` (named in errors).
 pub fn spec_mounts(spec: &Value, config_path: &Path) -> Result<Vec<SpecMount>, MountPointError> {
-    let invalid = |field: String, value: &Value, reason| MountPointError::Invalid {
-        path: config_path.to_owned(),
-        field,
-        value: truncated(value),
-        reason,
+    let invalid = |field: String, value: &Value, reason: &str| {
+        MountPointError::from(SpecError::invalid(config_path, field, value, reason))
     };
     let entries = match spec.get("mounts") {
         None | Some(Value::Null) => return Ok(Vec::new()),
@@ -109,10 +102,8 @@ pub fn spec_mounts(spec: &Value, config_path: &Path) -> Result<Vec<SpecMount>, M
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(other) => Err(invalid(field(name), other, "must be a string")),
         };
-        let destination = optional("destination")?.ok_or_else(|| MountPointError::Missing {
-            path: config_path.to_owned(),
-            field: field("destination"),
-        })?;
+        let destination = optional("destination")?
+            .ok_or_else(|| SpecError::missing(config_path, field("destination")))?;
         let kind = optional("type")?;
         let source = optional("source")?;
         let options: Vec<&str> = match entry.get("options") {
@@ -138,19 +129,6 @@ pub fn spec_mounts(spec: &Value, config_path: &Path) -> Result<Vec<SpecMount>, M
         });
     }
     Ok(mounts)
-}
-
-fn truncated(value: &Value) -> String {
-    let mut text = value.to_string();
-    if text.len() > 200 {
-        let mut cut = 200;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str("...");
-    }
-    text
 }
 
 /// The names of an absolute container path, `.` and `..` taken lexically (as the spec's

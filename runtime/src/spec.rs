@@ -38,11 +38,11 @@ pub enum SpecError {
         source: serde_json::Error,
     },
     #[error("{}: field `{field}` is missing", path.display())]
-    Missing { path: PathBuf, field: &'static str },
+    Missing { path: PathBuf, field: String },
     #[error("{}: field `{field}` = {value}: {reason}", path.display())]
     Invalid {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         value: String,
         reason: String,
     },
@@ -269,8 +269,15 @@ struct Checker<'a> {
     path: &'a Path,
 }
 
-impl Checker<'_> {
-    fn invalid(&self, field: &'static str, value: &Value, reason: &str) -> SpecError {
+impl SpecError {
+    /// `field` of `path` has `value`, which is wrong for `reason` (the value quoted as JSON,
+    /// cut to 200 bytes).
+    pub fn invalid(
+        path: &Path,
+        field: impl Into<String>,
+        value: &Value,
+        reason: impl Into<String>,
+    ) -> Self {
         let mut value = value.to_string();
         if value.len() > 200 {
             let cut = (0..=200)
@@ -281,11 +288,25 @@ impl Checker<'_> {
             value.push_str("...");
         }
         SpecError::Invalid {
-            path: self.path.to_owned(),
-            field,
+            path: path.to_owned(),
+            field: field.into(),
             value,
-            reason: reason.to_owned(),
+            reason: reason.into(),
         }
+    }
+
+    /// `field` of `path` is missing.
+    pub fn missing(path: &Path, field: impl Into<String>) -> Self {
+        SpecError::Missing {
+            path: path.to_owned(),
+            field: field.into(),
+        }
+    }
+}
+
+impl Checker<'_> {
+    fn invalid(&self, field: &'static str, value: &Value, reason: &str) -> SpecError {
+        SpecError::invalid(self.path, field, value, reason)
     }
 
     fn required<'v>(
@@ -295,10 +316,7 @@ impl Checker<'_> {
         field: &'static str,
     ) -> Result<&'v Value, SpecError> {
         match lookup(spec, keys) {
-            None | Some(Value::Null) => Err(SpecError::Missing {
-                path: self.path.to_owned(),
-                field,
-            }),
+            None | Some(Value::Null) => Err(SpecError::missing(self.path, field)),
             Some(value) => Ok(value),
         }
     }
