@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 pub const READY_PREFIX: &str = "HULL_AGENT_READY ";
 /// The line the agent prints before it powers off on a fatal error.
 pub const FATAL_PREFIX: &str = "HULL_AGENT_FATAL ";
+/// The longest console line kept while looking for the readiness line: the guest writes the
+/// console, and a line without an end must not grow hull-vmm's memory.
+const MAX_LINE: usize = 64 << 10;
 /// How often the console is looked at while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -98,6 +101,11 @@ impl LineWatcher {
             let text = String::from_utf8_lossy(&line);
             lines.push(text.trim_end_matches(['\r', '\n']).to_owned());
         }
+        if self.partial.len() > MAX_LINE {
+            // Not a line anyone waits for: keep only its end.
+            let excess = self.partial.len() - MAX_LINE;
+            self.partial.drain(..excess);
+        }
         lines
     }
 }
@@ -129,6 +137,13 @@ mod tests {
         assert_eq!(tail(&path, 4), "rest");
         std::fs::remove_file(&path).unwrap();
         assert!(w.poll(&path).is_empty());
+
+        // A line without an end is not kept whole.
+        let mut w = LineWatcher::default();
+        std::fs::write(&path, vec![b'x'; 3 * MAX_LINE]).unwrap();
+        assert!(w.poll(&path).is_empty());
+        assert_eq!(w.partial.len(), MAX_LINE);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
