@@ -269,8 +269,9 @@ fn main() -> ExitCode {
     };
     let result = vmm.run();
     if let Some(status) = container_status {
-        if let Err(err) = &result {
-            log::error!("{}", error_chain(err));
+        match &result {
+            Ok(outcome) => log::info!("{}", outcome.exit),
+            Err(err) => log::error!("{}", error_chain(err)),
         }
         let status = *status.lock().unwrap_or_else(|p| p.into_inner());
         return match status {

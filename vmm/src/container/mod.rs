@@ -178,6 +178,7 @@ pub fn start(
     let terminal = matches!(config.create.stdio, Stdio::Terminal { .. });
     let (tx, rx) = channel();
     let supervisor = Supervisor {
+        since: Instant::now(),
         config,
         console,
         vsock,
@@ -214,6 +215,8 @@ pub fn start(
 }
 
 struct Supervisor {
+    /// When the supervisor started (with the VM), for the timings it logs.
+    since: Instant,
     config: ContainerConfig,
     console: PathBuf,
     vsock: PathBuf,
@@ -261,6 +264,10 @@ impl Supervisor {
         }
         match setup {
             Ok(running) => {
+                log::info!(
+                    "container created ({} ms)",
+                    self.since.elapsed().as_millis()
+                );
                 self.created.store(true, Ordering::Release);
                 self.serve(running, &rx);
             }
@@ -294,7 +301,7 @@ impl Supervisor {
 
     /// Boot wait, agent connection, streams, `create_container`.
     fn setup(&mut self, rx: &Receiver<Incoming>) -> anyhow::Result<Running> {
-        let spawned = Instant::now();
+        let spawned = self.since;
         let ready = ready::wait_ready(&self.console, spawned, BOOT_DEADLINE)
             .map_err(|e| anyhow!("{e}{}", self.console_tail()))?;
         log::info!(
@@ -516,6 +523,9 @@ impl Supervisor {
                     }
                 }
                 Incoming::Client(ClientRequest { request, writer }) => {
+                    if request.body == RequestBody::StartContainer {
+                        log::info!("start requested ({} ms)", self.since.elapsed().as_millis());
+                    }
                     let route = Route::Client {
                         writer: writer.clone(),
                         id: request.id,
@@ -550,7 +560,10 @@ impl Supervisor {
                     pid,
                 })) if !exited => {
                     exited = true;
-                    log::info!("container init (pid {pid}) exited: {status:?}");
+                    log::info!(
+                        "container init (pid {pid}) exited: {status:?} ({} ms)",
+                        self.since.elapsed().as_millis()
+                    );
                     self.set_status(status.shell_status());
                     let tx = self.tx.clone();
                     let outputs = running.outputs;
@@ -569,6 +582,7 @@ impl Supervisor {
                 }
                 Incoming::Agent(other) => log::debug!("from the agent: {other:?}"),
                 Incoming::Drained => {
+                    log::info!("output drained ({} ms)", self.since.elapsed().as_millis());
                     self.send_or_warn(
                         &mut running.control,
                         RequestBody::Shutdown,
