@@ -13,8 +13,9 @@
 //! every filter admits x86-64 system calls only. `mountExtensions` is a runtime-spec 1.2
 //! property, which a document whose `ociVersionMax` is 1.1.0 must not contain.
 //!
-//! Hooks run on the host (`hooks.rs`); `createContainer` and `startContainer`, which the spec
-//! runs in the container's namespaces, run there too, since the container is inside the VM.
+//! Hooks run on the host (`hooks.rs`). `createContainer` and `startContainer`, which the spec
+//! runs in the container's namespaces, would have to run inside the VM: `hull create` refuses
+//! them, so they are not listed.
 
 use serde_json::{json, Value};
 
@@ -24,14 +25,7 @@ pub const OCI_VERSION_MIN: &str = "1.0.0";
 pub const OCI_VERSION_MAX: &str = "1.1.0";
 
 /// The hooks, in the order of a container's life.
-const HOOKS: [&str; 6] = [
-    "prestart",
-    "createRuntime",
-    "createContainer",
-    "startContainer",
-    "poststart",
-    "poststop",
-];
+const HOOKS: [&str; 4] = ["prestart", "createRuntime", "poststart", "poststop"];
 
 /// The options the agent's `parse_options` turns into mount or propagation flags.
 const MOUNT_OPTIONS: [&str; 30] = [
@@ -244,14 +238,7 @@ mod tests {
             .is_subset(&set(strings(&seccomp["knownFlags"]))));
         assert_eq!(
             strings(&doc["hooks"]),
-            [
-                "prestart",
-                "createRuntime",
-                "createContainer",
-                "startContainer",
-                "poststart",
-                "poststop"
-            ]
+            ["prestart", "createRuntime", "poststart", "poststop"]
         );
     }
 

@@ -33,6 +33,14 @@ use crate::container::{Container, CreateOptions, Status, VMM_PID};
 use crate::logger::LogFormat;
 use crate::paths::{find_guest_dir, guest_dirs};
 
+/// `println!` that does not panic when standard output is closed (`hull list | head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "hull", version, about = "Run OCI containers in micro-VMs")]
 struct Cli {
@@ -197,15 +205,15 @@ fn doctor() -> ExitCode {
     let kind = KvmKind::detect();
     match Kvm::new() {
         Ok(kvm) => {
-            println!(
+            out!(
                 "kvm: /dev/kvm usable, API version {}",
                 kvm.get_api_version()
             );
-            println!("kvm kind: {kind}");
+            out!("kvm kind: {kind}");
             if let Some(warning) = kind.warning() {
-                println!("warning: {warning}");
+                out!("warning: {warning}");
             }
-            println!("max vCPUs per VM: {}", kvm.get_max_vcpus());
+            out!("max vCPUs per VM: {}", kvm.get_max_vcpus());
             for (cap, name) in [
                 (Cap::Irqchip, "IRQCHIP"),
                 (Cap::Pit2, "PIT2"),
@@ -215,7 +223,7 @@ fn doctor() -> ExitCode {
             ] {
                 let present = kvm.check_extension(cap);
                 ok &= present;
-                println!(
+                out!(
                     "capability {name}: {}",
                     if present { "yes" } else { "MISSING" }
                 );
@@ -223,14 +231,14 @@ fn doctor() -> ExitCode {
         }
         Err(err) => {
             ok = false;
-            println!("kvm: cannot open /dev/kvm: {err}");
+            out!("kvm: cannot open /dev/kvm: {err}");
         }
     }
     match find_guest_dir(&guest_dirs()) {
-        Some(dir) => println!("guest: {}", dir.display()),
+        Some(dir) => out!("guest: {}", dir.display()),
         None => {
             ok = false;
-            println!("guest: no vmlinux and initramfs.cpio found (run `make kernel agent`)");
+            out!("guest: no vmlinux and initramfs.cpio found (run `make kernel agent`)");
         }
     }
     if ok {
@@ -281,7 +289,7 @@ fn forward_to_vmm() -> anyhow::Result<()> {
 }
 
 fn print_json(value: &serde_json::Value) {
-    println!(
+    out!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values serialize")
     );
@@ -335,19 +343,23 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
             let containers = Container::list(&cli.root)?;
             if *quiet {
                 for c in &containers {
-                    println!("{}", c.saved.id);
+                    out!("{}", c.saved.id);
                 }
                 return Ok(0);
             }
             match format {
                 Format::Json => {
                     let list: Vec<_> = containers.iter().map(Container::state_json).collect();
-                    println!("{}", serde_json::Value::Array(list));
+                    out!("{}", serde_json::Value::Array(list));
                 }
                 Format::Table => {
-                    println!(
+                    out!(
                         "{:<12} {:<8} {:<10} {:<40} {:<30} OWNER",
-                        "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+                        "ID",
+                        "PID",
+                        "STATUS",
+                        "BUNDLE",
+                        "CREATED"
                     );
                     for c in &containers {
                         let status = c.status();
@@ -356,7 +368,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
                         } else {
                             c.saved.pid
                         };
-                        println!(
+                        out!(
                             "{:<12} {:<8} {:<10} {:<40} {:<30} root",
                             c.saved.id,
                             pid,
@@ -381,17 +393,17 @@ fn dispatch(cli: &Cli) -> anyhow::Result<i32> {
             match format {
                 Format::Json => {
                     let pids: Vec<i32> = processes.iter().map(|p| p.pid).collect();
-                    println!("{}", serde_json::json!(pids));
+                    out!("{}", serde_json::json!(pids));
                 }
                 Format::Table => {
-                    println!("{:>7} {:>7} {:>6} CMD", "PID", "PPID", "UID");
+                    out!("{:>7} {:>7} {:>6} CMD", "PID", "PPID", "UID");
                     for p in &processes {
                         let cmd = if p.args.is_empty() {
                             format!("[{}]", p.comm)
                         } else {
                             p.args.join(" ")
                         };
-                        println!("{:>7} {:>7} {:>6} {cmd}", p.pid, p.ppid, p.uid);
+                        out!("{:>7} {:>7} {:>6} {cmd}", p.pid, p.ppid, p.uid);
                     }
                 }
             }
