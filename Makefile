@@ -16,7 +16,7 @@ CARGO ?= cargo
 # Debian packages the host side needs (the kernel build installs its own).
 HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static containerd
 
-.PHONY: demo test kernel agent build bench lint deps clean
+.PHONY: demo test kernel agent build bench lint deps clean fuzz
 
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: hull needs a Rust toolchain (rustup) on PATH" >&2; exit 1; }
@@ -74,6 +74,19 @@ bench: kernel agent build
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Each cargo-fuzz target in fuzz/ for FUZZ_SECONDS (docs/fuzzing.md). Not part of `make test`:
+# it needs the nightly toolchain, and its corpus and finds stay in fuzz/corpus, fuzz/artifacts.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := protocol_decoder vsock virtio_fs
+fuzz:
+	@rustup run nightly rustc --version >/dev/null 2>&1 || { echo "error: fuzzing needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+		echo "== fuzzing $$target for $(FUZZ_SECONDS) s"; \
+		$(CARGO) +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) -timeout=20 \
+			-len_control=0 -max_len=1024 -print_final_stats=1; \
+	done
 
 clean:
 	rm -rf build target

@@ -11,9 +11,11 @@
 //! irqfd. Nothing here touches KVM.
 
 pub mod fs;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz_utils;
 pub mod interrupt;
 pub mod mmio;
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
 pub mod vsock;
 

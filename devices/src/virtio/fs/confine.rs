@@ -11,15 +11,23 @@
 //! - read-only: every changing request fails with `EROFS` before it reaches the host;
 //! - no character or block devices are created;
 //! - what is not forwarded answers `ENOSYS`: DAX mappings (there is no cache window), ioctls,
-//!   extended attributes, POSIX locks, bmap, poll.
+//!   extended attributes, POSIX locks, bmap, poll;
+//! - READ and WRITE pass `PassthroughFs` the flags the handle was opened with, never the
+//!   guest's: given other flags it `fcntl(F_SETFL)`s them onto the host descriptor, and when
+//!   that fails (`O_DIRECT` on a directory, `O_NOATIME` on a file the VMM does not own) it
+//!   closes the handle's descriptor while the handle still holds it. The number is then reused
+//!   by the next file the VMM opens, and the guest's handle reads, writes or closes that file
+//!   (found by the `virtio_fs` fuzz target; docs/fuzzing.md).
 //!
 //! The configuration of `PassthroughFs` is part of the confinement: [`passthrough_config`]
 //! keeps open-by-handle (`inode_file_handles`) off, so every inode is an `O_PATH` descriptor
 //! reached by a lookup and never something `open_by_handle_at` resolved without path checks.
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -65,6 +73,8 @@ pub struct ConfinedFs {
     read_only: bool,
     root_dev: u64,
     root_ino: u64,
+    /// The open flags `PassthroughFs` keeps for each handle it handed out (see `read`).
+    handle_flags: Mutex<HashMap<Handle, u32>>,
 }
 
 impl ConfinedFs {
@@ -93,6 +103,7 @@ impl ConfinedFs {
             read_only,
             root_dev: meta.dev(),
             root_ino: meta.ino(),
+            handle_flags: Mutex::new(HashMap::new()),
         })
     }
 
@@ -107,6 +118,29 @@ impl ConfinedFs {
         } else {
             Ok(())
         }
+    }
+
+    fn handle_flags(&self) -> MutexGuard<'_, HashMap<Handle, u32>> {
+        // A panic elsewhere leaves the map as consistent as any single insert or remove.
+        self.handle_flags
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn remember_handle(&self, handle: Option<Handle>, flags: u32) {
+        if let Some(handle) = handle {
+            self.handle_flags().insert(handle, flags);
+        }
+    }
+
+    /// The flags `handle` was opened with: what READ and WRITE must pass on so that
+    /// `PassthroughFs` leaves the descriptor's flags alone. `EBADF` for a handle never handed
+    /// out (or released), as `PassthroughFs` would answer.
+    fn opened_flags(&self, handle: Handle) -> io::Result<u32> {
+        self.handle_flags()
+            .get(&handle)
+            .copied()
+            .ok_or_else(|| errno(libc::EBADF))
     }
 
     /// Is `inode` the shared directory itself, under whatever node id?
@@ -159,7 +193,8 @@ impl FileSystem for ConfinedFs {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        self.inner.destroy();
+        self.handle_flags().clear();
     }
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
@@ -298,7 +333,9 @@ impl FileSystem for ConfinedFs {
         if open_changes_file(flags) {
             self.check_writable()?;
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        self.remember_handle(opened.0, flags);
+        Ok(opened)
     }
 
     fn create(
@@ -310,7 +347,9 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
         check_new_name(name)?;
-        self.inner.create(ctx, parent, name, args)
+        let created = self.inner.create(ctx, parent, name, args)?;
+        self.remember_handle(created.1, args.flags);
+        Ok(created)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -323,8 +362,9 @@ impl FileSystem for ConfinedFs {
         size: u32,
         offset: u64,
         lock_owner: Option<u64>,
-        flags: u32,
+        _flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.opened_flags(handle)?;
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -340,10 +380,12 @@ impl FileSystem for ConfinedFs {
         offset: u64,
         lock_owner: Option<u64>,
         delayed_write: bool,
-        flags: u32,
+        _flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.check_writable()?;
+        // As in `read`: the guest's flags never reach the host descriptor.
+        let flags = self.opened_flags(handle)?;
         self.inner.write(
             ctx,
             inode,
@@ -398,7 +440,9 @@ impl FileSystem for ConfinedFs {
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
         self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.handle_flags().remove(&handle);
+        Ok(())
     }
 
     fn statfs(&self, ctx: &Context, inode: Inode) -> io::Result<statvfs64> {
@@ -428,7 +472,10 @@ impl FileSystem for ConfinedFs {
         inode: Inode,
         flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        let opened = self.inner.opendir(ctx, inode, flags)?;
+        // What `PassthroughFs::opendir` keeps for the handle.
+        self.remember_handle(opened.0, flags | libc::O_DIRECTORY as u32);
+        Ok(opened)
     }
 
     fn readdir(
@@ -474,7 +521,9 @@ impl FileSystem for ConfinedFs {
         flags: u32,
         handle: Handle,
     ) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        self.handle_flags().remove(&handle);
+        Ok(())
     }
 
     fn access(&self, ctx: &Context, inode: Inode, mask: u32) -> io::Result<()> {

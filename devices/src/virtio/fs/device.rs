@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn transport_shows_type_tag_and_one_request_queue() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let device = Fs::new(&config(&dir, false)).unwrap();
         assert_eq!(device.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
         let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(device));
@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn config_reads_at_odd_offsets_stay_in_bounds() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let device = Fs::new(&config(&dir, false)).unwrap();
         let mut data = [0xffu8; 8];
         device.read_config(38, &mut data);
@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let mut bad = config(&dir, false);
         bad.tag = String::new();
         assert!(matches!(Fs::new(&bad), Err(FsError::InvalidTag { .. })));
@@ -251,7 +251,7 @@ mod tests {
 
     #[test]
     fn activation_needs_both_queues_and_reset_stops_the_worker() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let mem = guest_memory();
         let mut device = Fs::new(&config(&dir, false)).unwrap();
         let driver = DriverQueue::new(&mem, GuestAddress(0), 16).unwrap();
@@ -299,7 +299,7 @@ mod tests {
 
     #[test]
     fn hostile_requests_get_errors_not_panics() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let mut guest = FuseGuest::start_dir(&config(&dir, false));
         guest.init();
 
@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn a_runaway_available_index_needs_a_reset() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let mut guest = FuseGuest::start_dir(&config(&dir, false));
         guest.init();
         // Claim 1000 more chains than a 64-entry queue can hold.
@@ -379,7 +379,7 @@ mod tests {
 
     #[test]
     fn reads_and_writes_are_byte_exact() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let host_bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         std::fs::write(dir.path().join("existing"), &host_bytes).unwrap();
         let mut guest = FuseGuest::start_dir(&config(&dir, false));
@@ -426,7 +426,7 @@ mod tests {
 
     #[test]
     fn directories_links_and_names() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let mut guest = FuseGuest::start_dir(&config(&dir, false));
         guest.init();
 
@@ -481,7 +481,7 @@ mod tests {
         use fuse_backend_rs::abi::fuse_abi::InitIn;
         use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let mem = guest_memory();
         let fs = Arc::new(Mutex::new(Fs::new(&config(&dir, false)).unwrap()));
         let device: Arc<Mutex<dyn VirtioDevice>> = fs.clone();

@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::{symlink, MetadataExt};
 
-use fuse_backend_rs::abi::fuse_abi::{MknodIn, Opcode, ROOT_ID};
+use fuse_backend_rs::abi::fuse_abi::{MknodIn, Opcode, ReadIn, WriteIn, ROOT_ID};
 use vm_memory::ByteValued;
 
 use super::test_utils::{cstr, FuseGuest, Sandbox, SECRET};
@@ -291,4 +291,68 @@ fn a_guest_rename_race_with_symlinks_stays_inside() {
         guest.unlink(ROOT_ID, "d").unwrap();
         guest.rename(ROOT_ID, "d2", ROOT_ID, "d").unwrap();
     }
+}
+
+/// Found by the `virtio_fs` fuzz target. `PassthroughFs` `fcntl(F_SETFL)`s the flags of a READ
+/// or WRITE onto the handle's descriptor when they differ from the open flags, and when that
+/// fails it closes the descriptor the handle still holds (a `File` made from the borrowed fd is
+/// dropped on the error path). `O_DIRECT` on a directory handle fails that way. The handle then
+/// names whatever the VMM opens next under that number, and releasing it closes that.
+#[test]
+fn read_and_write_flags_never_close_a_handles_descriptor() {
+    let sandbox = Sandbox::new();
+    std::fs::create_dir(sandbox.share().join("sub")).unwrap();
+    std::fs::write(sandbox.share().join("f"), b"data").unwrap();
+    let mut guest = FuseGuest::start_dir(&sandbox.config(false));
+    guest.init();
+    let dh = guest.opendir(ROOT_ID).unwrap();
+    let flags = (libc::O_DIRECT | libc::O_NOATIME | libc::O_APPEND) as u32;
+    let read = ReadIn {
+        fh: dh,
+        size: 4096,
+        flags,
+        ..Default::default()
+    };
+    assert!(guest
+        .call(Opcode::Read, ROOT_ID, &[read.as_slice()], 4096)
+        .is_err());
+    let write = WriteIn {
+        fh: dh,
+        size: 4,
+        flags,
+        ..Default::default()
+    };
+    assert!(guest
+        .call(Opcode::Write, ROOT_ID, &[write.as_slice(), b"data"], 64)
+        .is_err());
+    // The directory handle still lists the share: its descriptor is the one it was.
+    let mut names = guest.readdir(ROOT_ID, dh).unwrap();
+    names.sort();
+    assert_eq!(names, ["f", "sub"]);
+
+    // A file handle's reads and writes work whatever flags the guest sends with them.
+    let node = guest.lookup(ROOT_ID, "f").unwrap().nodeid;
+    let fh = guest.open(node, libc::O_RDWR).unwrap();
+    let write = WriteIn {
+        fh,
+        size: 4,
+        flags,
+        ..Default::default()
+    };
+    guest
+        .call(Opcode::Write, node, &[write.as_slice(), b"DATA"], 64)
+        .unwrap();
+    let read = ReadIn {
+        fh,
+        size: 64,
+        flags,
+        ..Default::default()
+    };
+    let got = guest
+        .call(Opcode::Read, node, &[read.as_slice()], 64)
+        .unwrap();
+    assert_eq!(got, b"DATA");
+    guest.release(node, fh).unwrap();
+    // A released handle is gone.
+    assert_eq!(guest.read(node, fh, 0, 4).unwrap_err(), libc::EBADF);
 }

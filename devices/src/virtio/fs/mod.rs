@@ -45,6 +45,10 @@
 //!   `open_by_handle_at` (which resolves a handle without any path check), and no FUSE request
 //!   carries a host file handle. No DAX window, no ioctls, no extended attributes (so no
 //!   `trusted.*` or `security.*` games), no POSIX locks on the host.
+//! - **Handles keep their descriptors.** READ and WRITE carry the guest's file flags, which
+//!   `PassthroughFs` would `fcntl` onto the host descriptor (closing it when that fails, while
+//!   the handle still names the number); `ConfinedFs` passes the handle's own open flags
+//!   instead.
 //! - **Read-only** (`root.readonly`) is enforced here, not left to the guest's mount flags:
 //!   every request that would change the file system (`SETATTR`, `MKNOD`, `MKDIR`, `SYMLINK`,
 //!   `LINK`, `UNLINK`, `RMDIR`, `RENAME`, `CREATE`, `WRITE`, `FALLOCATE`, xattr writes, and
@@ -70,6 +74,8 @@ pub mod device;
 #[cfg(test)]
 mod escape_tests;
 pub mod event_handler;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 #[cfg(test)]
 pub mod test_utils;
 

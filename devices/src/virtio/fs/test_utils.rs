@@ -6,8 +6,7 @@
 //! deadline for the used chain. The per-opcode helpers return the reply body or the errno.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,39 +35,7 @@ pub fn guest_memory() -> GuestMemoryMmap {
     .expect("test guest memory")
 }
 
-/// A directory removed when dropped.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// Creates a fresh, empty directory under the system's temporary directory.
-    pub fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "hull-fs-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("create a test directory");
-        Self(path)
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Default for TempDir {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use crate::virtio::fuzz_utils::TempDir;
 
 /// A host directory with a secret beside the share: `base/secret` and `base/share/`.
 pub struct Sandbox {
@@ -87,7 +54,7 @@ impl Default for Sandbox {
 impl Sandbox {
     /// Creates `base/secret` and an empty `base/share/`.
     pub fn new() -> Self {
-        let base = TempDir::new();
+        let base = TempDir::new("hull-devices-test");
         std::fs::write(base.path().join("secret"), SECRET).expect("write the secret");
         std::fs::create_dir(base.path().join("share")).expect("create the share");
         Self { base }

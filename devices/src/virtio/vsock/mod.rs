@@ -30,6 +30,8 @@
 mod connection;
 mod device;
 mod event_handler;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 mod muxer;
 mod packet;
 #[cfg(test)]

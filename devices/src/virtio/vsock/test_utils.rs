@@ -8,8 +8,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,31 +31,7 @@ pub const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 
 const REGION_SIZE: u64 = 64 << 20;
 
-/// A directory removed with everything in it when dropped.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "hull-vsock-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        Self(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use crate::virtio::fuzz_utils::TempDir;
 
 /// A received rx packet.
 pub type Packet = (VsockHeader, Vec<u8>);
@@ -91,7 +66,7 @@ impl TestGuest {
 
     /// A device registered with an event manager, not yet activated.
     pub fn inactive() -> Self {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let uds = dir.path().join("v.sock");
         let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), REGION_SIZE as usize),

@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn connects_to_port_sockets_without_blocking() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("hull-devices-test");
         let uds = dir.path().join("v.sock");
         let path = port_socket_path(&uds, 52);
         assert_eq!(path, dir.path().join("v.sock_52"));
