@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
@@ -322,7 +323,49 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// The hull-vmm this command started, for signal forwarding (0: none yet).
-pub static VMM_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+static VMM_PID: AtomicI32 = AtomicI32::new(0);
+/// A signal that arrived before hull-vmm existed (0: none), delivered once it does.
+static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// Passes a signal hull received to the hull-vmm this command started; one that arrives
+/// before hull-vmm exists is delivered right after it is started (so that it ends the VM and
+/// `create` cleans up, rather than hull dying with the state half made).
+pub fn forward_signal(signal: i32) {
+    let kill = |pid: i32, signal: i32| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::try_from(signal).ok(),
+        );
+    };
+    let pid = VMM_PID.load(Ordering::Acquire);
+    if pid > 0 {
+        return kill(pid, signal);
+    }
+    PENDING_SIGNAL.store(signal, Ordering::Release);
+    // hull-vmm may have started meanwhile: whoever takes the pending signal delivers it.
+    let pid = VMM_PID.load(Ordering::Acquire);
+    if pid > 0 && PENDING_SIGNAL.swap(0, Ordering::AcqRel) == signal {
+        kill(pid, signal);
+    }
+}
+
+/// Records the hull-vmm just started and delivers a signal that came before it.
+fn vmm_started(pid: i32) {
+    VMM_PID.store(pid, Ordering::Release);
+    let pending = PENDING_SIGNAL.swap(0, Ordering::AcqRel);
+    if pending > 0 {
+        log::debug!("signal {pending} arrived before hull-vmm started; passing it on");
+        forward_signal(pending);
+    }
+}
+
+/// Whether a signal arrived before any hull-vmm was started.
+fn interrupted() -> Option<i32> {
+    match PENDING_SIGNAL.load(Ordering::Acquire) {
+        0 => None,
+        signal => Some(signal),
+    }
+}
 
 /// What `create` (and `run`) are asked.
 #[derive(Debug, Clone)]
@@ -408,6 +451,9 @@ pub fn create(opts: &CreateOptions) -> anyhow::Result<Created> {
     let (kernel, initramfs) = crate::paths::guest_files()?;
     let vmm_bin = crate::paths::vmm_binary()?;
 
+    if let Some(signal) = interrupted() {
+        bail!("interrupted by signal {signal} before the container was created");
+    }
     let state = StateDir::create(&opts.root, &opts.id)?;
     if spec.readonly {
         // The guest cannot make mount points in a read-only share: make them here, as runc
@@ -473,7 +519,7 @@ pub fn create(opts: &CreateOptions) -> anyhow::Result<Created> {
         opts.attached,
     )?;
     let pid = vmm.id() as i32;
-    VMM_PID.store(pid, std::sync::atomic::Ordering::Release);
+    vmm_started(pid);
     log::debug!("started {} (pid {pid})", vmm_bin.display());
     let report = read_report(sync_read);
     let t_created = Instant::now();
@@ -647,6 +693,20 @@ mod tests {
         assert!(process_alive(pid, start));
         assert!(!process_alive(pid, start + 1));
         assert!(!process_alive(i32::MAX, start));
+    }
+
+    #[test]
+    fn a_signal_before_hull_vmm_started_reaches_it_once_it_has() {
+        use std::os::unix::process::ExitStatusExt;
+        // Stands in for hull-vmm.
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        assert_eq!(interrupted(), None);
+        forward_signal(libc::SIGTERM);
+        assert_eq!(interrupted(), Some(libc::SIGTERM));
+        vmm_started(child.id() as i32);
+        assert_eq!(interrupted(), None);
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
+        VMM_PID.store(0, Ordering::Release);
     }
 
     #[test]

@@ -23,13 +23,12 @@ mod tty;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kvm_ioctls::{Cap, Kvm};
 use vmm::KvmKind;
 
-use crate::container::{Container, CreateOptions, Status, VMM_PID};
+use crate::container::{Container, CreateOptions, Status};
 use crate::logger::LogFormat;
 use crate::paths::{find_guest_dir, guest_dirs};
 
@@ -268,20 +267,12 @@ impl CreateArgs {
 /// container, or ends the VM if the container does not exist yet).
 fn forward_to_vmm() -> anyhow::Result<()> {
     signals::forward(|signal| {
-        let pid = VMM_PID.load(Ordering::Acquire);
         if signal == libc::SIGWINCH {
             // Our terminal's size goes to the container's (`hull run` with a terminal);
             // hull-vmm learns of it from its own terminal.
             tty::resize();
-        } else if pid > 0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::try_from(signal).ok(),
-            );
-        } else if let Ok(sig) = nix::sys::signal::Signal::try_from(signal) {
-            // Nothing started yet: end as the signal would have ended us.
-            log::debug!("{sig} before hull-vmm started");
-            std::process::exit(128 + signal);
+        } else {
+            container::forward_signal(signal);
         }
         true
     })
