@@ -982,17 +982,11 @@ const OPCODES: &[Option<Opcode>] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::fuzz_utils::XorShift;
+    use crate::virtio::fuzz_utils::run_seeded;
 
-    /// Random request streams: a little of the fuzzer's coverage on every `cargo test`.
+    /// Random request streams.
     #[test]
     fn random_requests_stay_inside_the_share() {
-        let mut rng = XorShift::new(0x6675_7365_2166_7321);
-        for _ in 0..RANDOM_INPUTS {
-            let len = (rng.next_u64() % 1500) as usize;
-            run(&rng.bytes(len));
-        }
+        run_seeded(0x6675_7365_2166_7321, 300, 1500, run);
     }
-
-    const RANDOM_INPUTS: usize = 300;
 }

@@ -600,17 +600,11 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::fuzz_utils::XorShift;
+    use crate::virtio::fuzz_utils::run_seeded;
 
-    /// Random programs: a little of the fuzzer's coverage on every `cargo test`.
+    /// Random programs.
     #[test]
     fn random_inputs_neither_panic_nor_spin() {
-        let mut rng = XorShift::new(0x7673_6f63_6b21);
-        for _ in 0..RANDOM_INPUTS {
-            let len = (rng.next_u64() % 600) as usize;
-            run(&rng.bytes(len));
-        }
+        run_seeded(0x7673_6f63_6b21, 600, 600, run);
     }
-
-    const RANDOM_INPUTS: usize = 600;
 }
