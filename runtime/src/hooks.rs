@@ -362,7 +362,6 @@ fn run_one(hook: &Hook, state_json: &[u8]) -> Result<Outcome, String> {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::os::unix::fs::PermissionsExt;
 
     /// A temporary directory for hook scripts, removed on drop.
     struct TempDir(crate::testutil::TempDir);
@@ -373,10 +372,24 @@ mod tests {
         }
 
         /// An executable shell script `name` with `body`.
+        /// Written by a child `sh`, never through a descriptor of this process: a test on
+        /// another thread that forks while we hold the file open for writing would keep it
+        /// open in its child, and executing the script would fail with ETXTBSY.
         fn script(&self, name: &str, body: &str) -> PathBuf {
+            use std::io::Write;
             let path = self.0.join(name);
-            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let mut writer = std::process::Command::new("/bin/sh")
+                .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+                .arg(&path)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = writer.stdin.take().unwrap();
+            stdin
+                .write_all(format!("#!/bin/sh\n{body}\n").as_bytes())
+                .unwrap();
+            drop(stdin);
+            assert!(writer.wait().unwrap().success());
             path
         }
 
