@@ -264,3 +264,24 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
         .map(|(pid, cmdline)| format!("{pid}: {cmdline}"))
         .collect()
 }
+
+/// A field of the first processor in `/proc/cpuinfo` (`vendor_id`, `flags`, ...).
+fn cpuinfo_field(name: &str) -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").expect("read /proc/cpuinfo");
+    info.lines()
+        .find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            (key.trim() == name).then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// The CPU's vendor string: `AuthenticAMD`, `GenuineIntel`, ...
+pub fn cpu_vendor() -> String {
+    cpuinfo_field("vendor_id")
+}
+
+/// Whether the CPU (as this kernel sees it) has `flag` (`xsave`, `avx`, ...).
+pub fn cpu_has_flag(flag: &str) -> bool {
+    cpuinfo_field("flags").split_whitespace().any(|f| f == flag)
+}

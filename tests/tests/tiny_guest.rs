@@ -4,8 +4,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hull_tests::harness::{run, workspace_bin, Finished, TempDir};
+use hull_tests::harness::{cpu_vendor, run, workspace_bin, Finished, TempDir};
 use hull_tests::tiny_guest::Asm;
+use vmm::KvmKind;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const COM1: u16 = 0x3f8;
@@ -58,6 +59,17 @@ fn triple_fault_is_diagnosed() {
     let out = boot(&asm, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stderr.contains("triple-faulted"), "{}", out.stderr);
+    if KvmKind::detect() == KvmKind::Hardware && cpu_vendor() == "AuthenticAMD" {
+        // AMD's SVM path resets the vCPU before KVM reports the shutdown: the report must
+        // say the state is gone, not pass the reset vector off as the fault.
+        assert!(
+            out.stderr.contains("state at the fault is not available"),
+            "{}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains("RIP 0xfff0"), "{}", out.stderr);
+        return;
+    }
     // The diagnosis names the faulting RIP and the instruction bytes there.
     // "x" is `mov dx, port` (4 bytes) and `mov al, imm; out dx, al` (3 bytes).
     assert!(out.stderr.contains("RIP 0x1000007"), "{}", out.stderr);

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use devices::Bus;
 use kvm_bindings::{
-    kvm_lapic_state, KVM_INTERNAL_ERROR_EMULATION,
+    kvm_lapic_state, kvm_regs, kvm_sregs, KVM_INTERNAL_ERROR_EMULATION,
     KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MAX_CPUID_ENTRIES,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -356,7 +356,7 @@ impl Vcpu {
                     }
                 }
                 ExitAction::TripleFault => {
-                    return Some(VmExit::TripleFault(self.diagnosis()));
+                    return Some(VmExit::TripleFault(self.shutdown_diagnosis()));
                 }
                 ExitAction::Stop(exit) => return Some(exit),
             }
@@ -489,6 +489,20 @@ impl Vcpu {
         Vec::new()
     }
 
+    /// The vCPU's state at a shutdown (triple fault), unless KVM reset the vCPU before
+    /// reporting it: that state is the reset vector's, not the fault's, and naming it as the
+    /// fault would send whoever reads the report to the wrong place.
+    fn shutdown_diagnosis(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) if is_reset_state(&regs, &sregs) => format!(
+                "vcpu{}: its state at the fault is not available (KVM reset the vCPU before \
+                 reporting the shutdown, as its AMD SVM path does)",
+                self.index
+            ),
+            _ => self.diagnosis(),
+        }
+    }
+
     /// The vCPU's state at a fatal exit: RIP, the instruction bytes there, control registers.
     fn diagnosis(&self) -> String {
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
@@ -506,6 +520,18 @@ impl Vcpu {
             self.index, regs.rip, regs.rsp, sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer
         )
     }
+}
+
+/// Whether a vCPU is in the state x86 defines after RESET: real mode at the reset vector
+/// (CS selector 0xf000, base 0xffff0000, RIP 0xfff0). hull boots straight into 64-bit mode,
+/// so a guest never runs there; seen at a shutdown exit, it means KVM reset the vCPU (AMD SVM
+/// does, because the VMCB is undefined after a shutdown intercept; Intel VMX keeps the state).
+fn is_reset_state(regs: &kvm_regs, sregs: &kvm_sregs) -> bool {
+    const CR0_PE: u64 = 1;
+    regs.rip == 0xfff0
+        && sregs.cs.selector == 0xf000
+        && sregs.cs.base == 0xffff_0000
+        && sregs.cr0 & CR0_PE == 0
 }
 
 #[cfg(test)]
@@ -594,6 +620,29 @@ mod tests {
         assert!(why.contains("0x21"), "{why}");
         assert_eq!(VmExit::Reset.exit_code(), 0);
         assert_eq!(VmExit::TripleFault(String::new()).exit_code(), 1);
+    }
+
+    #[test]
+    fn the_reset_state_is_told_apart_from_a_fault() {
+        let mut regs = kvm_regs {
+            rip: 0xfff0,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.selector = 0xf000;
+        sregs.cs.base = 0xffff_0000;
+        sregs.cr0 = 0x6000_0010;
+        assert!(is_reset_state(&regs, &sregs));
+        // A 64-bit guest that faulted: protected mode, its own RIP.
+        let mut faulted = sregs;
+        faulted.cr0 = 0x8005_0033;
+        assert!(!is_reset_state(&regs, &faulted));
+        regs.rip = 0x100_0007;
+        assert!(!is_reset_state(&regs, &sregs));
+        regs.rip = 0xfff0;
+        let mut other_segment = sregs;
+        other_segment.cs.base = 0;
+        assert!(!is_reset_state(&regs, &other_segment));
     }
 
     #[test]
