@@ -47,6 +47,9 @@ struct Args {
     /// Yields per process in the context-switch measurement.
     #[arg(long, default_value_t = 2000)]
     yields: u32,
+    /// The lane the figures come from, printed with each of them (default: this host's KVM).
+    #[arg(long)]
+    lane: Option<String>,
 }
 
 /// One measured run of a child process.
@@ -120,6 +123,12 @@ fn measure(mut cmd: Command, marker: impl Fn(&str) -> bool + Send + 'static) -> 
     }
 }
 
+/// The median of durations, if there are any.
+fn median(mut values: Vec<Duration>) -> Option<Duration> {
+    values.sort();
+    values.get(values.len() / 2).copied()
+}
+
 /// min / median / max of durations, in milliseconds.
 fn summary_ms(mut values: Vec<Duration>) -> String {
     if values.is_empty() {
@@ -136,12 +145,88 @@ fn summary_ms(mut values: Vec<Duration>) -> String {
     )
 }
 
-fn max_rss(samples: &[Sample]) -> String {
-    let rss = samples.iter().map(|s| s.max_rss_kib).max().unwrap_or(0);
-    format!("{:.1} MiB", rss as f64 / 1024.0)
+fn max_rss_kib(samples: &[Sample]) -> i64 {
+    samples.iter().map(|s| s.max_rss_kib).max().unwrap_or(0)
 }
 
-fn bench_tiny(runs: usize) {
+fn max_rss(samples: &[Sample]) -> String {
+    format!("{:.1} MiB", max_rss_kib(samples) as f64 / 1024.0)
+}
+
+/// What the ratios at the end are made of: medians and peak RSS, per kind of run.
+#[derive(Default)]
+struct Figures {
+    boot_to_ready: Option<Duration>,
+    boot_rss_kib: i64,
+    runc_run: Option<Duration>,
+    runc_rss_kib: i64,
+    hull_run: Option<Duration>,
+    hull_rss_kib: i64,
+}
+
+impl Figures {
+    /// The proportions a user of this lane's kind of host will see, whatever the CPU's speed.
+    fn print_ratios(&self, lane: &str) {
+        println!("[{lane}] ratios (medians, same lane, same run):");
+        let ratio = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) if !b.is_zero() => {
+                format!("{:.1}", a.as_secs_f64() / b.as_secs_f64())
+            }
+            _ => "n/a".into(),
+        };
+        println!(
+            "  hull run / runc run (/bin/true):        {}",
+            ratio(self.hull_run, self.runc_run)
+        );
+        println!(
+            "  boot to agent ready / hull run:         {}",
+            ratio(self.boot_to_ready, self.hull_run)
+        );
+        if self.runc_rss_kib > 0 {
+            let runc = self.runc_rss_kib as f64;
+            println!(
+                "  peak RSS hull-vmm (real kernel) / runc: {:.1}",
+                self.boot_rss_kib as f64 / runc
+            );
+            println!(
+                "  peak RSS hull run / runc run:           {:.1}",
+                self.hull_rss_kib as f64 / runc
+            );
+        }
+    }
+}
+
+/// Whether `path` is an ELF executable without a program interpreter (statically linked).
+fn is_static_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(elf) = std::fs::read(path) else {
+        return false;
+    };
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("four bytes")))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("eight bytes")))
+    };
+    // A 64-bit little-endian ELF: program headers at e_phoff, e_phnum of e_phentsize bytes.
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        return false;
+    }
+    let (Some(phoff), Some(entsize), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(count)).all(|i| {
+        let at = usize::try_from(phoff).unwrap_or(usize::MAX);
+        let header = at.saturating_add(i * usize::from(entsize));
+        u32_at(header).is_some_and(|kind| kind != PT_INTERP)
+    })
+}
+
+fn bench_tiny(lane: &str, runs: usize) {
     let dir = TempDir::new("bench-tiny");
     let kernel = dir.path().join("tiny.elf");
     let mut asm = Asm::new();
@@ -161,7 +246,7 @@ fn bench_tiny(runs: usize) {
     assert!(samples
         .iter()
         .all(|s| s.status == 0 && s.to_marker.is_some()));
-    println!("tiny guest, 128 MiB, 1 vCPU:");
+    println!("[{lane}] tiny guest, 128 MiB, 1 vCPU:");
     println!(
         "  start to first guest output: {}",
         summary_ms(samples.iter().filter_map(|s| s.to_marker).collect())
@@ -173,7 +258,7 @@ fn bench_tiny(runs: usize) {
     println!("  peak RSS of hull-vmm:        {}", max_rss(&samples));
 }
 
-fn bench_boot(runs: usize, kernel: &Path, initramfs: &Path) {
+fn bench_boot(lane: &str, runs: usize, kernel: &Path, initramfs: &Path, figures: &mut Figures) {
     let samples: Vec<Sample> = (0..runs)
         .map(|i| {
             let mut cmd = Command::new(workspace_bin("hull-vmm"));
@@ -200,7 +285,7 @@ fn bench_boot(runs: usize, kernel: &Path, initramfs: &Path) {
         .filter_map(|v| v["uptime_ms"].as_u64())
         .map(Duration::from_millis)
         .collect();
-    println!("real kernel + agent, 128 MiB, 1 vCPU:");
+    println!("[{lane}] real kernel + agent, 128 MiB, 1 vCPU:");
     println!(
         "  start to agent ready:        {}",
         summary_ms(samples.iter().filter_map(|s| s.to_marker).collect())
@@ -211,6 +296,8 @@ fn bench_boot(runs: usize, kernel: &Path, initramfs: &Path) {
         summary_ms(samples.iter().map(|s| s.to_exit).collect())
     );
     println!("  peak RSS of hull-vmm:        {}", max_rss(&samples));
+    figures.boot_to_ready = median(samples.iter().filter_map(|s| s.to_marker).collect());
+    figures.boot_rss_kib = max_rss_kib(&samples);
 }
 
 /// A runc bundle running busybox's `true`, or why not.
@@ -219,12 +306,7 @@ fn runc_bundle(dir: &Path) -> Result<PathBuf, String> {
     if Command::new("runc").arg("--version").output().is_err() {
         return Err("runc is not installed".into());
     }
-    let is_static = Command::new("file")
-        .arg(busybox)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("statically linked"))
-        .unwrap_or(false);
-    if !is_static {
+    if !is_static_elf(busybox) {
         return Err("/bin/busybox is not busybox-static".into());
     }
     let bundle = dir.join("bundle");
@@ -255,12 +337,12 @@ fn runc_bundle(dir: &Path) -> Result<PathBuf, String> {
 }
 
 /// `runc run` and then `hull run` of the same busybox `/bin/true` bundle, in the same run.
-fn bench_run(runc_runs: usize, hull_runs: usize) {
+fn bench_run(lane: &str, runc_runs: usize, hull_runs: usize, figures: &mut Figures) {
     let dir = TempDir::new("bench-run");
     let bundle = match runc_bundle(dir.path()) {
         Ok(bundle) => bundle,
         Err(why) => {
-            println!("runc and hull run of busybox /bin/true: skipped ({why})");
+            println!("[{lane}] runc and hull run of busybox /bin/true: skipped ({why})");
             return;
         }
     };
@@ -285,18 +367,24 @@ fn bench_run(runc_runs: usize, hull_runs: usize) {
             continue;
         }
         assert!(samples.iter().all(|s| s.status == 0), "{name} run failed");
-        println!("{name} run of busybox /bin/true (same bundle, same machine, same run):");
+        println!("[{lane}] {name} run of busybox /bin/true (same bundle, same machine, same run):");
         println!(
             "  start to exit:               {}",
             summary_ms(samples.iter().map(|s| s.to_exit).collect())
         );
         println!("  peak RSS of {name}:            {}", max_rss(&samples));
+        let to_exit = median(samples.iter().map(|s| s.to_exit).collect());
+        if name == "runc" {
+            (figures.runc_run, figures.runc_rss_kib) = (to_exit, max_rss_kib(&samples));
+        } else {
+            (figures.hull_run, figures.hull_rss_kib) = (to_exit, max_rss_kib(&samples));
+        }
     }
 }
 
 /// Guest system call and context switch cost: `ymm-stress 1 N` yields without switching,
 /// `ymm-stress 2 N` switches on every yield (saving and restoring AVX state each time).
-fn bench_context_switches(kernel: &Path, initramfs: &Path, yields: u32) {
+fn bench_context_switches(lane: &str, kernel: &Path, initramfs: &Path, yields: u32) {
     let script = format!(
         "read a x < /proc/uptime; ymm-stress 1 {yields} >/dev/null; \
          read b x < /proc/uptime; ymm-stress 2 {yields} >/dev/null; \
@@ -318,7 +406,9 @@ fn bench_context_switches(kernel: &Path, initramfs: &Path, yields: u32) {
         .skip(1)
         .filter_map(|t| t.parse().ok())
         .collect();
-    println!("guest system calls and context switches (ymm-stress, {yields} yields per process):");
+    println!(
+        "[{lane}] guest system calls and context switches (ymm-stress, {yields} yields per process):"
+    );
     let [a, b, c] = times[..] else {
         println!("  no measurement (exit {})", sample.status);
         return;
@@ -333,17 +423,29 @@ fn bench_context_switches(kernel: &Path, initramfs: &Path, yields: u32) {
 fn main() {
     let args = Args::parse();
     let kind = KvmKind::detect();
+    let lane = args
+        .lane
+        .clone()
+        .unwrap_or_else(|| format!("host {kind} KVM"));
     println!(
-        "hull-vmm benchmark; host KVM: {kind}; {} cores",
+        "hull-vmm benchmark; lane: {lane}; host KVM: {kind}; {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if let Some(warning) = kind.warning() {
         println!("note: {warning}");
     }
-    bench_tiny(args.tiny_runs);
-    bench_boot(args.boot_runs, &args.kernel, &args.initramfs);
+    let mut figures = Figures::default();
+    bench_tiny(&lane, args.tiny_runs);
+    bench_boot(
+        &lane,
+        args.boot_runs,
+        &args.kernel,
+        &args.initramfs,
+        &mut figures,
+    );
     if let Some(test_initramfs) = &args.test_initramfs {
-        bench_context_switches(&args.kernel, test_initramfs, args.yields);
+        bench_context_switches(&lane, &args.kernel, test_initramfs, args.yields);
     }
-    bench_run(args.runc_runs, args.hull_runs);
+    bench_run(&lane, args.runc_runs, args.hull_runs, &mut figures);
+    figures.print_ratios(&lane);
 }
