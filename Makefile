@@ -13,10 +13,12 @@ TEST_INITRAMFS := $(GUEST_DIR)/test-initramfs.cpio
 HULL_VMM := target/release/hull-vmm
 CARGO ?= cargo
 
-# Debian packages the host side needs (the kernel build installs its own).
-HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static containerd
+# Debian packages the host side needs (the kernel build installs its own); QEMU, kmod and xz
+# are for the nested AMD lane (tests/lanes/nested.sh), runc is what `make bench` compares with.
+HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static containerd \
+	qemu-system-x86 kmod xz-utils runc
 
-.PHONY: demo test kernel agent build bench lint deps clean fuzz
+.PHONY: demo test test-nested kernel agent build bench bench-nested lint deps clean fuzz
 
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: hull needs a Rust toolchain (rustup) on PATH" >&2; exit 1; }
@@ -60,16 +62,35 @@ demo: kernel agent build
 	target/release/hull --root $(DEMO_ROOT) run --bundle $(DEMO_BUNDLE) demo; \
 	echo "container exited with status $$? after $$(echo "$$(date +%s.%N) - $$start" | bc) s"
 
-# Unit tests, the agent as PID 1 in a throwaway namespace, KVM tests with tiny guests, and
-# the end-to-end boot of the real kernel and agent.
+# Every test in the lane where it means something (docs/testing.md): unit tests here; the KVM
+# and end-to-end tests on this host's hardware KVM, or, without one, in the nested AMD lane
+# (QEMU) with the PVM subset on this host. The lanes chosen, and why, are printed first.
 test: kernel agent build
-	$(CARGO) test --release --workspace
+	tests/lanes/test.sh
 
-# runc is the reference every figure is compared with, measured in the same run.
+# The nested AMD lane by hand: `make test-nested TESTS="run=echo_hello lifecycle"` (test
+# programs of tests/tests/, each optionally with =FILTER,FILTER).
+TESTS ?= tiny_guest emulation_assist virtio_mmio boot run shared_dir vsock xstate lifecycle containerd
+test-nested: kernel agent build
+	$(CARGO) test --release --workspace --no-run --locked
+	tests/lanes/nested.sh --require xstate=xsave $(TESTS)
+
+# runc is the reference every figure is compared with, measured in the same run. On a host
+# without hardware KVM the same benchmark also runs in the nested AMD lane (bench-nested).
+BENCH := target/release/hull-bench
 bench: kernel agent build
-	@command -v runc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends runc
-	$(CARGO) run --release -q -p hull-bench -- --kernel $(KERNEL) --initramfs $(INITRAMFS) \
-		--test-initramfs $(TEST_INITRAMFS)
+	$(CARGO) build --release -q -p hull-bench
+	$(BENCH) --kernel $(KERNEL) --initramfs $(INITRAMFS) --test-initramfs $(TEST_INITRAMFS)
+	@if [ ! -c /dev/kvm ] || [ -d /sys/module/kvm_pvm ]; then $(MAKE) --no-print-directory bench-nested; fi
+
+# hull and runc side by side inside the nested lane's level-1 machine: absolute times there
+# are emulated, the ratios are what hardware users see in proportion. (No context-switch
+# figure: the lane has no XSAVE.)
+bench-nested: kernel agent build
+	$(CARGO) build --release -q -p hull-bench
+	tests/lanes/nested.sh --host-bin "$$(command -v runc)" --file $(BENCH):/hull/bin/hull-bench \
+		--exec 'hull-bench --lane "nested AMD (QEMU TCG, emulated SVM)" --kernel $$HULL_KERNEL \
+			--initramfs $$HULL_INITRAMFS --boot-runs 5 --hull-runs 10'
 
 lint: deps
 	$(CARGO) fmt --all -- --check
