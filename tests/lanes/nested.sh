@@ -273,6 +273,6 @@ if [[ ${#names[@]} -gt 0 && -n $exit_status && $exit_status != 0 && $status == 0
     status=1
 fi
 [[ ${#not_run[@]} -eq 0 ]] || log "not run or no result: ${not_run[*]}"
-echo "nested lane: ${passed} passed, ${failed} failed, ${skipped} skipped (programs skipped)" \
-    "in ${elapsed} s"
+echo "nested lane: ${passed} tests passed, ${failed} failed; ${skipped} programs skipped;" \
+    "${elapsed} s in all"
 exit "$status"

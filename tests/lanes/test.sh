@@ -50,19 +50,26 @@ for lane in $lanes; do
 done
 has_lane() { [[ " $lanes " == *" $1 "* ]]; }
 
-# Every test program, built once; the paths of the KVM and end-to-end ones, by name.
+# Every test program, built once: the paths of the KVM and end-to-end ones (tests/tests/), by
+# name, and the names of the other integration tests (the agent's, in namespaces).
 declare -A program_path=()
-while read -r name path; do
-    program_path[$name]=$path
+unit_targets=()
+while read -r kind name path; do
+    if [[ $kind == kvm ]]; then
+        program_path[$name]=$path
+    else
+        unit_targets+=(--test "$name")
+    fi
 done < <("$cargo" test --release --workspace --no-run --locked \
     --message-format=json-render-diagnostics | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if (m.get("reason") == "compiler-artifact" and m.get("executable")
-            and m["target"]["kind"] == ["test"] and m["target"]["src_path"].endswith(
-                "/tests/tests/" + m["target"]["name"] + ".rs")):
-        print(m["target"]["name"], m["executable"])
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    if m["target"]["kind"] == ["test"]:
+        kvm = m["target"]["src_path"].endswith("/tests/tests/" + m["target"]["name"] + ".rs")
+        print("kvm" if kvm else "unit", m["target"]["name"], m["executable"])
 ')
 for program in "${kvm_programs[@]}"; do
     [[ -n ${program_path[$program]:-} ]] || { echo "make test: no test program $program" >&2; exit 2; }
@@ -108,9 +115,8 @@ if has_lane nested; then
     nested_pid=$!
 fi
 if has_lane unit; then
-    run_lane unit "$cargo" test --release --locked --workspace --exclude hull-tests
-    # hull-tests' own unit tests (the test harness and tiny guest assembler).
-    run_lane unit-harness "$cargo" test --release --locked -p hull-tests --lib --bins
+    # The whole workspace selected, as when it was built: the same features, no rebuild.
+    run_lane unit "$cargo" test --release --locked --workspace --lib --bins "${unit_targets[@]}"
 fi
 has_lane hardware && run_lane hardware kvm_lane "${kvm_programs[@]}"
 has_lane pvm && run_lane pvm kvm_lane "${pvm_programs[@]}"
