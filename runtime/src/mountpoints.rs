@@ -506,7 +506,7 @@ mod tests {
 
     #[test]
     fn plan_skips_what_earlier_mounts_cover() {
-        let spec = crate::specgen::default_spec(false);
+        let spec = crate::commands::spec::default_spec(false);
         let mounts = spec_mounts(&spec, Path::new("/b/config.json")).unwrap();
         assert_eq!(mounts.len(), 7);
         assert_eq!(

@@ -6,11 +6,11 @@
 //! process's status, and the signals it receives are forwarded to the process.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio as ProcStdio};
 use std::sync::mpsc::{channel, Sender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,37 +24,70 @@ use serde_json::Value;
 use vmm::container::console;
 use vmm::container::{relay, CreateReport};
 
-use crate::container::{Container, Status};
+use super::create::read_report;
+use crate::container::{write_atomic, Container, Status};
+use crate::forward::{Forwarder, Target};
 
 /// For a stream connection and the exec request to be answered.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(120);
 /// After the process's exit, for its output to drain.
 const OUTPUT_GRACE: Duration = Duration::from_secs(10);
 
-/// What `hull exec` was asked.
-#[derive(Debug, Clone, Default)]
-pub struct ExecOptions {
-    pub root: PathBuf,
-    pub id: String,
+/// What `hull exec` is asked.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ExecArgs {
+    /// The process as an OCI `process` JSON file.
+    #[arg(long = "process", short = 'p', value_name = "PROCESS")]
     pub process_file: Option<PathBuf>,
-    pub args: Vec<String>,
+    /// Allocate a terminal.
+    #[arg(long, short = 't')]
     pub tty: bool,
+    /// Environment variables to add (KEY=VALUE).
+    #[arg(long, short = 'e')]
     pub env: Vec<String>,
+    /// Working directory in the container.
+    #[arg(long)]
     pub cwd: Option<String>,
+    /// uid[:gid] in the container.
+    #[arg(long, short = 'u')]
     pub user: Option<String>,
+    /// Additional gids.
+    #[arg(long = "additional-gids", short = 'g')]
     pub additional_gids: Vec<u32>,
+    /// Set no_new_privileges.
+    #[arg(long = "no-new-privs")]
     pub no_new_privs: bool,
+    /// Return once started.
+    #[arg(long, short = 'd')]
     pub detach: bool,
+    #[arg(long = "pid-file")]
     pub pid_file: Option<PathBuf>,
+    #[arg(long = "console-socket")]
     pub console_socket: Option<PathBuf>,
+    #[arg(long = "preserve-fds", default_value_t = 0)]
     pub preserve_fds: u32,
-    /// Internal (`--detach`'s background copy): report "started" on this descriptor.
+    /// Internal: the background copy of `exec --detach` reports "started" on this descriptor.
+    #[arg(long = "sync-fd", hide = true)]
     pub sync_fd: Option<RawFd>,
+    pub id: String,
+    /// The command and its arguments.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub args: Vec<String>,
+}
+
+impl ExecArgs {
+    pub fn run(&self, global: &super::Global) -> anyhow::Result<i32> {
+        exec(self, &global.root)
+    }
 }
 
 /// The OCI `Process` to run: `--process FILE` as it is, or the container's own process with
 /// the command line's arguments, environment, directory, user and terminal (as runc does).
-pub fn build_process(opts: &ExecOptions, container: &Container) -> anyhow::Result<Value> {
+pub fn build_process(opts: &ExecArgs, container: &Container) -> anyhow::Result<Value> {
     if let Some(path) = &opts.process_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--process {}", path.display()))?;
@@ -132,14 +165,14 @@ pub fn build_process(opts: &ExecOptions, container: &Container) -> anyhow::Resul
 }
 
 /// `hull exec`: returns the status to exit with.
-pub fn exec(opts: &ExecOptions) -> anyhow::Result<i32> {
+pub fn exec(opts: &ExecArgs, root: &Path) -> anyhow::Result<i32> {
     if opts.preserve_fds > 0 {
         bail!(
             "--preserve-fds {}: passing file descriptors into a micro-VM is not supported",
             opts.preserve_fds
         );
     }
-    let container = Container::load(&opts.root, &opts.id)?;
+    let container = Container::load(root, &opts.id)?;
     if container.status() != Status::Running {
         bail!(
             "cannot exec in container {}: it is {}",
@@ -156,7 +189,7 @@ pub fn exec(opts: &ExecOptions) -> anyhow::Result<i32> {
         bail!("exec --detach with a terminal needs --console-socket");
     }
     if opts.detach {
-        return detach(opts, &process);
+        return detach(opts, root, &process);
     }
     let mut sync = opts
         .sync_fd
@@ -177,7 +210,7 @@ fn report(sync: &mut File, report: CreateReport) {
 }
 
 fn run_foreground(
-    opts: &ExecOptions,
+    opts: &ExecArgs,
     container: &Container,
     process: Value,
     terminal: bool,
@@ -224,22 +257,12 @@ fn run_foreground(
 
     // Signals to this process go to the guest process (a second connection: the first one
     // waits below).
-    let socket = container.control_socket();
-    let target = me.clone();
-    crate::signals::forward(move |signal| {
-        let body = RequestBody::Signal {
-            process: target.clone(),
-            signal,
-            all: false,
-        };
-        match vmm::container::control::Client::connect(&socket)
-            .and_then(|mut c| c.request(body, Some(REQUEST_DEADLINE)))
-        {
-            Ok(_) => {}
-            Err(err) => log::warn!("cannot forward signal {signal}: {err:#}"),
-        }
-        true
-    })?;
+    Forwarder::start()
+        .context("cannot set up signal forwarding")?
+        .set_target(Target::Process {
+            control_socket: container.control_socket(),
+            process: me.clone(),
+        });
 
     let (done_tx, done) = channel();
     let outputs = relay_streams(streams, opts.console_socket.as_ref(), &done_tx)?;
@@ -330,8 +353,8 @@ fn dup(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
 /// `--detach`: starts a background `hull exec` with the same process (written to a file in the
 /// state directory) and our standard streams, waits until it has started the process, and
 /// writes its pid to the pid file.
-fn detach(opts: &ExecOptions, process: &Value) -> anyhow::Result<i32> {
-    let container = Container::load(&opts.root, &opts.id)?;
+fn detach(opts: &ExecArgs, root: &Path, process: &Value) -> anyhow::Result<i32> {
+    let container = Container::load(root, &opts.id)?;
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -343,7 +366,7 @@ fn detach(opts: &ExecOptions, process: &Value) -> anyhow::Result<i32> {
     let (sync_read, sync_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let exe = std::env::current_exe().context("cannot find the hull binary")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--root").arg(&opts.root);
+    cmd.arg("--root").arg(root);
     if log::max_level() >= log::LevelFilter::Debug {
         cmd.arg("--debug");
     }
@@ -388,20 +411,10 @@ fn detach(opts: &ExecOptions, process: &Value) -> anyhow::Result<i32> {
         }
     }
     if let Some(path) = &opts.pid_file {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, child.id().to_string())
-            .and_then(|()| std::fs::rename(&tmp, path))
+        write_atomic(path, child.id().to_string().as_bytes())
             .with_context(|| format!("--pid-file {}", path.display()))?;
     }
     Ok(0)
-}
-
-fn read_report(sync: OwnedFd) -> Option<CreateReport> {
-    let mut line = String::new();
-    match BufReader::new(File::from(sync)).read_line(&mut line) {
-        Ok(n) if n > 0 => serde_json::from_str(line.trim_end()).ok(),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -445,7 +458,7 @@ mod tests {
             "capabilities": {"bounding": ["CAP_KILL"]}
         }});
         let (container, dir) = container_with_spec(spec);
-        let opts = ExecOptions {
+        let opts = ExecArgs {
             args: vec!["ls".into(), "-l".into()],
             env: vec!["A=2".into(), "B=3".into()],
             cwd: Some("/tmp".into()),
@@ -464,19 +477,19 @@ mod tests {
             serde_json::json!(["CAP_KILL"])
         );
 
-        let bad = ExecOptions {
+        let bad = ExecArgs {
             args: vec!["ls".into()],
             user: Some("root".into()),
             ..Default::default()
         };
         let err = build_process(&bad, &container).unwrap_err();
         assert!(err.to_string().contains("--user root"), "{err}");
-        let none = ExecOptions::default();
+        let none = ExecArgs::default();
         assert!(build_process(&none, &container).is_err());
 
         let file = dir.join("p.json");
         std::fs::write(&file, r#"{"args": []}"#).unwrap();
-        let from_file = ExecOptions {
+        let from_file = ExecArgs {
             process_file: Some(file.clone()),
             ..Default::default()
         };

@@ -19,6 +19,12 @@
 
 use serde_json::{json, Value};
 
+/// Prints the features document.
+pub fn run() -> anyhow::Result<i32> {
+    super::print_json(&features());
+    Ok(0)
+}
+
 /// The oldest `ociVersion` hull takes.
 pub const OCI_VERSION_MIN: &str = "1.0.0";
 /// The newest `ociVersion` hull knows.
@@ -138,10 +144,19 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    const AGENT_SETUP: &str = include_str!("../../guest-agent/src/container/setup.rs");
-    const AGENT_SECCOMP: &str = include_str!("../../guest-agent/src/container/seccomp.rs");
-    const AGENT_CONTAINER: &str = include_str!("../../guest-agent/src/container/mod.rs");
-    const CARGO_LOCK: &str = include_str!("../../Cargo.lock");
+    const AGENT_SETUP: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../guest-agent/src/container/setup.rs"
+    ));
+    const AGENT_SECCOMP: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../guest-agent/src/container/seccomp.rs"
+    ));
+    const AGENT_CONTAINER: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../guest-agent/src/container/mod.rs"
+    ));
+    const CARGO_LOCK: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"));
 
     /// The double-quoted literals of `text`.
     fn literals(text: &str) -> Vec<&str> {

@@ -8,7 +8,7 @@
 //! the user edits the example either way.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -322,6 +322,20 @@ pub fn default_spec(rootless: bool) -> serde_json::Value {
 }
 
 /// Writes [`default_spec`] to `<bundle>/config.json`, refusing to replace an existing file.
+#[derive(clap::Args)]
+pub struct SpecArgs {
+    #[arg(long, short = 'b', default_value = ".")]
+    bundle: PathBuf,
+}
+
+impl SpecArgs {
+    pub fn run(&self, global: &super::Global) -> anyhow::Result<i32> {
+        // `--rootless` (global, as in runc): a spec for a rootless container.
+        write_spec(&self.bundle, global.rootless.as_deref() == Some("true"))?;
+        Ok(0)
+    }
+}
+
 pub fn write_spec(bundle: &Path, rootless: bool) -> anyhow::Result<()> {
     let path = bundle.join("config.json");
     let file = std::fs::OpenOptions::new()

@@ -2,11 +2,39 @@
 //! the container's status, and delete the container. With `--detach` it returns once started.
 //! A terminal without `--console-socket` is relayed to hull's own stdio (`tty.rs`).
 
-use crate::container::{self, CreateOptions};
+use anyhow::Context;
+
+use super::create::{create, CreateArgs, CreateOptions};
+use super::Global;
+use crate::forward::Forwarder;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    create: CreateArgs,
+    /// Return once started, leaving the container running.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// Accepted for runc compatibility (hull deletes a foreground container anyway).
+    #[arg(long)]
+    keep: bool,
+}
+
+impl RunArgs {
+    pub fn run(&self, global: &Global) -> anyhow::Result<i32> {
+        let _ = self.keep;
+        let forwarder = Forwarder::start().context("cannot set up signal forwarding")?;
+        run(
+            &self.create.options(global, !self.detach),
+            self.detach,
+            &forwarder,
+        )
+    }
+}
 
 /// Runs the container; returns the status to exit with: the container's (code, or 128 +
 /// signal) in the foreground, 0 when detached.
-pub fn run(opts: &CreateOptions, detach: bool) -> anyhow::Result<i32> {
+fn run(opts: &CreateOptions, detach: bool, forwarder: &Forwarder) -> anyhow::Result<i32> {
     let mut opts = CreateOptions {
         attached: !detach,
         ..opts.clone()
@@ -22,7 +50,7 @@ pub fn run(opts: &CreateOptions, detach: bool) -> anyhow::Result<i32> {
     } else {
         None
     };
-    let mut created = container::create(&opts)?;
+    let mut created = create(&opts, forwarder)?;
     created.container.start()?;
     if detach {
         created.keep();

@@ -1,0 +1,447 @@
+//! `hull create`: starts the container's `hull-vmm`, waits until the agent has created the
+//! container in the guest, runs the createRuntime and prestart hooks, and records the state.
+//!
+//! In named steps, each of which undoes its own work if a later one fails: [`check`] reads
+//! and checks the bundle (nothing to undo), [`make_state_dir`] makes the state directory
+//! (removed unless kept), [`write_vm_files`] writes `vm.json` and `container.json` into it,
+//! [`spawn_and_wait`] starts hull-vmm and reads its report (killed unless kept), [`record`]
+//! runs the hooks and writes `state.json` and the pid file. The caller keeps the result with
+//! [`Created::keep`]; dropped before, everything is undone.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use hull_protocol::{CreateContainer, Rootfs};
+use vmm::container::{ContainerConfig, CreateReport};
+
+use super::Global;
+use crate::container::{proc_stat, write_atomic, Container, Saved, Status};
+use crate::forward::{Forwarder, Target};
+use crate::hooks::Hooks;
+use crate::spec::{BundleSpec, VmPaths, ROOTFS_TAG};
+use crate::state::StateDir;
+
+/// Bytes of hull-vmm's log quoted in an error.
+const TAIL_BYTES: u64 = 2048;
+
+/// The flags `create` and `run` share.
+#[derive(clap::Args, Clone)]
+pub struct CreateArgs {
+    /// The bundle directory (holding config.json).
+    #[arg(long, short = 'b', default_value = ".")]
+    bundle: PathBuf,
+    /// Write hull-vmm's pid (the container's init on the host) to this file.
+    #[arg(long = "pid-file")]
+    pid_file: Option<PathBuf>,
+    /// With `process.terminal`: a Unix socket to send the pty master to.
+    #[arg(long = "console-socket")]
+    console_socket: Option<PathBuf>,
+    /// Pass this many extra descriptors (refused when not 0: they cannot enter a VM).
+    #[arg(long = "preserve-fds", default_value_t = 0)]
+    preserve_fds: u32,
+    /// Accepted for runc compatibility (the guest has no pivot_root to skip).
+    #[arg(long = "no-pivot")]
+    no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long = "no-new-keyring")]
+    no_new_keyring: bool,
+    /// The container id, unique under --root.
+    id: String,
+}
+
+impl CreateArgs {
+    pub fn run(&self, global: &Global) -> anyhow::Result<i32> {
+        let forwarder = Forwarder::start().context("cannot set up signal forwarding")?;
+        create(&self.options(global, false), &forwarder)?.keep();
+        Ok(0)
+    }
+
+    /// What `create` (and `run`, `attached` in the foreground) are asked.
+    pub fn options(&self, global: &Global, attached: bool) -> CreateOptions {
+        let _ = (self.no_pivot, self.no_new_keyring);
+        CreateOptions {
+            root: global.root.clone(),
+            bundle: self.bundle.clone(),
+            id: self.id.clone(),
+            pid_file: self.pid_file.clone(),
+            console_socket: self.console_socket.clone(),
+            preserve_fds: self.preserve_fds,
+            debug: global.debug,
+            attached,
+        }
+    }
+}
+
+/// What `create` (and `run`) are asked.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub root: PathBuf,
+    pub bundle: PathBuf,
+    pub id: String,
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub preserve_fds: u32,
+    pub debug: bool,
+    /// `hull run` in the foreground: hull-vmm dies with hull.
+    pub attached: bool,
+}
+
+/// A created container whose hull-vmm is hull's child.
+pub struct Created {
+    pub container: Container,
+    pub vmm: Child,
+    /// Removes the state if dropped before [`Created::keep`].
+    state: Option<StateDir>,
+}
+
+impl Created {
+    /// Keeps the container (and leaves hull-vmm running) when hull exits.
+    pub fn keep(mut self) {
+        if let Some(state) = self.state.take() {
+            state.keep();
+        }
+    }
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        if self.state.is_some() {
+            // Not kept: the container must not outlive the failure.
+            let _ = self.vmm.kill();
+            let _ = self.vmm.wait();
+        }
+    }
+}
+
+/// Creates the container (see the module comment for the steps).
+pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Created> {
+    let checked = check(opts)?;
+    if let Some(signal) = forwarder.interrupted() {
+        bail!("interrupted by signal {signal} before the container was created");
+    }
+    let state = make_state_dir(opts, &checked)?;
+    let container_path = write_vm_files(opts, &checked, &state)?;
+    let vmm = spawn_and_wait(opts, &checked, &state, &container_path, forwarder)?;
+    record(opts, &checked, state, vmm)
+}
+
+/// What the bundle asks, checked, and where hull's own files are.
+struct Checked {
+    bundle: PathBuf,
+    spec: BundleSpec,
+    hooks: Hooks,
+    console_socket: Option<PathBuf>,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    vmm_bin: PathBuf,
+}
+
+/// Step 1: reads and checks the bundle and the flags; finds the guest and hull-vmm.
+fn check(opts: &CreateOptions) -> anyhow::Result<Checked> {
+    crate::state::validate_id(&opts.id)?;
+    if opts.preserve_fds > 0 {
+        bail!(
+            "--preserve-fds {}: passing file descriptors into a micro-VM is not supported",
+            opts.preserve_fds
+        );
+    }
+    let bundle = opts
+        .bundle
+        .canonicalize()
+        .with_context(|| format!("bundle {}", opts.bundle.display()))?;
+    let spec = BundleSpec::load(&bundle)?;
+    let hooks = crate::hooks::parse_hooks(&spec.spec, &spec.config_path)?;
+    for (kind, list) in [
+        ("createContainer", &hooks.create_container),
+        ("startContainer", &hooks.start_container),
+    ] {
+        if !list.is_empty() {
+            bail!(
+                "{}: field `hooks.{kind}`: hooks in the container's namespaces would run inside \
+                 the micro-VM, which hull does not support",
+                spec.config_path.display()
+            );
+        }
+    }
+    let console_socket = match (spec.terminal, &opts.console_socket) {
+        (true, None) => bail!(
+            "{}: field `process.terminal` = true needs --console-socket",
+            spec.config_path.display()
+        ),
+        (true, Some(path)) => Some(path.clone()),
+        (false, Some(_)) => {
+            log::warn!("--console-socket ignored: the container has no terminal");
+            None
+        }
+        (false, None) => None,
+    };
+    let (kernel, initramfs) = crate::paths::guest_files()?;
+    let vmm_bin = crate::paths::vmm_binary()?;
+    Ok(Checked {
+        bundle,
+        spec,
+        hooks,
+        console_socket,
+        kernel,
+        initramfs,
+        vmm_bin,
+    })
+}
+
+/// Step 2: the state directory (removed when dropped unkept), and, for a read-only rootfs,
+/// the mount points the guest could not make in it.
+fn make_state_dir(opts: &CreateOptions, checked: &Checked) -> anyhow::Result<StateDir> {
+    let state = StateDir::create(&opts.root, &opts.id)?;
+    let spec = &checked.spec;
+    if spec.readonly {
+        // The guest cannot make mount points in a read-only share: make them here, as runc
+        // does before it remounts the root read-only.
+        let mounts = crate::mountpoints::spec_mounts(&spec.spec, &spec.config_path)?;
+        let points =
+            crate::mountpoints::plan(&mounts, |source| checked.bundle.join(source).is_file());
+        let made = crate::mountpoints::prepare(&spec.rootfs, &points)?;
+        if !made.is_empty() {
+            log::debug!("made mount points in the read-only rootfs: {made:?}");
+        }
+    }
+    Ok(state)
+}
+
+/// Step 3: `vm.json` and `container.json` in the state directory; returns the latter's path.
+fn write_vm_files(
+    opts: &CreateOptions,
+    checked: &Checked,
+    state: &StateDir,
+) -> anyhow::Result<PathBuf> {
+    let spec = &checked.spec;
+    let paths = VmPaths {
+        kernel: checked.kernel.clone(),
+        initramfs: checked.initramfs.clone(),
+        console: state.console(),
+        vsock_uds: state.vsock(),
+    };
+    let max_vcpus = host_max_vcpus();
+    let config = spec.vm_config(&paths, max_vcpus);
+    config
+        .validate(usize::from(max_vcpus))
+        .with_context(|| format!("VM configuration for {}", spec.config_path.display()))?;
+    write_atomic(
+        &state.vm_config(),
+        &serde_json::to_vec_pretty(&config).expect("a VmConfig serializes"),
+    )?;
+    let container_config = ContainerConfig {
+        create: CreateContainer {
+            container_id: opts.id.clone(),
+            spec: spec.spec.clone(),
+            rootfs: Rootfs {
+                fs_tag: ROOTFS_TAG.to_owned(),
+                readonly: spec.readonly,
+            },
+            stdio: spec.stdio(),
+        },
+        control_socket: state.path().join("control.sock"),
+        console_socket: checked.console_socket.clone(),
+    };
+    let container_path = state.path().join("container.json");
+    write_atomic(
+        &container_path,
+        &serde_json::to_vec_pretty(&container_config).expect("a ContainerConfig serializes"),
+    )?;
+    log::debug!(
+        "container {}: {} vCPUs, {} MiB, rootfs {}{}",
+        opts.id,
+        config.vcpus,
+        config.mem_size_mib,
+        spec.rootfs.display(),
+        if spec.readonly { " (read-only)" } else { "" }
+    );
+    Ok(container_path)
+}
+
+/// Step 4: starts hull-vmm, points signal forwarding at it, and waits for its report that
+/// the container exists in the guest; kills it if the report says otherwise or never comes.
+fn spawn_and_wait(
+    opts: &CreateOptions,
+    checked: &Checked,
+    state: &StateDir,
+    container_path: &Path,
+    forwarder: &Forwarder,
+) -> anyhow::Result<Child> {
+    let t_spawn = Instant::now();
+    let (sync_read, sync_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot make the sync pipe")?;
+    let mut vmm = spawn_vmm(
+        &checked.vmm_bin,
+        state,
+        container_path,
+        sync_write,
+        opts.debug,
+        opts.attached,
+    )?;
+    let pid = vmm.id() as i32;
+    forwarder.set_target(Target::Vmm(pid));
+    log::debug!("started {} (pid {pid})", checked.vmm_bin.display());
+    let report = read_report(sync_read);
+    let t_created = Instant::now();
+    match report {
+        Some(CreateReport::Created) => {}
+        Some(CreateReport::Failed(why)) => {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+            bail!("cannot create container {}: {why}", opts.id);
+        }
+        None => {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+            bail!(
+                "cannot create container {}: hull-vmm ended without a report{}",
+                opts.id,
+                describe_end(&mut vmm, &state.vmm_log())
+            );
+        }
+    }
+    log::debug!(
+        "timings (ms): hull-vmm start to container created {}",
+        t_created.duration_since(t_spawn).as_millis()
+    );
+    Ok(vmm)
+}
+
+/// How a hull-vmm that gave no report ended, with the end of its log.
+fn describe_end(vmm: &mut Child, vmm_log: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(Some(status)) = vmm.try_wait() {
+        text.push_str(&format!("\nhull-vmm: {status}"));
+    }
+    let tail = vmm::container::ready::tail(vmm_log, TAIL_BYTES);
+    if !tail.trim().is_empty() {
+        text.push_str(&format!(
+            "\n--- hull-vmm log ({}) ---\n{}",
+            vmm_log.display(),
+            tail.trim_end()
+        ));
+    }
+    text
+}
+
+/// Step 5: the createRuntime and prestart hooks, `state.json` and the pid file.
+fn record(
+    opts: &CreateOptions,
+    checked: &Checked,
+    state: StateDir,
+    vmm: Child,
+) -> anyhow::Result<Created> {
+    let spec = &checked.spec;
+    let pid = vmm.id() as i32;
+    let pid_start = proc_stat(pid).map(|(_, s)| s).unwrap_or(0);
+    let annotations = spec
+        .spec
+        .get("annotations")
+        .and_then(|a| serde_json::from_value(a.clone()).ok())
+        .unwrap_or_default();
+    let container = Container {
+        dir: state.path().to_owned(),
+        saved: Saved {
+            id: opts.id.clone(),
+            pid,
+            pid_start,
+            bundle: checked.bundle.clone(),
+            rootfs: spec.rootfs.clone(),
+            created: crate::logger::rfc3339(SystemTime::now()),
+            started: false,
+            annotations,
+            hooks: spec.spec.get("hooks").cloned().unwrap_or_default(),
+        },
+    };
+    let created = Created {
+        container,
+        vmm,
+        state: Some(state),
+    };
+    let state_doc = created.container.hook_state(Status::Created);
+    crate::hooks::run_hooks("createRuntime", &checked.hooks.create_runtime, &state_doc)?;
+    crate::hooks::run_hooks("prestart", &checked.hooks.prestart, &state_doc)?;
+    created.container.save()?;
+    if let Some(path) = &opts.pid_file {
+        write_atomic(path, pid.to_string().as_bytes())
+            .with_context(|| format!("--pid-file {}", path.display()))?;
+    }
+    Ok(created)
+}
+
+/// Starts `hull-vmm` in a session of its own (so that a terminal's signals reach `hull`, and
+/// a host pty can be its controlling terminal) with hull's standard streams, the sync pipe as
+/// descriptor 3, and its log in the state directory.
+fn spawn_vmm(
+    vmm_bin: &Path,
+    state: &StateDir,
+    container: &Path,
+    sync: OwnedFd,
+    debug: bool,
+    attached: bool,
+) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(vmm_bin);
+    cmd.arg("--config")
+        .arg(state.vm_config())
+        .arg("--container")
+        .arg(container)
+        .args(["--sync-fd", "3"])
+        .arg("--log-file")
+        .arg(state.vmm_log());
+    if debug {
+        cmd.args(["--log-level", "info"]);
+    }
+    cmd.stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let sync_fd = sync.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe functions may be called: it makes the setsid, dup2 and prctl system
+    // calls and touches no memory shared with the parent. `sync_fd` stays open in the parent
+    // until after the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if libc::dup2(sync_fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if attached {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)?;
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", vmm_bin.display()))?;
+    drop(sync);
+    Ok(child)
+}
+
+/// Reads the one report line of hull-vmm (or of `exec --detach`'s background copy); `None` if
+/// it ended without one.
+pub(super) fn read_report(sync: OwnedFd) -> Option<CreateReport> {
+    // hull-vmm has deadlines of its own for every step; a signal to hull kills it.
+    let mut line = String::new();
+    let mut reader = BufReader::new(File::from(sync));
+    match reader.read_line(&mut line) {
+        Ok(n) if n > 0 => serde_json::from_str(line.trim_end()).ok(),
+        _ => None,
+    }
+}
+
+/// How many vCPUs a VM may have here: KVM's limit, the host's CPUs, and a `u8`.
+fn host_max_vcpus() -> u8 {
+    let kvm = kvm_ioctls::Kvm::new()
+        .map(|k| k.get_max_vcpus())
+        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    kvm.min(cpus).clamp(1, usize::from(u8::MAX)) as u8
+}
