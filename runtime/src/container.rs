@@ -1,6 +1,6 @@
 //! A container's life on the host after `create` (`commands/create.rs`): the commands find it
 //! by its state (`state.json`) and talk to its `hull-vmm` over the control socket
-//! (`vmm::container::control`); `start`, `kill` and `delete`, which several commands share,
+//! (`hull_contract::control`); `start`, `kill` and `delete`, which several commands share,
 //! are here.
 //!
 //! `state.json` records what `hull` needs later: the VMM's pid and start time (so a reused pid
@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use hull_contract::control::Client;
 use hull_protocol::{ProcessRef, RequestBody, ResponseBody};
 use serde::{Deserialize, Serialize};
-use vmm::container::control::Client;
 
 /// The OCI runtime spec version hull's state documents follow.
 pub const OCI_VERSION: &str = "1.0.2";

@@ -51,7 +51,7 @@ impl Forwarder {
     /// Blocks the forwarded signals and starts taking them. Call before starting any other
     /// thread.
     pub fn start() -> std::io::Result<Self> {
-        let set = vmm::container::block_forwarded_signals()?;
+        let set = hull_contract::signals::block_forwarded_signals()?;
         let (events, received) = channel();
         let signals = events.clone();
         std::thread::Builder::new()
@@ -131,7 +131,7 @@ fn deliver(target: &Target, signal: i32) {
                 signal,
                 all: false,
             };
-            if let Err(err) = vmm::container::control::Client::connect(control_socket)
+            if let Err(err) = hull_contract::control::Client::connect(control_socket)
                 .and_then(|mut c| c.request(body, Some(REQUEST_DEADLINE)))
             {
                 log::warn!("cannot forward signal {signal}: {err:#}");

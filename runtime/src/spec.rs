@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use hull_contract::vm::{SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB};
 use hull_protocol::Stdio;
 use serde_json::Value;
-use vmm::config::{SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB};
 
 /// Guest memory when the spec sets no memory limit.
 pub const DEFAULT_MEM_SIZE_MIB: u32 = 256;
@@ -216,7 +216,7 @@ impl BundleSpec {
         config.cmdline = AGENT_CMDLINE.to_owned();
         config.vcpus = self.vcpus.clamp(1, u32::from(max_vcpus.max(1))) as u8;
         config.mem_size_mib = mem_size_mib(self.memory_limit);
-        config.console = vmm::config::ConsoleConfig::File(paths.console.clone());
+        config.console = hull_contract::vm::ConsoleConfig::File(paths.console.clone());
         config.shared_dirs = vec![SharedDirConfig {
             tag: ROOTFS_TAG.to_owned(),
             path: self.rootfs.clone(),
@@ -425,7 +425,7 @@ mod tests {
         assert_eq!((vm.vcpus, vm.mem_size_mib), (1, 256));
         assert_eq!(
             vm.console,
-            vmm::config::ConsoleConfig::File("/run/hull/t/console.log".into())
+            hull_contract::vm::ConsoleConfig::File("/run/hull/t/console.log".into())
         );
         assert_eq!(
             vm.shared_dirs,

@@ -12,8 +12,9 @@ use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use hull_contract::console;
+use hull_contract::relay::pump;
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
-use vmm::container::{console, pump};
 
 /// The master, once received (for window-size changes from the signal thread).
 static MASTER: OnceLock<OwnedFd> = OnceLock::new();

@@ -8,11 +8,11 @@
 
 pub mod arch;
 pub mod builder;
-pub mod config;
+pub use hull_contract::vm as config;
 pub mod container;
 pub mod device_manager;
 pub mod emulation;
-pub mod host;
+pub use hull_contract::host;
 pub mod vstate;
 
 pub use builder::{build, build_with_devices, RunOutcome, Stopper, Vmm, VmmError};

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_size_mib", "console", "boot_messages", "shared_dir", "vsock_uds", "vsock_cid"])]
     config: Option<PathBuf>,
     /// Uncompressed ELF vmlinux.
-    #[arg(long, required_unless_present = "config")]
+    #[arg(long, required_unless_present_any = ["config", "check_host"])]
     kernel: Option<PathBuf>,
     /// Uncompressed newc initramfs.
     #[arg(long)]
@@ -66,6 +66,55 @@ struct Args {
     /// With --container: the descriptor to write the creation report on, then close.
     #[arg(long = "sync-fd", requires = "container")]
     sync_fd: Option<RawFd>,
+    /// Print what this host's KVM offers hull-vmm and exit: 0 when micro-VMs can run here
+    /// (`hull doctor` shows this).
+    #[arg(long = "check-host", exclusive = true)]
+    check_host: bool,
+}
+
+/// `--check-host`: the KVM lines of `hull doctor`.
+fn check_host() -> ExitCode {
+    use kvm_ioctls::{Cap, Kvm};
+    let mut out = std::io::stdout().lock();
+    let kind = KvmKind::detect();
+    let kvm = match Kvm::new() {
+        Ok(kvm) => kvm,
+        Err(err) => {
+            let _ = writeln!(out, "kvm: cannot open /dev/kvm: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = writeln!(
+        out,
+        "kvm: /dev/kvm usable, API version {}",
+        kvm.get_api_version()
+    );
+    let _ = writeln!(out, "kvm kind: {kind}");
+    if let Some(warning) = kind.warning() {
+        let _ = writeln!(out, "warning: {warning}");
+    }
+    let _ = writeln!(out, "max vCPUs per VM: {}", kvm.get_max_vcpus());
+    let mut ok = true;
+    for (cap, name) in [
+        (Cap::Irqchip, "IRQCHIP"),
+        (Cap::Pit2, "PIT2"),
+        (Cap::Irqfd, "IRQFD"),
+        (Cap::Ioeventfd, "IOEVENTFD"),
+        (Cap::ImmediateExit, "IMMEDIATE_EXIT"),
+    ] {
+        let present = kvm.check_extension(cap);
+        ok &= present;
+        let _ = writeln!(
+            out,
+            "capability {name}: {}",
+            if present { "yes" } else { "MISSING" }
+        );
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 impl Args {
@@ -173,6 +222,9 @@ fn fail(sync: &mut Option<File>, message: String) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.check_host {
+        return check_host();
+    }
     log::set_max_level(args.log_level);
     let _ = log::set_logger(&Logger);
     // Before any thread starts, so that every thread inherits the mask.
@@ -216,7 +268,7 @@ fn main() -> ExitCode {
         .transpose()
     {
         Ok(container) => container,
-        Err(err) => return fail(&mut sync, format!("{err:#}")),
+        Err(err) => return fail(&mut sync, error_chain(&err)),
     };
 
     let config = match args.into_config() {

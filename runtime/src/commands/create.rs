@@ -17,8 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use hull_contract::{ContainerConfig, CreateReport};
 use hull_protocol::{CreateContainer, Rootfs};
-use vmm::container::{ContainerConfig, CreateReport};
 
 use super::Global;
 use crate::container::{proc_stat, write_atomic, Container, Saved, Status};
@@ -319,7 +319,7 @@ fn describe_end(vmm: &mut Child, vmm_log: &Path) -> String {
     if let Ok(Some(status)) = vmm.try_wait() {
         text.push_str(&format!("\nhull-vmm: {status}"));
     }
-    let tail = vmm::container::ready::tail(vmm_log, TAIL_BYTES);
+    let tail = hull_contract::tail(vmm_log, TAIL_BYTES);
     if !tail.trim().is_empty() {
         text.push_str(&format!(
             "\n--- hull-vmm log ({}) ---\n{}",
@@ -437,11 +437,9 @@ pub(super) fn read_report(sync: OwnedFd) -> Option<CreateReport> {
     }
 }
 
-/// How many vCPUs a VM may have here: KVM's limit, the host's CPUs, and a `u8`.
+/// How many vCPUs a VM may have here: the host's CPUs, and a `u8`. KVM's own limit, which is
+/// at least the host's CPUs, hull-vmm checks (it is the process that opens `/dev/kvm`).
 fn host_max_vcpus() -> u8 {
-    let kvm = kvm_ioctls::Kvm::new()
-        .map(|k| k.get_max_vcpus())
-        .unwrap_or(1);
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    kvm.min(cpus).clamp(1, usize::from(u8::MAX)) as u8
+    cpus.clamp(1, usize::from(u8::MAX)) as u8
 }

@@ -1,44 +1,28 @@
-//! `hull doctor`: whether this host can run hull's micro-VMs, and how (hardware KVM or PVM,
-//! the KVM capabilities hull needs, where the guest kernel and initramfs are).
+//! `hull doctor`: whether this host can run hull's micro-VMs, and how. The KVM part (hardware
+//! or PVM, the capabilities hull needs) comes from `hull-vmm --check-host`, since hull-vmm is
+//! the process that uses KVM; then where the guest kernel and initramfs are.
 
-use kvm_ioctls::{Cap, Kvm};
-use vmm::KvmKind;
+use std::process::Command;
 
-use crate::paths::{find_guest_dir, guest_dirs};
+use crate::paths::{find_guest_dir, guest_dirs, vmm_binary};
 
 /// Prints the report; returns 0 when hull can run here, 1 otherwise.
 pub fn run() -> i32 {
     let mut ok = true;
-    let kind = KvmKind::detect();
-    match Kvm::new() {
-        Ok(kvm) => {
-            out!(
-                "kvm: /dev/kvm usable, API version {}",
-                kvm.get_api_version()
-            );
-            out!("kvm kind: {kind}");
-            if let Some(warning) = kind.warning() {
-                out!("warning: {warning}");
+    match vmm_binary() {
+        Ok(vmm) => match Command::new(&vmm).arg("--check-host").output() {
+            Ok(report) => {
+                out!("{}", String::from_utf8_lossy(&report.stdout).trim_end());
+                ok &= report.status.success();
             }
-            out!("max vCPUs per VM: {}", kvm.get_max_vcpus());
-            for (cap, name) in [
-                (Cap::Irqchip, "IRQCHIP"),
-                (Cap::Pit2, "PIT2"),
-                (Cap::Irqfd, "IRQFD"),
-                (Cap::Ioeventfd, "IOEVENTFD"),
-                (Cap::ImmediateExit, "IMMEDIATE_EXIT"),
-            ] {
-                let present = kvm.check_extension(cap);
-                ok &= present;
-                out!(
-                    "capability {name}: {}",
-                    if present { "yes" } else { "MISSING" }
-                );
+            Err(err) => {
+                ok = false;
+                out!("hull-vmm: cannot run {}: {err}", vmm.display());
             }
-        }
+        },
         Err(err) => {
             ok = false;
-            out!("kvm: cannot open /dev/kvm: {err}");
+            out!("hull-vmm: {err:#}");
         }
     }
     match find_guest_dir(&guest_dirs()) {

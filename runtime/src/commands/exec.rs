@@ -16,13 +16,14 @@ use std::sync::mpsc::{channel, Sender};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use hull_contract::console;
+use hull_contract::relay::relay;
+use hull_contract::CreateReport;
 use hull_protocol::{
     attach_stream, hybrid, Exec, ProcessRef, RequestBody, ResponseBody, Stdio, StreamKind,
     STDIO_PORT,
 };
 use serde_json::Value;
-use vmm::container::console;
-use vmm::container::{relay, CreateReport};
 
 use super::create::read_report;
 use crate::container::{write_atomic, Container, Status};

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hull_protocol::{
-    answer_hello, host_handshake, read_frame, write_frame, AgentMessage, ErrorKind, ErrorResponse,
-    HostMessage, Request, RequestBody, Response, ResponseBody,
+    answer_hello, read_frame, write_frame, AgentMessage, ErrorKind, ErrorResponse, HostMessage,
+    Request, RequestBody, Response, ResponseBody,
 };
 
 /// A client connection's writing half, shared by the threads that answer it.
@@ -118,50 +118,9 @@ fn serve_client<T: From<ClientRequest>>(mut conn: UnixStream, inbox: &Sender<T>,
     }
 }
 
-/// The `hull` side: a connection to a container's control socket.
-pub struct Client {
-    conn: UnixStream,
-    next_id: u64,
-}
-
-impl Client {
-    /// Connects and runs the handshake.
-    pub fn connect(path: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let mut conn = UnixStream::connect(path)
-            .with_context(|| format!("cannot connect to {}", path.display()))?;
-        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-        host_handshake(&mut conn, env!("CARGO_PKG_VERSION"))
-            .with_context(|| format!("handshake on {}", path.display()))?;
-        conn.set_read_timeout(None)?;
-        Ok(Self { conn, next_id: 1 })
-    }
-
-    /// Sends a request and waits for its answer (`timeout`: `None` waits for ever, as `wait`
-    /// needs). The agent's refusal is an error carrying its message.
-    pub fn request(
-        &mut self,
-        body: RequestBody,
-        timeout: Option<Duration>,
-    ) -> anyhow::Result<ResponseBody> {
-        let id = self.next_id;
-        self.next_id += 1;
-        write_frame(&mut self.conn, &HostMessage::Request(Request { id, body }))?;
-        self.conn.set_read_timeout(timeout)?;
-        loop {
-            match read_frame::<_, AgentMessage>(&mut self.conn)? {
-                Some(AgentMessage::Response(r)) if r.id == id => {
-                    return r.result.map_err(|e| anyhow::anyhow!("{}", e.message));
-                }
-                Some(_) => continue,
-                None => anyhow::bail!("the container's hull-vmm closed its control socket"),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use hull_contract::control::Client;
     use hull_protocol::ProcessRef;
 
     use super::*;

@@ -11,7 +11,7 @@
 //!
 //! A signal that would end a process, received before the container exists, ends the VM.
 
-pub mod console;
+pub use hull_contract::console;
 pub mod control;
 pub mod ready;
 
@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -28,12 +28,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use hull_protocol::{
-    attach_stream, host_handshake, hybrid, read_frame, write_frame, AgentMessage, CreateContainer,
-    Event, HostMessage, ProcessRef, Request, RequestBody, Stdio, StreamKind, CONTROL_PORT,
-    STDIO_PORT,
+    attach_stream, host_handshake, hybrid, read_frame, write_frame, AgentMessage, Event,
+    HostMessage, ProcessRef, Request, RequestBody, Stdio, StreamKind, CONTROL_PORT, STDIO_PORT,
 };
 use nix::sys::signal::{SigSet, Signal};
-use serde::{Deserialize, Serialize};
+
+pub use hull_contract::relay::{pump, relay};
+use hull_contract::signals::terminates;
+pub use hull_contract::signals::{block_forwarded_signals, FORWARDED};
+pub use hull_contract::{ContainerConfig, CreateReport};
 
 use crate::builder::Stopper;
 use control::{ClientRequest, ClientWriter};
@@ -48,98 +51,6 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(10);
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 /// Bytes of the console quoted in an error.
 const TAIL_BYTES: u64 = 2048;
-
-/// What `hull` gives hull-vmm to run a container (`--container FILE`, JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ContainerConfig {
-    /// The request that creates the container (its id, spec, rootfs and init's stdio).
-    pub create: CreateContainer,
-    /// Where to serve `hull` commands.
-    pub control_socket: PathBuf,
-    /// With a terminal: where to send the pty master (runc's `--console-socket`). Without
-    /// one, hull-vmm's own standard streams are the container's.
-    #[serde(default)]
-    pub console_socket: Option<PathBuf>,
-}
-
-impl ContainerConfig {
-    /// Reads a container configuration file.
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read container file {}", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .with_context(|| format!("container file {}: malformed", path.display()))?;
-        if matches!(config.create.stdio, Stdio::Terminal { .. }) && config.console_socket.is_none()
-        {
-            bail!(
-                "container file {}: field `console_socket` is missing: a terminal needs one",
-                path.display()
-            );
-        }
-        Ok(config)
-    }
-}
-
-/// hull-vmm's one line on its sync descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CreateReport {
-    /// The container is created; its init waits for `start_container`.
-    Created,
-    /// It could not be; the text says why.
-    Failed(String),
-}
-
-/// The signals hull-vmm forwards to the container's init: every catchable one but those it
-/// needs itself (`SIGCHLD`, `SIGPIPE`, the synchronous fault signals, the vCPU kick).
-pub const FORWARDED: [Signal; 21] = [
-    Signal::SIGHUP,
-    Signal::SIGINT,
-    Signal::SIGQUIT,
-    Signal::SIGABRT,
-    Signal::SIGUSR1,
-    Signal::SIGUSR2,
-    Signal::SIGALRM,
-    Signal::SIGTERM,
-    Signal::SIGSTKFLT,
-    Signal::SIGCONT,
-    Signal::SIGTSTP,
-    Signal::SIGTTIN,
-    Signal::SIGTTOU,
-    Signal::SIGURG,
-    Signal::SIGXCPU,
-    Signal::SIGXFSZ,
-    Signal::SIGVTALRM,
-    Signal::SIGPROF,
-    Signal::SIGWINCH,
-    Signal::SIGIO,
-    Signal::SIGPWR,
-];
-
-/// Blocks [`FORWARDED`] in the calling thread; call before any other thread starts, so that
-/// every thread inherits the mask and the supervisor's `sigwait` takes them all.
-pub fn block_forwarded_signals() -> io::Result<SigSet> {
-    let mut set = SigSet::empty();
-    for signal in FORWARDED {
-        set.add(signal);
-    }
-    set.thread_block()?;
-    Ok(set)
-}
-
-/// Whether a signal's default action ends the process.
-fn terminates(signal: Signal) -> bool {
-    !matches!(
-        signal,
-        Signal::SIGCONT
-            | Signal::SIGTSTP
-            | Signal::SIGTTIN
-            | Signal::SIGTTOU
-            | Signal::SIGURG
-            | Signal::SIGWINCH
-            | Signal::SIGCHLD
-    )
-}
 
 /// What the supervisor's loop waits for.
 enum Incoming {
@@ -611,114 +522,5 @@ impl Supervisor {
         if let Err(err) = self.send(control, body, route) {
             log::warn!("{err:#}");
         }
-    }
-}
-
-/// Copies `from` to `to` with plain reads and writes until the end of `from`.
-///
-/// Not `io::copy`: on Linux it splices from a socket into a pipe, and splice waits for the
-/// socket's data holding the pipe's lock, so whoever reads the pipe sees nothing until the
-/// container writes again or ends: output of a process that keeps running is held back.
-pub fn pump(from: &mut impl io::Read, to: &mut impl io::Write) -> io::Result<u64> {
-    let mut buf = vec![0u8; 64 << 10];
-    let mut total = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(err),
-        };
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-    }
-}
-
-/// Copies `from` to `to` ([`pump`]) on a thread of its own until the end of `from` (or a
-/// write error); then closes both and reports on `done`.
-pub fn relay<R, W>(name: &str, mut from: R, mut to: W, done: Option<Sender<()>>) -> io::Result<()>
-where
-    R: io::Read + Send + 'static,
-    W: io::Write + Send + 'static,
-{
-    let name = name.to_owned();
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || {
-            if let Err(err) = pump(&mut from, &mut to) {
-                log::debug!("{name} relay: {err}");
-            }
-            drop(to);
-            drop(from);
-            if let Some(done) = done {
-                let _ = done.send(());
-            }
-        })?;
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn container_config_round_trips_and_needs_a_console_socket_for_a_terminal() {
-        let dir = std::env::temp_dir().join(format!("hull-ccfg-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut config = ContainerConfig {
-            create: CreateContainer {
-                container_id: "c1".into(),
-                spec: serde_json::json!({"process": {"args": ["true"]}}),
-                rootfs: hull_protocol::Rootfs {
-                    fs_tag: "rootfs".into(),
-                    readonly: false,
-                },
-                stdio: Stdio::Terminal { rows: 24, cols: 80 },
-            },
-            control_socket: dir.join("control.sock"),
-            console_socket: Some(dir.join("console.sock")),
-        };
-        let path = dir.join("container.json");
-        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
-        assert_eq!(ContainerConfig::from_file(&path).unwrap(), config);
-
-        config.console_socket = None;
-        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
-        let err = ContainerConfig::from_file(&path).unwrap_err();
-        assert!(err.to_string().contains("console_socket"), "{err}");
-        std::fs::write(&path, "{").unwrap();
-        let err = ContainerConfig::from_file(&path).unwrap_err();
-        assert!(err.to_string().contains("malformed"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn reports_are_one_json_line_each() {
-        assert_eq!(
-            serde_json::to_string(&CreateReport::Created).unwrap(),
-            "\"created\""
-        );
-        assert_eq!(
-            serde_json::to_string(&CreateReport::Failed("x".into())).unwrap(),
-            "{\"failed\":\"x\"}"
-        );
-        assert!(terminates(Signal::SIGTERM));
-        assert!(!terminates(Signal::SIGWINCH));
-        assert!(!FORWARDED.contains(&Signal::SIGCHLD));
-        assert!(!FORWARDED.contains(&Signal::SIGPIPE));
-    }
-
-    #[test]
-    fn relay_copies_to_the_end_and_reports() {
-        let (a, mut b) = UnixStream::pair().unwrap();
-        let (c, mut d) = UnixStream::pair().unwrap();
-        let (tx, rx) = channel();
-        relay("test", a, c, Some(tx)).unwrap();
-        b.write_all(b"hello").unwrap();
-        drop(b);
-        rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        let mut out = String::new();
-        io::Read::read_to_string(&mut d, &mut out).unwrap();
-        assert_eq!(out, "hello");
     }
 }

@@ -61,17 +61,7 @@ pub fn wait_ready(console: &Path, since: Instant, deadline: Duration) -> Result<
     }
 }
 
-/// The last `max` bytes of a file, as text (for error messages).
-pub fn tail(path: &Path, max: u64) -> String {
-    let Ok(mut file) = File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut bytes = Vec::new();
-    let _ = file.read_to_end(&mut bytes);
-    String::from_utf8_lossy(&bytes).into_owned()
-}
+pub use hull_contract::tail;
 
 /// Reads the lines a growing file gains, a poll at a time.
 #[derive(Default)]

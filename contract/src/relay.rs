@@ -1,0 +1,72 @@
+//! Stdio relays between hull's processes and the container's streams.
+//!
+//! Never `std::io::copy` (clippy forbids it): on Linux it splices from a socket into a pipe,
+//! and splice waits for the socket's data holding the pipe's lock, so whoever reads the pipe
+//! sees nothing until the container writes again or ends: output of a process that keeps
+//! running is held back.
+
+use std::io;
+use std::sync::mpsc::Sender;
+
+/// Copies `from` to `to` with plain reads and writes until the end of `from`.
+pub fn pump(from: &mut impl io::Read, to: &mut impl io::Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Copies `from` to `to` ([`pump`]) on a thread of its own until the end of `from` (or a
+/// write error); then closes both and reports on `done`.
+pub fn relay<R, W>(name: &str, mut from: R, mut to: W, done: Option<Sender<()>>) -> io::Result<()>
+where
+    R: io::Read + Send + 'static,
+    W: io::Write + Send + 'static,
+{
+    let name = name.to_owned();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            if let Err(err) = pump(&mut from, &mut to) {
+                log::debug!("{name} relay: {err}");
+            }
+            drop(to);
+            drop(from);
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc::channel;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn relay_copies_to_the_end_and_reports() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (c, mut d) = UnixStream::pair().unwrap();
+        let (tx, rx) = channel();
+        relay("test", a, c, Some(tx)).unwrap();
+        b.write_all(b"hello").unwrap();
+        drop(b);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let mut out = String::new();
+        io::Read::read_to_string(&mut d, &mut out).unwrap();
+        assert_eq!(out, "hello");
+    }
+}
