@@ -1,6 +1,6 @@
 //! The diagnostic boot command: `hull.exec=<command>` on the kernel command line.
 //!
-//! Not `hull exec` (a process added to a running container, `server.rs` and `container/`): a
+//! Not `hull exec` (a process added to a running container, `server/` and `container/`): a
 //! command for tests and diagnostics that the host fixes at boot; its end powers the VM off.
 //!
 //! This predates the host protocol over vsock. The host puts a shell command on the kernel

@@ -15,7 +15,7 @@ pub const POWEROFF_READY: &str = "ready";
 /// The diagnostic boot command (`boot_command.rs`): a command for `/bin/sh -c`, run after the readiness
 /// line. The kernel has no escapes: the command cannot hold a double quote.
 pub const BOOT_COMMAND_PARAM: &str = "hull.exec";
-/// A flag: serve the host protocol over vsock (`server.rs`). The VMM passes it.
+/// A flag: serve the host protocol over vsock (`server/`). The VMM passes it.
 pub const SERVE_PARAM: &str = "hull.serve";
 
 /// Errors reading the command line.

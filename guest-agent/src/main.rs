@@ -3,7 +3,7 @@
 //! The kernel starts it as `/init` from the initramfs (see `mkinitramfs.py`). It mounts the early
 //! file systems, prints one readiness line for the host, then reaps children and, with
 //! `hull.serve`, serves the host protocol over vsock: it sets up and runs the container
-//! (`server.rs`, `container/`). For tests and diagnostics, the host can have it run one shell
+//! (`server/`, `container/`). For tests and diagnostics, the host can have it run one shell
 //! command instead, given at boot (`hull.exec` on the kernel command line, see
 //! `boot_command.rs`; unrelated to `hull exec`). As PID 1 it never exits: every way out, including errors and panics, goes through `power::power_off`, which
 //! syncs and resets the VM (the VMM's clean end).
