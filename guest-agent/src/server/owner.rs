@@ -727,3 +727,570 @@ fn start_relay(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The owner driven with made-up events over a made-up system: no forks, no signals sent,
+    //! no VM. The host's end of the control connection is a Unix socket pair read here.
+
+    use std::os::unix::net::UnixStream;
+    use std::path::PathBuf;
+    use std::sync::mpsc;
+
+    use hull_protocol::stdio::StreamHello;
+    use hull_protocol::{encode_frame, read_frame, Rootfs};
+    use serde_json::json;
+
+    use super::*;
+    use crate::server::outbox::MAX_QUEUED_BYTES;
+
+    const INIT_PID: i32 = 4100;
+
+    /// What the made-up system was asked to do.
+    #[derive(Debug, Default)]
+    struct FakeSystem {
+        next_pid: i32,
+        /// The next `start` fails with this.
+        start_fails: Option<ErrorResponse>,
+        kills: Vec<(Pid, Signal)>,
+        /// What `container_pids` gives.
+        pids: Vec<Pid>,
+        powered_off: Option<String>,
+    }
+
+    #[derive(Debug)]
+    struct FakeWaiting {
+        pid: Pid,
+        fails: Option<ErrorResponse>,
+    }
+
+    impl Waiting for FakeWaiting {
+        fn pid(&self) -> Pid {
+            self.pid
+        }
+        fn take_terminal(&mut self) -> Option<OwnedFd> {
+            None
+        }
+        fn start(self: Box<Self>) -> Result<Pid, ErrorResponse> {
+            match self.fails {
+                Some(e) => Err(e),
+                None => Ok(self.pid),
+            }
+        }
+    }
+
+    impl FakeSystem {
+        fn waiting(&mut self) -> Box<dyn Waiting> {
+            let pid = Pid::from_raw(INIT_PID + self.next_pid);
+            self.next_pid += 1;
+            Box::new(FakeWaiting {
+                pid,
+                fails: self.start_fails.take(),
+            })
+        }
+    }
+
+    impl System for FakeSystem {
+        fn create(&mut self, _config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
+            Ok(self.waiting())
+        }
+        fn exec(
+            &mut self,
+            init: Pid,
+            _namespaces: &[(&'static str, CloneFlags)],
+            _plan: ExecPlan,
+        ) -> Result<Box<dyn Waiting>, ErrorResponse> {
+            assert_eq!(init, Pid::from_raw(INIT_PID));
+            Ok(self.waiting())
+        }
+        fn kill(&mut self, pid: Pid, signal: Signal) -> Result<(), nix::errno::Errno> {
+            self.kills.push((pid, signal));
+            Ok(())
+        }
+        fn container_pids(&self, _init: Pid) -> Vec<Pid> {
+            self.pids.clone()
+        }
+        fn process_info(&self, pid: Pid) -> Option<hull_protocol::ProcessInfo> {
+            Some(hull_protocol::ProcessInfo {
+                pid: pid.as_raw(),
+                ppid: 1,
+                uid: 0,
+                args: vec!["sh".into()],
+                comm: "sh".into(),
+            })
+        }
+        fn power_off(&mut self, reason: &str) {
+            self.powered_off = Some(reason.into());
+        }
+    }
+
+    fn owner() -> Owner<FakeSystem> {
+        let paths = Paths {
+            // `/dev/null` of this host stands in for the streams not asked for.
+            agent_root: PathBuf::from("/"),
+            proc_dir: PathBuf::from("/nonexistent-hull/proc"),
+            rootfs_dir: PathBuf::from("/nonexistent-hull/rootfs"),
+            rootfs_override: Some(PathBuf::from("/nonexistent-hull/bundle")),
+            no_pivot: true,
+        };
+        Owner::new(paths, FakeSystem::default())
+    }
+
+    /// The host's end of one control connection.
+    struct Host {
+        id: ConnectionId,
+        conn: UnixStream,
+        handled: Receiver<()>,
+        writer: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Host {
+        /// Connects (the handshake is the control thread's, not the owner's) and starts the
+        /// connection's writer.
+        fn connect(owner: &mut Owner<FakeSystem>, id: u64) -> Self {
+            let (host, agent) = UnixStream::pair().unwrap();
+            host.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let agent = File::from(OwnedFd::from(agent));
+            let (outbox, writer) = Outbox::new(&agent).unwrap();
+            let (handled, each_handled) = mpsc::channel();
+            let id = ConnectionId(id);
+            owner.handle(ServerEvent::Connected {
+                id,
+                outbox,
+                handled,
+            });
+            Self {
+                id,
+                conn: host,
+                handled: each_handled,
+                writer: Some(std::thread::spawn(move || writer.run())),
+            }
+        }
+
+        /// Sends one frame body and checks that the owner has handled it.
+        fn frame(&self, owner: &mut Owner<FakeSystem>, body: Vec<u8>) {
+            owner.handle(ServerEvent::Frame { id: self.id, body });
+            self.handled.try_recv().expect("the frame was handled");
+        }
+
+        fn send(&self, owner: &mut Owner<FakeSystem>, id: u64, body: RequestBody) {
+            let frame = encode_frame(&HostMessage::Request(Request { id, body })).unwrap();
+            self.frame(owner, frame[4..].to_vec());
+        }
+
+        fn next(&mut self) -> AgentMessage {
+            read_frame::<_, AgentMessage>(&mut self.conn)
+                .unwrap()
+                .expect("a frame, not the end of the connection")
+        }
+
+        fn response(&mut self, id: u64) -> Result<ResponseBody, ErrorResponse> {
+            match self.next() {
+                AgentMessage::Response(r) if r.id == id => r.result,
+                other => panic!("expected the response to {id}, got {other:?}"),
+            }
+        }
+
+        fn request(
+            &mut self,
+            owner: &mut Owner<FakeSystem>,
+            id: u64,
+            body: RequestBody,
+        ) -> Result<ResponseBody, ErrorResponse> {
+            self.send(owner, id, body);
+            self.response(id)
+        }
+
+        fn disconnect(mut self, owner: &mut Owner<FakeSystem>) {
+            owner.handle(ServerEvent::Disconnected { id: self.id });
+            // The owner let go of the outbox: the writer drains it and ends.
+            self.writer.take().unwrap().join().unwrap();
+        }
+    }
+
+    fn attach(owner: &mut Owner<FakeSystem>, process: ProcessRef, kind: StreamKind) -> StreamReply {
+        let (_host, agent) = UnixStream::pair().unwrap();
+        let (reply, answer) = mpsc::channel();
+        owner.handle(ServerEvent::Attach {
+            hello: StreamHello {
+                process,
+                stream: kind,
+            },
+            stream: File::from(OwnedFd::from(agent)),
+            reply,
+        });
+        answer.try_recv().expect("attach is answered at once")
+    }
+
+    fn create_body(stdio: Stdio) -> RequestBody {
+        RequestBody::CreateContainer(CreateContainer {
+            container_id: "box".into(),
+            spec: json!({
+                "ociVersion": "1.0.2",
+                "process": {"args": ["sh"], "cwd": "/"},
+                "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
+            }),
+            rootfs: Rootfs {
+                fs_tag: "rootfs".into(),
+                readonly: false,
+            },
+            stdio,
+        })
+    }
+
+    fn exec_body(exec_id: &str) -> RequestBody {
+        RequestBody::Exec(Exec {
+            exec_id: exec_id.into(),
+            process: json!({"args": ["true"], "cwd": "/"}),
+            stdio: Stdio::NULL,
+        })
+    }
+
+    fn reaped(pid: i32, ending: Ending) -> ServerEvent {
+        ServerEvent::Reaped(vec![Reaped {
+            pid: Pid::from_raw(pid),
+            ending,
+        }])
+    }
+
+    fn kind_of(result: Result<ResponseBody, ErrorResponse>) -> ErrorKind {
+        result.expect_err("an error response").kind
+    }
+
+    /// A created and started container: the host, and the init's pid.
+    fn running(owner: &mut Owner<FakeSystem>) -> Host {
+        let mut host = Host::connect(owner, 1);
+        assert_eq!(
+            host.request(owner, 1, create_body(Stdio::NULL)),
+            Ok(ResponseBody::Ok)
+        );
+        assert_eq!(
+            host.request(owner, 2, RequestBody::StartContainer),
+            Ok(ResponseBody::Started { pid: INIT_PID })
+        );
+        host
+    }
+
+    #[test]
+    fn requests_before_a_container_get_clear_errors() {
+        let mut owner = owner();
+        let mut host = Host::connect(&mut owner, 1);
+        let o = &mut owner;
+        assert_eq!(
+            host.request(o, 1, RequestBody::StartContainer),
+            Err(ErrorResponse::new(
+                ErrorKind::InvalidState,
+                "no container is created"
+            ))
+        );
+        let wait = RequestBody::Wait {
+            process: ProcessRef::Init,
+        };
+        assert_eq!(kind_of(host.request(o, 2, wait)), ErrorKind::NotFound);
+        let signal = RequestBody::Signal {
+            process: ProcessRef::Init,
+            signal: 15,
+            all: false,
+        };
+        assert_eq!(kind_of(host.request(o, 3, signal)), ErrorKind::NotFound);
+        assert_eq!(
+            kind_of(host.request(o, 4, exec_body("e"))),
+            ErrorKind::InvalidState
+        );
+        let resize = RequestBody::ResizeTerminal {
+            process: ProcessRef::Init,
+            rows: 1,
+            cols: 1,
+        };
+        assert_eq!(kind_of(host.request(o, 5, resize)), ErrorKind::NotFound);
+        assert_eq!(
+            host.request(o, 6, RequestBody::ListProcesses),
+            Ok(ResponseBody::Processes(Vec::new()))
+        );
+        assert!(o.system.kills.is_empty());
+    }
+
+    #[test]
+    fn frames_that_make_no_sense_are_answered_or_logged_and_the_next_is_served() {
+        let mut owner = owner();
+        let mut host = Host::connect(&mut owner, 1);
+        let o = &mut owner;
+        // Unreadable, but with an id: an error response to that id.
+        host.frame(
+            o,
+            br#"{"request": {"id": 7, "body": "no_such_request"}}"#.to_vec(),
+        );
+        assert_eq!(kind_of(host.response(7)), ErrorKind::InvalidRequest);
+        // No id to answer, a second hello, nothing at all, bytes that are no JSON: logged.
+        let hello = encode_frame(&HostMessage::Hello(hull_protocol::HostHello::new("h"))).unwrap();
+        for body in [
+            br#"{"request": {"body": "list_processes"}}"#.to_vec(),
+            hello[4..].to_vec(),
+            Vec::new(),
+            vec![0xff, 0x00, b'{', b'"'],
+            br#"{"request": {"id": -1}}"#.to_vec(),
+        ] {
+            host.frame(o, body);
+        }
+        // Nothing was sent for those: the next frame the host reads answers the next request.
+        assert_eq!(
+            host.request(o, 8, RequestBody::ListProcesses),
+            Ok(ResponseBody::Processes(Vec::new()))
+        );
+    }
+
+    #[test]
+    fn an_exit_is_reported_after_started_then_waits_are_answered() {
+        let mut owner = owner();
+        let mut host = running(&mut owner);
+        let o = &mut owner;
+        let wait = || RequestBody::Wait {
+            process: ProcessRef::Init,
+        };
+        host.send(o, 3, wait());
+        host.send(o, 4, wait());
+        // A child that is not the container's: nothing to tell the host.
+        o.handle(reaped(99, Ending::Exited(0)));
+        o.handle(reaped(INIT_PID, Ending::Exited(3)));
+        assert_eq!(
+            host.next(),
+            AgentMessage::Event(Event::Exited {
+                process: ProcessRef::Init,
+                pid: INIT_PID,
+                status: ExitStatus::Code(3)
+            })
+        );
+        let exited = Ok(ResponseBody::Exited {
+            status: ExitStatus::Code(3),
+        });
+        assert_eq!(host.response(3), exited);
+        assert_eq!(host.response(4), exited);
+        // Once reported, `wait` answers at once; a second reap of the pid changes nothing.
+        o.handle(reaped(INIT_PID, Ending::Signaled(Signal::SIGKILL)));
+        assert_eq!(host.request(o, 5, wait()), exited);
+        let signal = RequestBody::Signal {
+            process: ProcessRef::Init,
+            signal: 15,
+            all: false,
+        };
+        assert_eq!(kind_of(host.request(o, 6, signal)), ErrorKind::InvalidState);
+        assert_eq!(
+            kind_of(host.request(o, 7, RequestBody::StartContainer)),
+            ErrorKind::InvalidState
+        );
+    }
+
+    #[test]
+    fn an_init_that_ends_before_its_start_is_reported_after_the_started_response() {
+        let mut owner = owner();
+        let mut host = Host::connect(&mut owner, 1);
+        let o = &mut owner;
+        assert_eq!(
+            host.request(o, 1, create_body(Stdio::NULL)),
+            Ok(ResponseBody::Ok)
+        );
+        o.handle(reaped(INIT_PID, Ending::Signaled(Signal::SIGKILL)));
+        assert_eq!(
+            host.request(o, 2, RequestBody::StartContainer),
+            Ok(ResponseBody::Started { pid: INIT_PID })
+        );
+        assert_eq!(
+            host.next(),
+            AgentMessage::Event(Event::Exited {
+                process: ProcessRef::Init,
+                pid: INIT_PID,
+                status: ExitStatus::Signal(9)
+            })
+        );
+    }
+
+    #[test]
+    fn exec_ids_signals_and_a_failed_start() {
+        let mut owner = owner();
+        let mut host = running(&mut owner);
+        let o = &mut owner;
+        let exec_pid = INIT_PID + 1;
+        assert_eq!(
+            host.request(o, 3, exec_body("a")),
+            Ok(ResponseBody::Started { pid: exec_pid })
+        );
+        assert_eq!(
+            kind_of(host.request(o, 4, exec_body("a"))),
+            ErrorKind::AlreadyExists
+        );
+        // A start that fails leaves the id free.
+        o.system.start_fails = Some(ErrorResponse::new(ErrorKind::NotFound, "no such program"));
+        assert_eq!(
+            kind_of(host.request(o, 5, exec_body("b"))),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            host.request(o, 6, exec_body("b")),
+            Ok(ResponseBody::Started { pid: exec_pid + 2 })
+        );
+
+        let a = ProcessRef::Exec("a".into());
+        let signal = |process: &ProcessRef, signal, all| RequestBody::Signal {
+            process: process.clone(),
+            signal,
+            all,
+        };
+        assert_eq!(
+            host.request(o, 7, signal(&a, 15, false)),
+            Ok(ResponseBody::Ok)
+        );
+        assert_eq!(
+            kind_of(host.request(o, 8, signal(&a, 15, true))),
+            ErrorKind::InvalidRequest
+        );
+        assert_eq!(
+            kind_of(host.request(o, 9, signal(&ProcessRef::Init, 999, false))),
+            ErrorKind::InvalidRequest
+        );
+        o.system.pids = vec![Pid::from_raw(INIT_PID), Pid::from_raw(exec_pid)];
+        assert_eq!(
+            host.request(o, 10, signal(&ProcessRef::Init, 2, true)),
+            Ok(ResponseBody::Ok)
+        );
+        assert_eq!(
+            o.system.kills,
+            [
+                (Pid::from_raw(exec_pid), Signal::SIGTERM),
+                (Pid::from_raw(INIT_PID), Signal::SIGINT),
+                (Pid::from_raw(exec_pid), Signal::SIGINT),
+            ]
+        );
+
+        o.handle(reaped(exec_pid, Ending::Exited(0)));
+        assert_eq!(
+            host.next(),
+            AgentMessage::Event(Event::Exited {
+                process: a.clone(),
+                pid: exec_pid,
+                status: ExitStatus::Code(0)
+            })
+        );
+        assert_eq!(
+            kind_of(host.request(o, 11, signal(&a, 15, false))),
+            ErrorKind::InvalidState
+        );
+        // Ended, but its id stays taken.
+        assert_eq!(
+            kind_of(host.request(o, 12, exec_body("a"))),
+            ErrorKind::AlreadyExists
+        );
+    }
+
+    #[test]
+    fn streams_belong_to_a_control_connection() {
+        let mut owner = owner();
+        let o = &mut owner;
+        let rejected_with = |reply: StreamReply| match reply {
+            StreamReply::Rejected(e) => e.kind,
+            StreamReply::Accepted => panic!("accepted"),
+        };
+        let stdout = |o: &mut Owner<FakeSystem>| attach(o, ProcessRef::Init, StreamKind::Stdout);
+        assert_eq!(rejected_with(stdout(o)), ErrorKind::InvalidState);
+
+        let host = Host::connect(o, 1);
+        assert_eq!(stdout(o), StreamReply::Accepted);
+        assert_eq!(rejected_with(stdout(o)), ErrorKind::AlreadyExists);
+        // Streams not claimed die with the connection.
+        host.disconnect(o);
+        assert_eq!(rejected_with(stdout(o)), ErrorKind::InvalidState);
+
+        let mut host = Host::connect(o, 2);
+        let pipes = Stdio::Pipes {
+            stdin: false,
+            stdout: true,
+            stderr: false,
+        };
+        let err = host.request(o, 1, create_body(pipes)).unwrap_err();
+        assert_eq!(
+            err.message,
+            "the stdout stream of the init process is not attached"
+        );
+        assert_eq!(stdout(o), StreamReply::Accepted);
+        assert_eq!(host.request(o, 2, create_body(pipes)), Ok(ResponseBody::Ok));
+        assert!(o.streams.is_empty(), "claimed by the create");
+        assert_eq!(rejected_with(stdout(o)), ErrorKind::AlreadyExists);
+        assert_eq!(
+            kind_of(host.request(o, 3, create_body(Stdio::NULL))),
+            ErrorKind::InvalidState
+        );
+    }
+
+    #[test]
+    fn events_of_a_connection_let_go_are_ignored() {
+        let mut owner = owner();
+        let old = Host::connect(&mut owner, 1);
+        let mut new = Host::connect(&mut owner, 2);
+        // The old connection's frames are not served, and its end does not end the new one.
+        owner.handle(ServerEvent::Frame {
+            id: old.id,
+            body: br#"{"request": {"id": 1, "body": "list_processes"}}"#.to_vec(),
+        });
+        assert!(old.handled.try_recv().is_err());
+        owner.handle(ServerEvent::Disconnected { id: old.id });
+        assert_eq!(
+            new.request(&mut owner, 2, RequestBody::ListProcesses),
+            Ok(ResponseBody::Processes(Vec::new()))
+        );
+    }
+
+    #[test]
+    fn a_host_that_stops_reading_loses_its_connection_and_reaping_goes_on() {
+        let mut owner = owner();
+        let mut host = running(&mut owner);
+        let o = &mut owner;
+        // The host sends and never reads: the socket fills, then the outbox.
+        let mut sent = 0u64;
+        while o.connection.is_some() {
+            o.handle(ServerEvent::Frame {
+                id: host.id,
+                body: br#"{"request": {"id": 1, "body": "list_processes"}}"#.to_vec(),
+            });
+            sent += 1;
+            assert!(sent < 1_000_000, "the connection was never let go");
+        }
+        // Let go once the outbox was full (each answer is under 100 bytes), not before; the
+        // owner never blocked, and the host's connection ends.
+        assert!(
+            sent as usize > MAX_QUEUED_BYTES / 100,
+            "let go after {sent} frames"
+        );
+        host.writer.take().unwrap().join().unwrap();
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut host.conn, &mut rest);
+        // Reaping goes on: the exit is recorded, to be told to a `wait` on a new connection.
+        o.handle(reaped(INIT_PID, Ending::Exited(0)));
+        let mut host = Host::connect(o, 2);
+        let wait = RequestBody::Wait {
+            process: ProcessRef::Init,
+        };
+        assert_eq!(
+            host.request(o, 1, wait),
+            Ok(ResponseBody::Exited {
+                status: ExitStatus::Code(0)
+            })
+        );
+    }
+
+    #[test]
+    fn shutdown_answers_then_kills_what_is_left_and_powers_off() {
+        let mut owner = owner();
+        let mut host = running(&mut owner);
+        let o = &mut owner;
+        o.system.pids = vec![Pid::from_raw(INIT_PID)];
+        assert_eq!(
+            host.request(o, 3, RequestBody::Shutdown),
+            Ok(ResponseBody::Ok)
+        );
+        assert_eq!(o.system.kills, [(Pid::from_raw(INIT_PID), Signal::SIGKILL)]);
+        assert_eq!(
+            o.system.powered_off.as_deref(),
+            Some("shutdown requested by the host")
+        );
+    }
+}
