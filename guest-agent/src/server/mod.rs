@@ -17,6 +17,9 @@
 //!   only sends an event: reaping never waits for the owner, let alone for the host.
 //! - one **terminal** relay per process with a terminal (`relay.rs`).
 //!
+//! A panic in any of them powers the VM off (the panic hook in `main.rs`), so no thread is
+//! ever left waiting for one that died.
+//!
 //! A host that stops reading: the writer blocks, the outbox fills up to
 //! [`outbox::MAX_QUEUED_BYTES`], and the next frame that does not fit makes the owner close the
 //! connection (both directions shut down, the host sees it end) instead of waiting or dropping
