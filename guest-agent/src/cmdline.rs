@@ -12,10 +12,10 @@ use std::path::Path;
 pub const POWEROFF_PARAM: &str = "hull.poweroff";
 /// The value of [`POWEROFF_PARAM`] for "power off once ready".
 pub const POWEROFF_READY: &str = "ready";
-/// The diagnostic exec hook (`exec.rs`): a command for `/bin/sh -c`, run after the readiness
+/// The diagnostic boot command (`boot_command.rs`): a command for `/bin/sh -c`, run after the readiness
 /// line. The kernel has no escapes: the command cannot hold a double quote.
-pub const EXEC_PARAM: &str = "hull.exec";
-/// A flag: serve the host protocol over vsock (`server.rs`). The VMM passes it.
+pub const BOOT_COMMAND_PARAM: &str = "hull.exec";
+/// A flag: serve the host protocol over vsock (`server/`). The VMM passes it.
 pub const SERVE_PARAM: &str = "hull.serve";
 
 /// Errors reading the command line.
@@ -92,10 +92,11 @@ impl Cmdline {
         self.has(SERVE_PARAM)
     }
 
-    /// The command of the diagnostic exec hook, if the host gave one (the last
-    /// [`EXEC_PARAM`] wins). A bare or empty `hull.exec` is no command.
-    pub fn exec_command(&self) -> Option<&str> {
-        self.value(EXEC_PARAM).filter(|command| !command.is_empty())
+    /// The diagnostic boot command, if the host gave one (the last
+    /// [`BOOT_COMMAND_PARAM`] wins). A bare or empty `hull.exec` is no command.
+    pub fn boot_command(&self) -> Option<&str> {
+        self.value(BOOT_COMMAND_PARAM)
+            .filter(|command| !command.is_empty())
     }
 }
 
@@ -158,44 +159,44 @@ mod tests {
     }
 
     #[test]
-    fn exec_command() {
+    fn boot_command() {
         let c = Cmdline::parse(r#"console=ttyS0 reboot=k hull.exec="ls /proc | wc -l" panic=-1"#);
-        assert_eq!(c.exec_command(), Some("ls /proc | wc -l"));
+        assert_eq!(c.boot_command(), Some("ls /proc | wc -l"));
         assert_eq!(c.value("panic"), Some("-1"));
         // Unquoted: one word. Single quotes are the shell's business and stay.
         assert_eq!(
-            Cmdline::parse("hull.exec=/bin/ymm-stress").exec_command(),
+            Cmdline::parse("hull.exec=/bin/ymm-stress").boot_command(),
             Some("/bin/ymm-stress")
         );
         assert_eq!(
-            Cmdline::parse(r#"hull.exec="echo 'a  b'; exit 3""#).exec_command(),
+            Cmdline::parse(r#"hull.exec="echo 'a  b'; exit 3""#).boot_command(),
             Some("echo 'a  b'; exit 3")
         );
         // '=' in the command belongs to the value; the name ends at the first one.
         assert_eq!(
-            Cmdline::parse(r#"hull.exec="X=1 env | grep X=""#).exec_command(),
+            Cmdline::parse(r#"hull.exec="X=1 env | grep X=""#).boot_command(),
             Some("X=1 env | grep X=")
         );
         // The whole parameter quoted, as the kernel also accepts.
         assert_eq!(
-            Cmdline::parse(r#""hull.exec=sleep 1" quiet"#).exec_command(),
+            Cmdline::parse(r#""hull.exec=sleep 1" quiet"#).boot_command(),
             Some("sleep 1")
         );
         // A trailing newline (as in /proc/cmdline) is not part of the command.
         assert_eq!(
-            Cmdline::parse("hull.exec=\"true\"\n").exec_command(),
+            Cmdline::parse("hull.exec=\"true\"\n").boot_command(),
             Some("true")
         );
         // The last one wins; bare or empty is none.
         assert_eq!(
-            Cmdline::parse("hull.exec=true hull.exec=false").exec_command(),
+            Cmdline::parse("hull.exec=true hull.exec=false").boot_command(),
             Some("false")
         );
-        assert_eq!(Cmdline::parse("hull.exec").exec_command(), None);
-        assert_eq!(Cmdline::parse("hull.exec=").exec_command(), None);
-        assert_eq!(Cmdline::parse(r#"hull.exec="""#).exec_command(), None);
-        assert_eq!(Cmdline::parse("xhull.exec=true").exec_command(), None);
-        assert_eq!(Cmdline::parse("console=ttyS0").exec_command(), None);
+        assert_eq!(Cmdline::parse("hull.exec").boot_command(), None);
+        assert_eq!(Cmdline::parse("hull.exec=").boot_command(), None);
+        assert_eq!(Cmdline::parse(r#"hull.exec="""#).boot_command(), None);
+        assert_eq!(Cmdline::parse("xhull.exec=true").boot_command(), None);
+        assert_eq!(Cmdline::parse("console=ttyS0").boot_command(), None);
     }
 
     #[test]

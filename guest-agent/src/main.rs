@@ -3,9 +3,9 @@
 //! The kernel starts it as `/init` from the initramfs (see `mkinitramfs.py`). It mounts the early
 //! file systems, prints one readiness line for the host, then reaps children and, with
 //! `hull.serve`, serves the host protocol over vsock: it sets up and runs the container
-//! (`server.rs`, `container/`). For tests, the host can have it run one command instead
-//! (`hull.exec`, see `exec.rs`). As PID 1 it never
-//! exits: every way out, including errors and panics, goes through `power::power_off`, which
+//! (`server/`, `container/`). For tests and diagnostics, the host can have it run one shell
+//! command instead, given at boot (`hull.exec` on the kernel command line, see
+//! `boot_command.rs`; unrelated to `hull exec`). As PID 1 it never exits: every way out, including errors and panics, goes through `power::power_off`, which
 //! syncs and resets the VM (the VMM's clean end).
 //!
 //! Started by anything but the guest kernel it refuses to act (exit status 2), except in the test
@@ -14,10 +14,10 @@
 // Only `sys.rs` may use `unsafe` (it says `#![allow(unsafe_code)]`).
 #![deny(unsafe_code)]
 
+mod boot_command;
 mod cmdline;
 mod console;
 mod container;
-mod exec;
 mod init;
 mod listener;
 mod mode;
@@ -37,8 +37,8 @@ use std::process::{Command, Stdio};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
-use crate::cmdline::{Cmdline, EXEC_PARAM, POWEROFF_PARAM, SERVE_PARAM};
-use crate::exec::{ExecCommand, ExecState};
+use crate::boot_command::{BootCommand, BootCommandState};
+use crate::cmdline::{Cmdline, BOOT_COMMAND_PARAM, POWEROFF_PARAM, SERVE_PARAM};
 use crate::listener::Listener;
 use crate::mode::{Facts, Mode, TestConfig};
 use crate::ready::Ready;
@@ -107,14 +107,14 @@ fn run(mode: Mode) -> ! {
         .and_then(|ready| ready.line())
         .unwrap_or_else(|e| power::fatal(&error_chain(&e)));
     console::emit(&line);
-    let mut exec = cmdline
-        .exec_command()
-        .map(|command| start_exec(&mode.exec_shell(), command));
+    let mut boot_command = cmdline
+        .boot_command()
+        .map(|command| start_boot_command(&mode.boot_command_shell(), command));
     if cmdline.poweroff_when_ready() {
-        if exec.is_some() {
+        if boot_command.is_some() {
             // The command's end powers off anyway; a harness may pass both.
             console::log(&format!(
-                "{EXEC_PARAM} given: {POWEROFF_PARAM}=ready waits for the command"
+                "{BOOT_COMMAND_PARAM} given: {POWEROFF_PARAM}=ready waits for the command"
             ));
         } else {
             power::power_off("requested on the kernel command line");
@@ -130,7 +130,7 @@ fn run(mode: Mode) -> ! {
 
     loop {
         match signals.wait() {
-            Ok((_, Action::Reap)) => match &mut exec {
+            Ok((_, Action::Reap)) => match &mut boot_command {
                 None => {
                     let reaped = reaper::reap_all();
                     if let Some(server) = &server {
@@ -141,7 +141,7 @@ fn run(mode: Mode) -> ! {
                 Some(command) => {
                     let (reaped, state) = command.reap_with(reaper::reap_all);
                     log_reaped(&mode, reaped);
-                    finish_exec(&mode, command, state);
+                    finish_boot_command(&mode, command, state);
                 }
             },
             Ok((signal, Action::PowerOff)) => power::power_off(signal.as_str()),
@@ -191,11 +191,11 @@ fn server_paths(mode: &Mode) -> Paths {
 }
 
 /// Starts the `hull.exec` command, or powers off with a fatal error.
-fn start_exec(shell: &Path, command: &str) -> ExecCommand {
-    match ExecCommand::start(shell, command) {
+fn start_boot_command(shell: &Path, command: &str) -> BootCommand {
+    match BootCommand::start(shell, command) {
         Ok(started) => {
             console::log(&format!(
-                "{EXEC_PARAM}: started pid={}: {command}",
+                "{BOOT_COMMAND_PARAM}: started pid={}: {command}",
                 started.pid()
             ));
             started
@@ -205,18 +205,18 @@ fn start_exec(shell: &Path, command: &str) -> ExecCommand {
 }
 
 /// Once the `hull.exec` command has ended: prints the exit line and powers off.
-fn finish_exec(mode: &Mode, command: &ExecCommand, state: ExecState) {
+fn finish_boot_command(mode: &Mode, command: &BootCommand, state: BootCommandState) {
     match state {
-        ExecState::Running => {}
-        ExecState::Ended(exit) => {
+        BootCommandState::Running => {}
+        BootCommandState::Ended(exit) => {
             if matches!(mode, Mode::Test(_)) {
                 console::log(&format!("reaped pid={} {exit}", command.pid()));
             }
             console::emit(&exit.line());
-            power::power_off(&format!("{EXEC_PARAM} command ended"));
+            power::power_off(&format!("{BOOT_COMMAND_PARAM} command ended"));
         }
-        ExecState::Lost => power::fatal(&format!(
-            "{EXEC_PARAM}: command pid={} was reaped without a readable status",
+        BootCommandState::Lost => power::fatal(&format!(
+            "{BOOT_COMMAND_PARAM}: command pid={} was reaped without a readable status",
             command.pid()
         )),
     }

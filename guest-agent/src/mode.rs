@@ -92,12 +92,12 @@ impl Mode {
     }
 
     /// The shell of the `hull.exec` hook.
-    pub fn exec_shell(&self) -> PathBuf {
+    pub fn boot_command_shell(&self) -> PathBuf {
         match self {
             Mode::Test(TestConfig {
                 shell: Some(shell), ..
             }) => shell.clone(),
-            _ => PathBuf::from(crate::exec::SHELL),
+            _ => PathBuf::from(crate::boot_command::SHELL),
         }
     }
 
@@ -317,7 +317,10 @@ mod tests {
         assert_eq!(config.exec.as_deref(), Some("true"));
         assert!(config.panic);
         assert_eq!(config.shell.as_deref(), Some(Path::new("/no/sh")));
-        assert_eq!(Mode::Test(config).exec_shell(), PathBuf::from("/no/sh"));
-        assert_eq!(Mode::Guest.exec_shell(), PathBuf::from("/bin/sh"));
+        assert_eq!(
+            Mode::Test(config).boot_command_shell(),
+            PathBuf::from("/no/sh")
+        );
+        assert_eq!(Mode::Guest.boot_command_shell(), PathBuf::from("/bin/sh"));
     }
 }

@@ -167,6 +167,15 @@ impl Vm {
         }
     }
 
+    /// A new control connection in place of the old one.
+    fn reconnect(&mut self) {
+        let mut control =
+            UnixStream::connect(self.dir.0.join("control.sock")).expect("connect again");
+        control.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        host_handshake(&mut control, "test").expect("handshake again");
+        self.control = control;
+    }
+
     fn attach(&self, kind: StreamKind) -> UnixStream {
         self.attach_to(&ProcessRef::Init, kind)
     }
@@ -515,6 +524,48 @@ fn stdout_stderr_and_exit_codes() {
         assert_eq!(out.stderr(), "err\n");
         assert_eq!(out.status, ExitStatus::Code(code));
     }
+}
+
+/// A host that sends requests and never reads the answers is cut off once the agent holds a
+/// mebibyte of them (docs/agent.md, "Threads"); the agent goes on serving and reaping.
+#[test]
+fn a_host_that_stops_reading_is_cut_off_and_the_agent_goes_on() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let mut flood = vm.control.try_clone().expect("clone");
+    flood.set_write_timeout(Some(DEADLINE)).expect("timeout");
+    let request = HostMessage::Request(Request {
+        id: 1,
+        body: RequestBody::ListProcesses,
+    });
+    let mut sent = 0u64;
+    let err = loop {
+        match write_frame(&mut flood, &request) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 10_000_000, "the agent never gave up on the host");
+    };
+    let hull_protocol::FrameError::Write(io) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "the agent shuts the connection down, it does not stop reading: {io:?} after {sent}"
+    );
+    vm.reconnect();
+    vm.create_with(spec(&["sh", "-c", "exit 3"]), StdioSpec::NULL, false)
+        .expect("create");
+    let Ok(ResponseBody::Started { pid }) = vm.request(RequestBody::StartContainer) else {
+        panic!("start failed");
+    };
+    assert_eq!(vm.exit_of(&ProcessRef::Init), (pid, ExitStatus::Code(3)));
+    vm.shutdown();
 }
 
 #[test]

@@ -5,66 +5,17 @@
 //! both will use (the highest both speak), or [`AgentMessage::HelloRejected`] naming both ranges
 //! and closes the connection. Nothing else may come first on either side.
 //!
-//! The layouts of the hello messages are frozen: every version of either side must be able to
-//! read every version's hello, so that a mismatch is reported by name rather than as a parse
-//! error. Fields may be added to them (old readers ignore unknown fields), never changed.
+//! The hello messages themselves, whose layouts are frozen, and the version numbers live in
+//! [`crate::hello`]; they are re-exported here under their old paths.
 
 use std::io::{Read, Write};
-
-use serde::{Deserialize, Serialize};
 
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::message::{AgentMessage, HostMessage};
 
-/// The newest protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// The oldest protocol version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
-
-/// The host's first frame.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostHello {
-    /// The newest version the host speaks.
-    pub protocol_version: u32,
-    /// The oldest version the host speaks.
-    pub min_protocol_version: u32,
-    /// The host's program version, for messages and logs.
-    pub host_version: String,
-}
-
-impl HostHello {
-    /// The hello of a host built with this crate.
-    pub fn new(host_version: impl Into<String>) -> Self {
-        Self {
-            protocol_version: PROTOCOL_VERSION,
-            min_protocol_version: MIN_PROTOCOL_VERSION,
-            host_version: host_version.into(),
-        }
-    }
-}
-
-/// The agent's answer to a compatible hello.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentHello {
-    /// The version both sides use from now on.
-    pub protocol_version: u32,
-    /// The agent's program version.
-    pub agent_version: String,
-    /// `uname -r` of the guest kernel.
-    pub kernel_release: String,
-}
-
-/// The agent's answer to an incompatible hello (or to a first frame that is no hello).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HelloRejected {
-    /// The newest version the agent speaks.
-    pub protocol_version: u32,
-    /// The oldest version the agent speaks.
-    pub min_protocol_version: u32,
-    pub agent_version: String,
-    /// Why, for people: e.g. the [`VersionMismatch`] text.
-    pub message: String,
-}
+pub use crate::hello::{
+    AgentHello, HelloRejected, HostHello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 
 /// The two sides share no protocol version.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,7 +5,8 @@
 //! [`hybrid`]):
 //! - [`CONTROL_PORT`]: one control connection. A versioned handshake ([`handshake`]), then
 //!   length-prefixed JSON frames ([`frame`]) carrying requests, responses and events
-//!   ([`message`]).
+//!   ([`message`]). The hello messages and version numbers are in [`hello`], which both
+//!   [`handshake`] and [`message`] import.
 //! - [`STDIO_PORT`]: one connection per stdio stream of a process: one header frame each way,
 //!   then raw bytes ([`stdio`]).
 //!
@@ -16,6 +17,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod hello;
 pub mod hybrid;
 pub mod message;
 pub mod stdio;
@@ -25,10 +27,10 @@ pub use frame::{
     ReadOutcome, HEADER_LEN, MAX_FRAME_SIZE,
 };
 pub use handshake::{
-    agent_handshake, answer_hello, check_answer, host_handshake, negotiate, AgentHello,
-    HandshakeError, HelloRejected, HostHello, VersionMismatch, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    agent_handshake, answer_hello, check_answer, host_handshake, negotiate, HandshakeError,
+    VersionMismatch,
 };
+pub use hello::{AgentHello, HelloRejected, HostHello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 pub use message::{
     request_id_of, AgentMessage, CreateContainer, ErrorKind, ErrorResponse, Event, Exec,
     ExitStatus, HostMessage, ProcessInfo, ProcessRef, Request, RequestBody, Response, ResponseBody,

@@ -20,7 +20,7 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::handshake::{AgentHello, HelloRejected, HostHello};
+use crate::hello::{AgentHello, HelloRejected, HostHello};
 
 /// Everything the host sends on the control connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -424,7 +424,7 @@ mod tests {
 
     use super::*;
     use crate::frame::{decode_body, encode_frame, FrameDecoder, FrameError};
-    use crate::handshake::{AgentHello, HelloRejected, HostHello};
+    use crate::hello::{AgentHello, HelloRejected, HostHello};
 
     fn spec() -> serde_json::Value {
         json!({

@@ -23,7 +23,7 @@ use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chdir, execve, setgroups, setresgid, setresuid, Gid, Uid};
 
 use super::{CapPlan, SeccompPlan};
-use crate::exec::DEFAULT_PATH;
+use crate::boot_command::DEFAULT_PATH;
 use crate::spec::Process;
 use crate::sys;
 

@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::event_handler::FdWatch;
+use super::fd_watch::FdWatch;
 use super::muxer::Muxer;
 use super::packet;
 use super::{VsockError, MAX_PKT_BUF_SIZE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};

@@ -12,7 +12,9 @@
 //! Layout: [`packet`] parses and builds the 44-byte `virtio_vsock_hdr`; [`connection`] holds one
 //! stream's state machine, credit accounting and bounded buffers; [`unix`] the host socket
 //! plumbing; [`muxer`] the table of connections and the order in which packets go to the guest;
-//! [`device`] is the `VirtioDevice`; [`event_handler`] plugs it into the VMM's event loop.
+//! [`device`] is the `VirtioDevice`; [`event_handler`] plugs it into the VMM's event loop;
+//! [`fd_watch`] records what the device, the muxer and the event handler want epoll to watch
+//! (each of them imports it, it imports none of them).
 //!
 //! # Wiring (for the VMM)
 //! `Vsock::new(guest_cid, uds_path)` binds the listening socket. Put the same
@@ -30,6 +32,7 @@
 mod connection;
 mod device;
 mod event_handler;
+mod fd_watch;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 mod muxer;

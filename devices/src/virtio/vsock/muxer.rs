@@ -20,7 +20,7 @@ use event_manager::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{ConnKey, Connection};
-use super::event_handler::FdWatch;
+use super::fd_watch::FdWatch;
 use super::packet::{TxPacket, VsockHeader};
 use super::unix::{self, PendingHost};
 use super::{

@@ -1,4 +1,7 @@
-//! The diagnostic exec hook: `hull.exec=<command>` on the kernel command line.
+//! The diagnostic boot command: `hull.exec=<command>` on the kernel command line.
+//!
+//! Not `hull exec` (a process added to a running container, `server/` and `container/`): a
+//! command for tests and diagnostics that the host fixes at boot; its end powers the VM off.
 //!
 //! This predates the host protocol over vsock. The host puts a shell command on the kernel
 //! command line; after the readiness line the agent runs it as `/bin/sh -c <command>` (stdin
@@ -27,7 +30,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::cmdline::EXEC_PARAM;
+use crate::cmdline::BOOT_COMMAND_PARAM;
 use crate::reaper::{Ending, Reaped};
 
 /// What the exit line starts with, including the single space before the JSON.
@@ -40,14 +43,14 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 
 /// Errors starting the command.
 #[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    #[error("{EXEC_PARAM}: shell {path} not found")]
+pub enum BootCommandError {
+    #[error("{BOOT_COMMAND_PARAM}: shell {path} not found")]
     ShellMissing {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("{EXEC_PARAM}: cannot start {path}")]
+    #[error("{BOOT_COMMAND_PARAM}: cannot start {path}")]
     Spawn {
         path: String,
         #[source]
@@ -59,14 +62,14 @@ pub enum ExecError {
 /// `{"signal":N}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ExecExit {
+pub enum BootCommandExit {
     /// The shell exited with this status.
     Code(i32),
     /// This signal killed the shell.
     Signal(i32),
 }
 
-impl ExecExit {
+impl BootCommandExit {
     /// From a wait status; `None` for a stopped or continued process (not an ending).
     pub fn from_status(status: ExitStatus) -> Option<Self> {
         status
@@ -92,7 +95,7 @@ impl ExecExit {
 }
 
 /// As the test mode logs reaped children: `exit=N` or `signal=N`.
-impl fmt::Display for ExecExit {
+impl fmt::Display for BootCommandExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Code(code) => write!(f, "exit={code}"),
@@ -103,9 +106,9 @@ impl fmt::Display for ExecExit {
 
 /// Where the command stands after a `SIGCHLD`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExecState {
+pub enum BootCommandState {
     Running,
-    Ended(ExecExit),
+    Ended(BootCommandExit),
     /// Reaped without a status the agent could read (by `waitpid(-1)` for a signal nix cannot
     /// name). Should not happen; the agent treats it as fatal rather than hang.
     Lost,
@@ -113,18 +116,18 @@ pub enum ExecState {
 
 /// The running command.
 #[derive(Debug)]
-pub struct ExecCommand {
+pub struct BootCommand {
     child: Child,
 }
 
-impl ExecCommand {
+impl BootCommand {
     /// Starts `shell -c command` with stdin `/dev/null` and the agent's stdout and stderr.
-    pub fn start(shell: &Path, command: &str) -> Result<Self, ExecError> {
+    pub fn start(shell: &Path, command: &str) -> Result<Self, BootCommandError> {
         let path = shell.display().to_string();
         // A clear message for the common mistake: an initramfs without a shell (or with a
         // dangling /bin/sh link).
         if let Err(source) = std::fs::metadata(shell) {
-            return Err(ExecError::ShellMissing { path, source });
+            return Err(BootCommandError::ShellMissing { path, source });
         }
         let mut cmd = Command::new(shell);
         cmd.args(["-c", command]).stdin(Stdio::null());
@@ -133,7 +136,7 @@ impl ExecCommand {
         }
         let child = cmd
             .spawn()
-            .map_err(|source| ExecError::Spawn { path, source })?;
+            .map_err(|source| BootCommandError::Spawn { path, source })?;
         Ok(Self { child })
     }
 
@@ -143,14 +146,17 @@ impl ExecCommand {
 
     /// Reaps after a `SIGCHLD`: the command by its pid first, then everything else with `reap`
     /// (normally `reaper::reap_all`). Returns what `reap` collected and the command's state.
-    pub fn reap_with(&mut self, reap: impl FnOnce() -> Vec<Reaped>) -> (Vec<Reaped>, ExecState) {
+    pub fn reap_with(
+        &mut self,
+        reap: impl FnOnce() -> Vec<Reaped>,
+    ) -> (Vec<Reaped>, BootCommandState) {
         let mut state = self.poll();
         let reaped = reap();
-        if state == ExecState::Running {
+        if state == BootCommandState::Running {
             // It may have ended between the two waits and been collected by `reap`; if not,
             // ask again, which also tells whether `reap` took it without a readable status.
             state = match reaped.iter().find(|r| r.pid == self.pid()) {
-                Some(r) => ExecState::Ended(ExecExit::from_ending(r.ending)),
+                Some(r) => BootCommandState::Ended(BootCommandExit::from_ending(r.ending)),
                 None => self.poll(),
             };
         }
@@ -158,14 +164,13 @@ impl ExecCommand {
     }
 
     /// `waitpid(pid, WNOHANG)` on the command.
-    fn poll(&mut self) -> ExecState {
+    fn poll(&mut self) -> BootCommandState {
         match self.child.try_wait() {
-            Ok(Some(status)) => {
-                ExecExit::from_status(status).map_or(ExecState::Lost, ExecState::Ended)
-            }
-            Ok(None) => ExecState::Running,
+            Ok(Some(status)) => BootCommandExit::from_status(status)
+                .map_or(BootCommandState::Lost, BootCommandState::Ended),
+            Ok(None) => BootCommandState::Running,
             // ECHILD: someone else reaped it.
-            Err(_) => ExecState::Lost,
+            Err(_) => BootCommandState::Lost,
         }
     }
 }
@@ -179,21 +184,21 @@ mod tests {
     #[test]
     fn exit_lines() {
         assert_eq!(
-            ExecExit::Code(0).line(),
+            BootCommandExit::Code(0).line(),
             r#"HULL_AGENT_EXEC_EXIT {"code":0}"#
         );
         assert_eq!(
-            ExecExit::Code(3).line(),
+            BootCommandExit::Code(3).line(),
             r#"HULL_AGENT_EXEC_EXIT {"code":3}"#
         );
         assert_eq!(
-            ExecExit::Signal(9).line(),
+            BootCommandExit::Signal(9).line(),
             r#"HULL_AGENT_EXEC_EXIT {"signal":9}"#
         );
-        let json = ExecExit::Signal(34).line()[EXEC_EXIT_PREFIX.len()..].to_owned();
+        let json = BootCommandExit::Signal(34).line()[EXEC_EXIT_PREFIX.len()..].to_owned();
         assert_eq!(
-            serde_json::from_str::<ExecExit>(&json).unwrap(),
-            ExecExit::Signal(34)
+            serde_json::from_str::<BootCommandExit>(&json).unwrap(),
+            BootCommandExit::Signal(34)
         );
     }
 
@@ -201,34 +206,37 @@ mod tests {
     fn exits_from_wait_statuses() {
         // Raw wait statuses: exit code in bits 8..16, terminating signal in bits 0..7.
         assert_eq!(
-            ExecExit::from_status(ExitStatus::from_raw(3 << 8)),
-            Some(ExecExit::Code(3))
+            BootCommandExit::from_status(ExitStatus::from_raw(3 << 8)),
+            Some(BootCommandExit::Code(3))
         );
         assert_eq!(
-            ExecExit::from_status(ExitStatus::from_raw(15)),
-            Some(ExecExit::Signal(15))
+            BootCommandExit::from_status(ExitStatus::from_raw(15)),
+            Some(BootCommandExit::Signal(15))
         );
         // A real-time signal nix has no name for keeps its number.
         assert_eq!(
-            ExecExit::from_status(ExitStatus::from_raw(35 | 0x80)),
-            Some(ExecExit::Signal(35))
+            BootCommandExit::from_status(ExitStatus::from_raw(35 | 0x80)),
+            Some(BootCommandExit::Signal(35))
         );
         assert_eq!(
-            ExecExit::from_ending(Ending::Signaled(Signal::SIGSEGV)),
-            ExecExit::Signal(11)
+            BootCommandExit::from_ending(Ending::Signaled(Signal::SIGSEGV)),
+            BootCommandExit::Signal(11)
         );
         assert_eq!(
-            ExecExit::from_ending(Ending::Exited(255)),
-            ExecExit::Code(255)
+            BootCommandExit::from_ending(Ending::Exited(255)),
+            BootCommandExit::Code(255)
         );
-        assert_eq!(ExecExit::Code(3).to_string(), "exit=3");
-        assert_eq!(ExecExit::Signal(15).to_string(), "signal=15");
+        assert_eq!(BootCommandExit::Code(3).to_string(), "exit=3");
+        assert_eq!(BootCommandExit::Signal(15).to_string(), "signal=15");
     }
 
     #[test]
     fn a_missing_shell_is_named() {
-        let err = ExecCommand::start(Path::new("/nonexistent-hull/bin/sh"), "true").unwrap_err();
-        assert!(matches!(err, ExecError::ShellMissing { .. }), "{err:?}");
+        let err = BootCommand::start(Path::new("/nonexistent-hull/bin/sh"), "true").unwrap_err();
+        assert!(
+            matches!(err, BootCommandError::ShellMissing { .. }),
+            "{err:?}"
+        );
         assert_eq!(
             err.to_string(),
             "hull.exec: shell /nonexistent-hull/bin/sh not found"

@@ -1,0 +1,188 @@
+//! What the owner does to the system: fork the container's processes, signal them, read
+//! `/proc`, power off. Behind the [`System`] trait so the owner's rules run in unit tests with a
+//! made-up system: no forks, no signals, no namespaces.
+
+use std::fmt::Debug;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use hull_protocol::{ErrorResponse, ProcessInfo};
+use nix::errno::Errno;
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::Paths;
+use crate::container::{self, CapPlan, Config, Created, ExecConfig, SeccompPlan, StdioSetup};
+use crate::power;
+use crate::spec::Process;
+
+/// A process of the container, set up and waiting for its start.
+pub trait Waiting: Debug + Send {
+    /// Its pid in the agent's PID namespace.
+    fn pid(&self) -> Pid;
+    /// The master of its terminal, if it has one (once).
+    fn take_terminal(&mut self) -> Option<OwnedFd>;
+    /// Lets it exec the process; returns once `execve` has succeeded or failed.
+    fn start(self: Box<Self>) -> Result<Pid, ErrorResponse>;
+}
+
+/// An `exec`'d process, checked, with its stdio claimed.
+#[derive(Debug)]
+pub struct ExecPlan {
+    pub process: Process,
+    pub caps: Option<CapPlan>,
+    pub seccomp: Option<SeccompPlan>,
+    pub stdio: StdioSetup,
+}
+
+/// The system calls behind the owner's requests.
+pub trait System {
+    /// Sets up the container's init (`container::create`).
+    fn create(&mut self, config: Config) -> Result<Box<dyn Waiting>, ErrorResponse>;
+    /// Sets up a process in the namespaces `namespaces` and root of the running `init`.
+    fn exec(
+        &mut self,
+        init: Pid,
+        namespaces: &[(&'static str, CloneFlags)],
+        plan: ExecPlan,
+    ) -> Result<Box<dyn Waiting>, ErrorResponse>;
+    fn kill(&mut self, pid: Pid, signal: Signal) -> Result<(), Errno>;
+    /// The processes of the container whose init is `init`: those in the init's PID namespace
+    /// if it has its own, else every process but the agent.
+    fn container_pids(&self, init: Pid) -> Vec<Pid>;
+    /// `hull ps` data of one process; `None` if it is gone.
+    fn process_info(&self, pid: Pid) -> Option<ProcessInfo>;
+    /// Syncs and powers the VM off. The real one never returns.
+    fn power_off(&mut self, reason: &str);
+}
+
+impl Waiting for Created {
+    fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    fn take_terminal(&mut self) -> Option<OwnedFd> {
+        self.terminal.take()
+    }
+
+    fn start(self: Box<Self>) -> Result<Pid, ErrorResponse> {
+        Created::start(*self)
+    }
+}
+
+/// The agent's own system.
+#[derive(Debug)]
+pub struct RealSystem {
+    paths: Paths,
+}
+
+impl RealSystem {
+    pub fn new(paths: Paths) -> Self {
+        Self { paths }
+    }
+}
+
+impl System for RealSystem {
+    fn create(&mut self, config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
+        container::create(config).map(|created| Box::new(created) as Box<dyn Waiting>)
+    }
+
+    fn exec(
+        &mut self,
+        init: Pid,
+        namespaces: &[(&'static str, CloneFlags)],
+        plan: ExecPlan,
+    ) -> Result<Box<dyn Waiting>, ErrorResponse> {
+        let (namespaces, root) =
+            container::open_init_namespaces(&self.paths.proc_dir, init, namespaces)?;
+        let ExecPlan {
+            process,
+            caps,
+            seccomp,
+            stdio,
+        } = plan;
+        container::exec(ExecConfig {
+            process,
+            caps,
+            seccomp,
+            namespaces,
+            root,
+            stdio,
+        })
+        .map(|created| Box::new(created) as Box<dyn Waiting>)
+    }
+
+    fn kill(&mut self, pid: Pid, signal: Signal) -> Result<(), Errno> {
+        kill(pid, signal)
+    }
+
+    fn container_pids(&self, init: Pid) -> Vec<Pid> {
+        let proc_dir = &self.paths.proc_dir;
+        let pidns = |pid: &str| {
+            nix::sys::stat::stat(&proc_dir.join(pid).join("ns/pid"))
+                .ok()
+                .map(|s| s.st_ino)
+        };
+        let own = pidns("self");
+        let init_ns = pidns(&init.to_string());
+        let mut pids = Vec::new();
+        let Ok(entries) = std::fs::read_dir(proc_dir) else {
+            return pids;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() as i32 {
+                continue;
+            }
+            let ns = pidns(&pid.to_string());
+            let mine = match (init_ns, own) {
+                (Some(init_ns), Some(own)) if init_ns != own => ns == Some(init_ns),
+                _ => true,
+            };
+            if mine {
+                pids.push(Pid::from_raw(pid));
+            }
+        }
+        pids
+    }
+
+    fn process_info(&self, pid: Pid) -> Option<ProcessInfo> {
+        process_info(&self.paths.proc_dir, pid)
+    }
+
+    fn power_off(&mut self, reason: &str) {
+        power::power_off(reason)
+    }
+}
+
+/// `hull ps` data of one process from `/proc`; `None` if it is gone.
+fn process_info(proc_dir: &Path, pid: Pid) -> Option<ProcessInfo> {
+    let dir = proc_dir.join(pid.to_string());
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let comm = head.split_once(" (")?.1.to_owned();
+    let ppid = rest.split(' ').nth(1)?.parse().ok()?;
+    let status = std::fs::read_to_string(dir.join("status")).ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())?;
+    let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
+    let args = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some(ProcessInfo {
+        pid: pid.as_raw(),
+        ppid,
+        uid,
+        args,
+        comm,
+    })
+}
