@@ -23,6 +23,7 @@ use hull_protocol::{
 use serde_json::Value;
 use vmm::container::console;
 use vmm::container::{relay, CreateReport};
+use vmm::Spawner;
 
 use crate::container::{Container, Status};
 
@@ -280,12 +281,21 @@ fn relay_streams(
     console_socket: Option<&PathBuf>,
     done: &Sender<()>,
 ) -> anyhow::Result<usize> {
+    // The `hull` CLI has no VM to end: a relay that panics is only logged.
+    let threads = Spawner::detached();
     let mut outputs = 0;
     for (kind, stream) in streams {
         match kind {
-            StreamKind::Stdin => relay("stdin", dup(std::io::stdin().as_fd())?, stream, None)?,
+            StreamKind::Stdin => relay(
+                &threads,
+                "stdin",
+                dup(std::io::stdin().as_fd())?,
+                stream,
+                None,
+            )?,
             StreamKind::Stdout => {
                 relay(
+                    &threads,
                     "stdout",
                     stream,
                     dup(std::io::stdout().as_fd())?,
@@ -295,6 +305,7 @@ fn relay_streams(
             }
             StreamKind::Stderr => {
                 relay(
+                    &threads,
                     "stderr",
                     stream,
                     dup(std::io::stderr().as_fd())?,
@@ -314,8 +325,14 @@ fn relay_streams(
                         dup(std::io::stdout().as_fd())?,
                     ),
                 };
-                relay("terminal input", input, stream.try_clone()?, None)?;
-                relay("terminal output", stream, output, Some(done.clone()))?;
+                relay(&threads, "terminal input", input, stream.try_clone()?, None)?;
+                relay(
+                    &threads,
+                    "terminal output",
+                    stream,
+                    output,
+                    Some(done.clone()),
+                )?;
                 outputs += 1;
             }
         }

@@ -5,7 +5,7 @@
 //!
 //! With `--container FILE` hull-vmm is a container's init as the host sees it (see
 //! `vmm::container`): it exits with the container's status, and 255 if the VM ended before
-//! the container's process did.
+//! the container's process did. A panic in any of its threads ends the VM and hull-vmm with 1.
 
 use std::fs::File;
 use std::io::Write;
@@ -246,20 +246,15 @@ fn main() -> ExitCode {
                     "--container needs a console file and a vsock device in the VM config".into(),
                 );
             };
-            let started = vmm
-                .stopper()
-                .map_err(|e| e.to_string())
-                .and_then(|stopper| {
-                    vmm::container::start(
-                        container,
-                        console.clone(),
-                        vsock.uds_path.clone(),
-                        signals,
-                        sync.take(),
-                        stopper,
-                    )
-                    .map_err(|e| format!("cannot start the container supervisor: {e}"))
-                });
+            let started = vmm::container::start(
+                container,
+                console.clone(),
+                vsock.uds_path.clone(),
+                signals,
+                sync.take(),
+                vmm.stopper(),
+            )
+            .map_err(|e| format!("cannot start the container supervisor: {e}"));
             match started {
                 Ok(status) => Some(status),
                 Err(message) => return fail(&mut sync, message),
@@ -272,6 +267,17 @@ fn main() -> ExitCode {
         match &result {
             Ok(outcome) => log::info!("{}", outcome.exit),
             Err(err) => log::error!("{}", error_chain(err)),
+        }
+        if let Ok(
+            outcome @ vmm::RunOutcome {
+                exit: vmm::VmExit::ThreadPanicked { .. },
+                ..
+            },
+        ) = &result
+        {
+            // A bug in hull-vmm, whatever the container did.
+            log::error!("{}", outcome.exit);
+            return ExitCode::from(1);
         }
         let status = *status.lock().unwrap_or_else(|p| p.into_inner());
         return match status {

@@ -11,6 +11,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::thread::{Spawner, ThreadKind};
 use hull_protocol::{
     answer_hello, host_handshake, read_frame, write_frame, AgentMessage, ErrorKind, ErrorResponse,
     HostMessage, Request, RequestBody, Response, ResponseBody,
@@ -47,6 +48,7 @@ pub fn respond(writer: &ClientWriter, id: u64, result: Result<ResponseBody, Erro
 /// Listens on `path` (replacing a stale socket) and hands every request to `inbox`, from a
 /// thread per client.
 pub fn serve<T: From<ClientRequest> + Send + 'static>(
+    threads: &Spawner,
     path: &Path,
     inbox: Sender<T>,
     kernel_release: String,
@@ -58,28 +60,27 @@ pub fn serve<T: From<ClientRequest> + Send + 'static>(
             format!("cannot listen on {}: {e}", path.display()),
         )
     })?;
-    std::thread::Builder::new()
-        .name("control-socket".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let conn = match conn {
-                    Ok(conn) => conn,
-                    Err(err) => {
-                        log::warn!("control socket: accept failed: {err}");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                let inbox = inbox.clone();
-                let release = kernel_release.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("control-client".into())
-                    .spawn(move || serve_client(conn, &inbox, &release));
-                if let Err(err) = spawned {
-                    log::warn!("control socket: cannot start a client thread: {err}");
+    let clients = threads.clone();
+    threads.spawn(ThreadKind::ControlListener, move || {
+        for conn in listener.incoming() {
+            let conn = match conn {
+                Ok(conn) => conn,
+                Err(err) => {
+                    log::warn!("control socket: accept failed: {err}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
                 }
+            };
+            let inbox = inbox.clone();
+            let release = kernel_release.clone();
+            let spawned = clients.spawn(ThreadKind::ControlClient, move || {
+                serve_client(conn, &inbox, &release)
+            });
+            if let Err(err) = spawned {
+                log::warn!("control socket: cannot start a client thread: {err}");
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 
@@ -172,7 +173,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("control.sock");
         let (tx, rx) = std::sync::mpsc::channel::<ClientRequest>();
-        serve(&path, tx, "6.12".into()).unwrap();
+        serve(&Spawner::detached(), &path, tx, "6.12".into()).unwrap();
 
         let answering = std::thread::spawn(move || {
             let msg: ClientRequest = rx.recv().unwrap();

@@ -36,6 +36,7 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::builder::Stopper;
+use crate::thread::{Spawner, ThreadKind};
 use control::{ClientRequest, ClientWriter};
 
 /// From hull-vmm's start to the agent's readiness line (a PVM boot takes most of a minute).
@@ -177,7 +178,9 @@ pub fn start(
     let created = Arc::new(AtomicBool::new(false));
     let terminal = matches!(config.create.stdio, Stdio::Terminal { .. });
     let (tx, rx) = channel();
+    let threads = Spawner::new(stopper.clone());
     let supervisor = Supervisor {
+        threads: threads.clone(),
         since: Instant::now(),
         config,
         console,
@@ -190,31 +193,29 @@ pub fn start(
         next_id: 1,
         host_tty: None,
     };
-    let early_stop = supervisor.stopper_clone()?;
+    let early_stop = supervisor.stopper.clone();
     let early_status = status.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let Ok(signal) = signals.wait() else { return };
-            log::info!("received {signal}");
-            if terminal && signal == Signal::SIGWINCH {
-                let _ = tx.send(Incoming::Resize);
-            } else if created.load(Ordering::Acquire) {
-                if tx.send(Incoming::Signal(signal as i32)).is_err() {
-                    return;
-                }
-            } else if terminates(signal) {
-                *early_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal as i32);
-                early_stop.stop(format!("{signal} before the container was created"));
+    threads.spawn(ThreadKind::Signals, move || loop {
+        let Ok(signal) = signals.wait() else { return };
+        log::info!("received {signal}");
+        if terminal && signal == Signal::SIGWINCH {
+            let _ = tx.send(Incoming::Resize);
+        } else if created.load(Ordering::Acquire) {
+            if tx.send(Incoming::Signal(signal as i32)).is_err() {
+                return;
             }
-        })?;
-    std::thread::Builder::new()
-        .name("container".into())
-        .spawn(move || supervisor.run(rx, sync))?;
+        } else if terminates(signal) {
+            *early_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal as i32);
+            early_stop.stop(format!("{signal} before the container was created"));
+        }
+    })?;
+    threads.spawn(ThreadKind::Supervisor, move || supervisor.run(rx, sync))?;
     Ok(status)
 }
 
 struct Supervisor {
+    /// Starts the supervisor's helper threads.
+    threads: Spawner,
     /// When the supervisor started (with the VM), for the timings it logs.
     since: Instant,
     config: ContainerConfig,
@@ -245,10 +246,6 @@ struct Running {
 }
 
 impl Supervisor {
-    fn stopper_clone(&self) -> io::Result<Stopper> {
-        self.stopper.try_clone()
-    }
-
     fn run(mut self, rx: Receiver<Incoming>, sync: Option<File>) {
         let setup = self.setup(&rx);
         let report = match &setup {
@@ -323,22 +320,20 @@ impl Supervisor {
         );
         let mut reader = control.try_clone()?;
         let tx = self.tx.clone();
-        std::thread::Builder::new()
-            .name("agent".into())
-            .spawn(move || loop {
-                let gone = match read_frame::<_, AgentMessage>(&mut reader) {
-                    Ok(Some(msg)) => {
-                        if tx.send(Incoming::Agent(msg)).is_err() {
-                            return;
-                        }
-                        continue;
+        self.threads.spawn(ThreadKind::AgentReader, move || loop {
+            let gone = match read_frame::<_, AgentMessage>(&mut reader) {
+                Ok(Some(msg)) => {
+                    if tx.send(Incoming::Agent(msg)).is_err() {
+                        return;
                     }
-                    Ok(None) => "closed".to_owned(),
-                    Err(err) => format!("{:#}", anyhow!(err)),
-                };
-                let _ = tx.send(Incoming::AgentGone(gone));
-                return;
-            })?;
+                    continue;
+                }
+                Ok(None) => "closed".to_owned(),
+                Err(err) => format!("{:#}", anyhow!(err)),
+            };
+            let _ = tx.send(Incoming::AgentGone(gone));
+            return;
+        })?;
 
         let stdio = self.config.create.stdio;
         let mut streams = Vec::new();
@@ -364,6 +359,7 @@ impl Supervisor {
             Stdio::Terminal { rows, cols } => self.relay_terminal(streams, rows, cols, &done_tx)?,
         };
         control::serve(
+            &self.threads,
             &self.config.control_socket,
             self.tx.clone(),
             hello.kernel_release,
@@ -427,7 +423,7 @@ impl Supervisor {
             match kind {
                 StreamKind::Stdin => {
                     let input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
-                    relay("stdin", input, stream, None)?;
+                    relay(&self.threads, "stdin", input, stream, None)?;
                 }
                 StreamKind::Stdout | StreamKind::Stderr => {
                     let fd = if kind == StreamKind::Stdout {
@@ -435,7 +431,13 @@ impl Supervisor {
                     } else {
                         io::stderr().as_fd().try_clone_to_owned()?
                     };
-                    relay("output", stream, File::from(fd), Some(done.clone()))?;
+                    relay(
+                        &self.threads,
+                        "output",
+                        stream,
+                        File::from(fd),
+                        Some(done.clone()),
+                    )?;
                     outputs += 1;
                 }
                 StreamKind::Terminal => bail!("a terminal stream without a terminal"),
@@ -474,8 +476,20 @@ impl Supervisor {
         drop(pty.master);
         let slave_in = File::from(pty.slave.try_clone()?);
         let slave_out = File::from(pty.slave.try_clone()?);
-        relay("terminal input", slave_in, stream.try_clone()?, None)?;
-        relay("terminal output", stream, slave_out, Some(done.clone()))?;
+        relay(
+            &self.threads,
+            "terminal input",
+            slave_in,
+            stream.try_clone()?,
+            None,
+        )?;
+        relay(
+            &self.threads,
+            "terminal output",
+            stream,
+            slave_out,
+            Some(done.clone()),
+        )?;
         self.host_tty = Some(pty.slave);
         Ok(1)
     }
@@ -568,7 +582,7 @@ impl Supervisor {
                     let tx = self.tx.clone();
                     let outputs = running.outputs;
                     let done = std::mem::replace(&mut running.done, channel().1);
-                    std::thread::spawn(move || {
+                    let drain = self.threads.spawn(ThreadKind::OutputDrain, move || {
                         let end = Instant::now() + OUTPUT_GRACE;
                         for _ in 0..outputs {
                             let left = end.saturating_duration_since(Instant::now());
@@ -579,6 +593,10 @@ impl Supervisor {
                         }
                         let _ = tx.send(Incoming::Drained);
                     });
+                    if let Err(err) = drain {
+                        log::warn!("cannot wait for the container's output ({err}); leaving it");
+                        let _ = self.tx.send(Incoming::Drained);
+                    }
                 }
                 Incoming::Agent(other) => log::debug!("from the agent: {other:?}"),
                 Incoming::Drained => {
@@ -634,26 +652,29 @@ pub fn pump(from: &mut impl io::Read, to: &mut impl io::Write) -> io::Result<u64
     }
 }
 
-/// Copies `from` to `to` ([`pump`]) on a thread of its own until the end of `from` (or a
-/// write error); then closes both and reports on `done`.
-pub fn relay<R, W>(name: &str, mut from: R, mut to: W, done: Option<Sender<()>>) -> io::Result<()>
+/// Copies `from` to `to` ([`pump`]) on a thread of its own (from `threads`) until the end of
+/// `from` (or a write error); then closes both and reports on `done`.
+pub fn relay<R, W>(
+    threads: &Spawner,
+    name: &'static str,
+    mut from: R,
+    mut to: W,
+    done: Option<Sender<()>>,
+) -> io::Result<()>
 where
     R: io::Read + Send + 'static,
     W: io::Write + Send + 'static,
 {
-    let name = name.to_owned();
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || {
-            if let Err(err) = pump(&mut from, &mut to) {
-                log::debug!("{name} relay: {err}");
-            }
-            drop(to);
-            drop(from);
-            if let Some(done) = done {
-                let _ = done.send(());
-            }
-        })?;
+    threads.spawn(ThreadKind::Relay(name), move || {
+        if let Err(err) = pump(&mut from, &mut to) {
+            log::debug!("{name} relay: {err}");
+        }
+        drop(to);
+        drop(from);
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    })?;
     Ok(())
 }
 
@@ -713,7 +734,7 @@ mod tests {
         let (a, mut b) = UnixStream::pair().unwrap();
         let (c, mut d) = UnixStream::pair().unwrap();
         let (tx, rx) = channel();
-        relay("test", a, c, Some(tx)).unwrap();
+        relay(&Spawner::detached(), "test", a, c, Some(tx)).unwrap();
         b.write_all(b"hello").unwrap();
         drop(b);
         rx.recv_timeout(Duration::from_secs(5)).unwrap();

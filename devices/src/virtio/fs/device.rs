@@ -18,6 +18,7 @@ use super::{
     encode_tag, FsConfig, FsError, CONFIG_SPACE_SIZE, HIPRIO_QUEUE, NUM_REQUEST_QUEUES, QUEUE_SIZE,
     REQUEST_QUEUE, TAG_LEN,
 };
+use crate::spawn::{DeviceThread, StdSpawner, ThreadSpawner};
 use crate::virtio::{
     ActivateError, ActiveQueue, IrqTrigger, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
 };
@@ -38,6 +39,8 @@ pub struct Fs {
     fs: Arc<ConfinedFs>,
     server: Arc<FsServer>,
     worker: Option<Worker>,
+    /// Starts the fs worker: the VMM's thread helper, or a plain thread in tests.
+    spawner: Arc<dyn ThreadSpawner>,
 }
 
 impl Fs {
@@ -56,7 +59,14 @@ impl Fs {
             server: Arc::new(Server::new(fs.clone())),
             fs,
             worker: None,
+            spawner: Arc::new(StdSpawner),
         })
+    }
+
+    /// Starts the fs worker with `spawner` (the VMM's thread helper) instead of a plain thread.
+    pub fn with_spawner(mut self, spawner: Arc<dyn ThreadSpawner>) -> Self {
+        self.spawner = spawner;
+        self
     }
 
     /// The mount tag.
@@ -163,9 +173,12 @@ impl VirtioDevice for Fs {
                 source,
             })?;
         let handler = FsHandler::new(mem, queues, interrupt, self.server.clone(), worker_stop);
-        let thread = std::thread::Builder::new()
-            .name("fs worker".into())
-            .spawn(move || run_worker(handler))
+        let thread = self
+            .spawner
+            .spawn_device_thread(
+                DeviceThread::FsWorker,
+                Box::new(move || run_worker(handler)),
+            )
             .map_err(|source| ActivateError::Backend {
                 device_type: TYPE_FS,
                 source: Box::new(source),
