@@ -462,20 +462,8 @@ impl Vmm {
         Ok(vcpu.run_paused(job, Instant::now() + VCPU_DEADLINE)?)
     }
 
-    /// Runs the VM (starting it if need be) until it ends, then stops every vCPU.
-    pub fn run(mut self) -> Result<RunOutcome, VmmError> {
-        self.start()?;
-        let exit = loop {
-            self.event_manager.run().map_err(VmmError::EventLoop)?;
-            let mut handler = self
-                .exit_handler
-                .lock()
-                .expect("the exit handler never panics while locked");
-            if let Some(exit) = handler.result.take() {
-                break exit;
-            }
-        };
-
+    /// Stops every started vCPU and joins its thread; returns their statistics.
+    fn stop_vcpus(&mut self) -> AssistStats {
         for vcpu in &self.running {
             vcpu.request(RunState::Stopped);
         }
@@ -491,11 +479,37 @@ impl Vmm {
                     assists.xstate_ns += stats.xstate_ns;
                 }
                 Ok(None) => {}
-                // Stuck in a device call: leave it; the process is about to end.
+                // Stuck in a device call: leave it; its owner is going away.
                 Err(err) => log::warn!("vcpu{index}: left running: {err}"),
             }
         }
+        assists
+    }
+
+    /// Runs the VM (starting it if need be) until it ends, then stops every vCPU.
+    pub fn run(mut self) -> Result<RunOutcome, VmmError> {
+        self.start()?;
+        let exit = loop {
+            self.event_manager.run().map_err(VmmError::EventLoop)?;
+            let mut handler = self
+                .exit_handler
+                .lock()
+                .expect("the exit handler never panics while locked");
+            if let Some(exit) = handler.result.take() {
+                break exit;
+            }
+        };
+
+        let assists = self.stop_vcpus();
         Ok(RunOutcome { exit, assists })
+    }
+}
+
+impl Drop for Vmm {
+    /// A VM dropped while started (its owner gave up, a test failed) stops its vCPUs rather
+    /// than leave them running.
+    fn drop(&mut self) {
+        self.stop_vcpus();
     }
 }
 
