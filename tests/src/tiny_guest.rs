@@ -233,6 +233,28 @@ impl Asm {
     }
 }
 
+/// A guest that counts for ever in RCX, storing each count at guest-physical `data`, with a
+/// write to port 0x80 every 16th count, until the quadword at `data + 8` is not zero; then it
+/// prints `done` on COM1 and resets. Returns it with the guest-physical range of its loop.
+pub fn counting_guest(data: u64) -> (Asm, std::ops::Range<u64>) {
+    let mut asm = Asm::new();
+    asm.mov_rdi(data).mov_rcx(0);
+    let top = asm.code().len();
+    let mut port_write = Asm::new();
+    port_write.out_al(0x80);
+    asm.inc_rcx()
+        .store_rcx_at_rdi()
+        .test_ecx(0xf)
+        .jnz_over(port_write.code().len())
+        .append(&port_write)
+        .load_rax_from_rdi(8)
+        .test_rax()
+        .jz_back_to(top);
+    let end = asm.code().len();
+    asm.out_bytes(0x3f8, b"done\n").i8042_reset().halt_forever();
+    (asm, LOAD_ADDR + top as u64..LOAD_ADDR + end as u64)
+}
+
 /// A minimal ELF64 executable with one loadable segment holding `code` at `addr`.
 pub fn elf_image(code: &[u8], addr: u64) -> Vec<u8> {
     const EHDR_SIZE: u16 = 64;

@@ -1,42 +1,19 @@
 //! Pausing and resuming a running VM (`Vmm::pause`, `Vmm::resume`), the way a warm start's
-//! snapshot will: a tiny guest counts in RCX and in memory (with a port write now and then),
-//! the host pauses and resumes it a thousand times, reads its registers while it is paused, and
-//! finally lets it finish.
+//! snapshot will: a tiny guest counts in RCX and in memory, with a port write now and then
+//! (`tiny_guest::counting_guest`); the host pauses and resumes it a thousand times, reads its
+//! registers while it is paused, and finally lets it finish.
 
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use hull_tests::harness::TempDir;
-use hull_tests::tiny_guest::{Asm, LOAD_ADDR};
+use hull_tests::tiny_guest::{counting_guest, Asm};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{ConsoleConfig, KvmKind, VmConfig, VmExit, Vmm};
 
-const COM1: u16 = 0x3f8;
 /// The guest's counter; the stop flag is the next quadword.
 const DATA: u64 = 0x30_0000;
 const CYCLES: usize = 1000;
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// The counting guest and the guest-physical range of its loop.
-fn counting_guest() -> (Asm, Range<u64>) {
-    let mut asm = Asm::new();
-    asm.mov_rdi(DATA).mov_rcx(0);
-    let top = asm.code().len();
-    // loop: count; store; every 16th time a port write; until the host sets the flag.
-    let mut port_write = Asm::new();
-    port_write.out_al(0x80);
-    asm.inc_rcx()
-        .store_rcx_at_rdi()
-        .test_ecx(0xf)
-        .jnz_over(port_write.code().len())
-        .append(&port_write)
-        .load_rax_from_rdi(8)
-        .test_rax()
-        .jz_back_to(top);
-    let end = asm.code().len();
-    asm.out_bytes(COM1, b"done\n").i8042_reset().halt_forever();
-    (asm, LOAD_ADDR + top as u64..LOAD_ADDR + end as u64)
-}
 
 fn counter(vmm: &Vmm) -> u64 {
     vmm.memory()
@@ -57,7 +34,7 @@ fn wait_past(vmm: &Vmm, value: u64, deadline: Instant) {
 
 #[test]
 fn a_thousand_pauses_read_consistent_state_and_the_guest_goes_on() {
-    let (asm, looping) = counting_guest();
+    let (asm, looping) = counting_guest(DATA);
     let dir = TempDir::new("pause");
     let kernel = dir.path().join("tiny.elf");
     let console = dir.path().join("console.log");
