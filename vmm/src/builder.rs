@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, BootError};
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::container::ready::{AgentReport, ReadyScanner};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::KvmKind;
 use crate::thread::Spawner;
@@ -232,6 +233,8 @@ pub struct Vmm {
     exit_handler: Arc<Mutex<ExitHandler>>,
     stopper: Stopper,
     threads: Spawner,
+    /// The agent's readiness (or fatal) line, from the console, until taken.
+    agent_reports: Option<Receiver<AgentReport>>,
     cmdline: String,
 }
 
@@ -314,9 +317,14 @@ pub fn build_with_devices(
     );
     let threads = Spawner::new(stopper.clone());
     let mut device_manager = DeviceManager::new();
+    // The agent's readiness line is picked out of the console as the guest writes it.
+    let (reports_tx, agent_reports) = channel();
     device_manager.attach_legacy(
         vm.fd(),
-        open_console(&config.console)?,
+        Box::new(ReadyScanner::new(
+            open_console(&config.console)?,
+            reports_tx,
+        )),
         reset_evt
             .try_clone()
             .map_err(setup_err("the reset eventfd"))?,
@@ -378,6 +386,7 @@ pub fn build_with_devices(
         exit_handler,
         stopper,
         threads,
+        agent_reports: Some(agent_reports),
         cmdline: cmdline
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
@@ -399,6 +408,12 @@ impl Vmm {
     /// Starts threads for this VM: a panic in one of them ends it.
     pub fn threads(&self) -> Spawner {
         self.threads.clone()
+    }
+
+    /// Where the guest agent's readiness or fatal line arrives, as the guest writes it on the
+    /// console (once; `None` after the first call). See `container::ready`.
+    pub fn agent_reports(&mut self) -> Option<Receiver<AgentReport>> {
+        self.agent_reports.take()
     }
 
     /// The guest's memory.

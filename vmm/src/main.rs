@@ -227,7 +227,7 @@ fn main() -> ExitCode {
     if let Some(warning) = kind.warning() {
         log::warn!("{warning}");
     }
-    let vmm = match vmm::build(&config, kind) {
+    let mut vmm = match vmm::build(&config, kind) {
         Ok(vmm) => vmm,
         Err(err) => {
             let origin = config_path
@@ -246,8 +246,12 @@ fn main() -> ExitCode {
                     "--container needs a console file and a vsock device in the VM config".into(),
                 );
             };
+            let Some(agent_reports) = vmm.agent_reports() else {
+                return fail(&mut sync, "the console's agent reports are taken".into());
+            };
             let started = vmm::container::start(
                 container,
+                agent_reports,
                 console.clone(),
                 vsock.uds_path.clone(),
                 signals,

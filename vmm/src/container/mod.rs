@@ -163,11 +163,13 @@ impl From<ClientRequest> for Incoming {
 /// The exit status hull-vmm reports: the init's, once known.
 pub type ExitCell = Arc<Mutex<Option<i32>>>;
 
-/// Starts the supervisor threads. `signals` were blocked by [`block_forwarded_signals`];
-/// `sync` receives the [`CreateReport`]; `stopper` ends the VM. Returns where the exit status
-/// will be.
+/// Starts the supervisor threads. `agent_reports` brings the agent's readiness line from the
+/// console (`Vmm::agent_reports`); `console` is the console file (quoted in errors); `signals`
+/// were blocked by [`block_forwarded_signals`]; `sync` receives the [`CreateReport`];
+/// `stopper` ends the VM. Returns where the exit status will be.
 pub fn start(
     config: ContainerConfig,
+    agent_reports: Receiver<ready::AgentReport>,
     console: PathBuf,
     vsock: PathBuf,
     signals: SigSet,
@@ -183,6 +185,7 @@ pub fn start(
         threads: threads.clone(),
         since: Instant::now(),
         config,
+        agent_reports,
         console,
         vsock,
         status: status.clone(),
@@ -219,6 +222,9 @@ struct Supervisor {
     /// When the supervisor started (with the VM), for the timings it logs.
     since: Instant,
     config: ContainerConfig,
+    /// The agent's readiness line, from the console as the guest writes it.
+    agent_reports: Receiver<ready::AgentReport>,
+    /// The console file, quoted in errors.
     console: PathBuf,
     vsock: PathBuf,
     status: ExitCell,
@@ -299,7 +305,7 @@ impl Supervisor {
     /// Boot wait, agent connection, streams, `create_container`.
     fn setup(&mut self, rx: &Receiver<Incoming>) -> anyhow::Result<Running> {
         let spawned = self.since;
-        let ready = ready::wait_ready(&self.console, spawned, BOOT_DEADLINE)
+        let ready = ready::wait_ready(&self.agent_reports, spawned, BOOT_DEADLINE)
             .map_err(|e| anyhow!("{e}{}", self.console_tail()))?;
         log::info!(
             "agent ready after {} ms (guest uptime {:?} ms)",
