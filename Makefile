@@ -70,7 +70,7 @@ test: kernel agent build
 
 # The nested AMD lane by hand: `make test-nested TESTS="run=echo_hello lifecycle"` (test
 # programs of tests/tests/, each optionally with =FILTER,FILTER).
-TESTS ?= tiny_guest emulation_assist virtio_mmio pause agent_ready boot run shared_dir vsock xstate lifecycle containerd
+TESTS ?= tiny_guest emulation_assist virtio_mmio pause agent_ready threads boot run shared_dir vsock xstate lifecycle containerd
 test-nested: kernel agent build
 	$(CARGO) test --release --workspace --no-run --locked
 	tests/lanes/nested.sh --require xstate=xsave $(TESTS)

@@ -22,8 +22,8 @@ cd "$workspace"
 cargo=${CARGO:-cargo}
 
 # The KVM and end-to-end test programs (tests/tests/*.rs), and the subset that is about PVM.
-kvm_programs=(tiny_guest emulation_assist virtio_mmio pause agent_ready boot run shared_dir vsock
-    xstate lifecycle containerd)
+kvm_programs=(tiny_guest emulation_assist virtio_mmio pause agent_ready threads boot run shared_dir
+    vsock xstate lifecycle containerd)
 pvm_programs=(tiny_guest emulation_assist pause xstate boot
     "run=echo_hello_exits_zero_with_exact_output,output_can_be_read_while_the_process_runs,the_seccomp_profile_is_enforced,bad_input_is_refused")
 # Programs that mean nothing without a CPU flag, and why (the nested lane skips them there).
