@@ -405,11 +405,6 @@ impl Vmm {
         self.stopper.clone()
     }
 
-    /// Starts threads for this VM: a panic in one of them ends it.
-    pub fn threads(&self) -> Spawner {
-        self.threads.clone()
-    }
-
     /// Where the guest agent's readiness or fatal line arrives, as the guest writes it on the
     /// console (once; `None` after the first call). See `container::ready`.
     pub fn agent_reports(&mut self) -> Option<Receiver<AgentReport>> {

@@ -11,11 +11,12 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::thread::{Spawner, ThreadKind};
 use hull_protocol::{
     answer_hello, host_handshake, read_frame, write_frame, AgentMessage, ErrorKind, ErrorResponse,
     HostMessage, Request, RequestBody, Response, ResponseBody,
 };
+
+use crate::thread::{Spawner, ThreadKind};
 
 /// A client connection's writing half, shared by the threads that answer it.
 pub type ClientWriter = Arc<Mutex<UnixStream>>;
