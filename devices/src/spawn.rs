@@ -3,7 +3,8 @@
 //! Devices do not depend on the VMM, yet every thread of hull-vmm must start through its one
 //! helper (`vmm::thread`), which names the thread, ends the VM if the thread panics and is where
 //! each kind of thread gets its seccomp filter. So a device that needs a thread takes a
-//! [`ThreadSpawner`]: the VMM hands it its helper; tests and fuzz targets use [`StdSpawner`].
+//! [`ThreadSpawner`] when it is created: the VMM hands it its helper; tests and fuzz targets
+//! use [`StdSpawner`].
 
 use std::io;
 use std::thread::JoinHandle;

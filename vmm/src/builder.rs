@@ -343,16 +343,18 @@ pub fn build_with_devices(
         device_manager.attach_virtio(vm.fd(), vm.memory(), device)?;
     }
     for dir in &config.shared_dirs {
-        let fs = Fs::new(&FsConfig {
-            shared_dir: dir.path.clone(),
-            tag: dir.tag.clone(),
-            read_only: dir.read_only,
-        })
+        let fs = Fs::new(
+            &FsConfig {
+                shared_dir: dir.path.clone(),
+                tag: dir.tag.clone(),
+                read_only: dir.read_only,
+            },
+            threads.for_devices(),
+        )
         .map_err(|source| VmmError::SharedDir {
             tag: dir.tag.clone(),
             source,
         })?;
-        let fs = fs.with_spawner(threads.for_devices());
         device_manager.attach_virtio(vm.fd(), vm.memory(), Arc::new(Mutex::new(fs)))?;
     }
     for device in virtio_devices {
