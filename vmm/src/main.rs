@@ -266,7 +266,18 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
-    let result = vmm.run();
+    // This thread is the vmm thread: a panic in its event loop (a device's bug) ends hull-vmm
+    // with the same status as a panic in any other thread (`vmm::thread`), not Rust's 101.
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vmm.run())) {
+        Ok(result) => result,
+        Err(payload) => {
+            log::error!(
+                "hull-vmm's thread `vmm` panicked: {}",
+                vmm::thread::panic_message(&*payload)
+            );
+            return ExitCode::from(1);
+        }
+    };
     if let Some(status) = container_status {
         match &result {
             Ok(outcome) => log::info!("{}", outcome.exit),

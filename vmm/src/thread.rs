@@ -6,7 +6,8 @@
 //! exits). [`ThreadKind::enter`], run first on every new thread, is where each kind's seccomp
 //! filter will be installed.
 //!
-//! The main thread is the vmm thread (the event loop) and is not started here.
+//! The main thread is the vmm thread (the event loop) and is not started here; `main` turns a
+//! panic there into the same exit status.
 
 use std::any::Any;
 use std::io;
@@ -132,7 +133,7 @@ impl ThreadSpawner for Spawner {
 }
 
 /// The text of a panic (`panic!` with a literal or with formatting), or a placeholder.
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_owned()
     } else if let Some(text) = payload.downcast_ref::<String>() {
