@@ -1,6 +1,8 @@
 //! `make bench`: how fast hull-vmm starts and how much memory it takes, over several runs.
 //!
 //! - tiny guest: process start to the guest's first serial byte, and to exit;
+//! - pausing every vCPU of a running tiny guest (request to every vCPU's acknowledgement), and
+//!   resuming them, in process through `vmm::Vmm` as a warm start's snapshot will;
 //! - real kernel and agent: process start to the agent's readiness line (and the guest's own
 //!   uptime at that point, which excludes VMM setup and early boot before timekeeping);
 //! - peak RSS of hull-vmm (the kernel's `ru_maxrss` for the child);
@@ -17,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hull_tests::harness::{workspace_bin, TempDir};
-use hull_tests::tiny_guest::Asm;
-use vmm::KvmKind;
+use hull_tests::tiny_guest::{counting_guest, Asm};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::{ConsoleConfig, KvmKind, VmConfig};
 
 #[derive(Parser)]
 #[command(about = "Measure hull-vmm start-up time and memory")]
@@ -32,6 +35,9 @@ struct Args {
     /// Runs with the tiny guest.
     #[arg(long, default_value_t = 30)]
     tiny_runs: usize,
+    /// Pause and resume cycles of a running tiny guest.
+    #[arg(long, default_value_t = 1000)]
+    pause_cycles: usize,
     /// Runs with the real kernel (about a minute each on a PVM host).
     #[arg(long, default_value_t = 3)]
     boot_runs: usize,
@@ -127,6 +133,22 @@ fn measure(mut cmd: Command, marker: impl Fn(&str) -> bool + Send + 'static) -> 
 fn median(mut values: Vec<Duration>) -> Option<Duration> {
     values.sort();
     values.get(values.len() / 2).copied()
+}
+
+/// min / median / max of durations, in microseconds.
+fn summary_us(mut values: Vec<Duration>) -> String {
+    if values.is_empty() {
+        return "n/a".into();
+    }
+    values.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    format!(
+        "min {:.0} us, median {:.0} us, max {:.0} us (n={})",
+        us(values[0]),
+        us(values[values.len() / 2]),
+        us(values[values.len() - 1]),
+        values.len()
+    )
 }
 
 /// min / median / max of durations, in milliseconds.
@@ -256,6 +278,58 @@ fn bench_tiny(lane: &str, runs: usize) {
         summary_ms(samples.iter().map(|s| s.to_exit).collect())
     );
     println!("  peak RSS of hull-vmm:        {}", max_rss(&samples));
+}
+
+/// Pause and resume latency: a counting tiny guest, paused (request to the last vCPU's
+/// acknowledgement) and resumed `cycles` times, the guest running between cycles.
+fn bench_pause(lane: &str, cycles: usize) {
+    const DATA: u64 = 0x30_0000;
+    const VCPUS: u8 = 2;
+    let dir = TempDir::new("bench-pause");
+    let kernel = dir.path().join("tiny.elf");
+    let (asm, _) = counting_guest(DATA);
+    std::fs::write(&kernel, asm.to_elf()).expect("temp dir is writable");
+    let mut config = VmConfig::new(kernel);
+    config.mem_size_mib = 128;
+    config.vcpus = VCPUS;
+    config.console = ConsoleConfig::Null;
+    let mut vmm = vmm::build(&config, KvmKind::detect()).expect("the tiny guest builds");
+    vmm.start().expect("the vCPUs start");
+    let count = |vmm: &vmm::Vmm| -> u64 {
+        vmm.memory()
+            .read_obj(GuestAddress(DATA))
+            .expect("the counter is in guest memory")
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let wait_past = |vmm: &vmm::Vmm, value: u64| {
+        while count(vmm) <= value {
+            assert!(Instant::now() < deadline, "the guest stopped counting");
+            std::thread::yield_now();
+        }
+    };
+    wait_past(&vmm, 0);
+    let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
+    for _ in 0..cycles {
+        let asked = Instant::now();
+        vmm.pause().expect("the vCPUs pause");
+        pauses.push(asked.elapsed());
+        let at = count(&vmm);
+        let asked = Instant::now();
+        vmm.resume().expect("the vCPUs resume");
+        resumes.push(asked.elapsed());
+        wait_past(&vmm, at);
+    }
+    vmm.memory()
+        .write_obj(1u64, GuestAddress(DATA + 8))
+        .expect("the stop flag is in guest memory");
+    let outcome = vmm.run().expect("the tiny guest runs to its end");
+    assert_eq!(outcome.exit, vmm::VmExit::Reset);
+    println!(
+        "[{lane}] pause and resume of a running tiny guest, {VCPUS} vCPUs (one counting, one \
+         waiting for SIPI in KVM_RUN):"
+    );
+    println!("  pause (asked to all acked):  {}", summary_us(pauses));
+    println!("  resume (asked to all acked): {}", summary_us(resumes));
 }
 
 fn bench_boot(lane: &str, runs: usize, kernel: &Path, initramfs: &Path, figures: &mut Figures) {
@@ -436,6 +510,7 @@ fn main() {
     }
     let mut figures = Figures::default();
     bench_tiny(&lane, args.tiny_runs);
+    bench_pause(&lane, args.pause_cycles);
     bench_boot(
         &lane,
         args.boot_runs,

@@ -24,26 +24,41 @@ pub fn pump(from: &mut impl io::Read, to: &mut impl io::Write) -> io::Result<u64
     }
 }
 
-/// Copies `from` to `to` ([`pump`]) on a thread of its own until the end of `from` (or a
-/// write error); then closes both and reports on `done`.
-pub fn relay<R, W>(name: &str, mut from: R, mut to: W, done: Option<Sender<()>>) -> io::Result<()>
+/// What a relay thread runs: [`pump`] from `from` to `to` until the end of `from` (or a write
+/// error), then both closed and `done` told. hull-vmm runs it on a thread from its spawn
+/// helper, `hull` on a plain one ([`relay`]).
+pub fn relay_body<R, W>(
+    name: &str,
+    mut from: R,
+    mut to: W,
+    done: Option<Sender<()>>,
+) -> impl FnOnce() + Send + 'static
 where
     R: io::Read + Send + 'static,
     W: io::Write + Send + 'static,
 {
     let name = name.to_owned();
+    move || {
+        if let Err(err) = pump(&mut from, &mut to) {
+            log::debug!("{name} relay: {err}");
+        }
+        drop(to);
+        drop(from);
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Copies `from` to `to` ([`relay_body`]) on a thread of its own.
+pub fn relay<R, W>(name: &str, from: R, to: W, done: Option<Sender<()>>) -> io::Result<()>
+where
+    R: io::Read + Send + 'static,
+    W: io::Write + Send + 'static,
+{
     std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || {
-            if let Err(err) = pump(&mut from, &mut to) {
-                log::debug!("{name} relay: {err}");
-            }
-            drop(to);
-            drop(from);
-            if let Some(done) = done {
-                let _ = done.send(());
-            }
-        })?;
+        .name(name.to_owned())
+        .spawn(relay_body(name, from, to, done))?;
     Ok(())
 }
 

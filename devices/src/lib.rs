@@ -6,6 +6,8 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod spawn;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use spawn::{DeviceThread, StdSpawner, ThreadSpawner};

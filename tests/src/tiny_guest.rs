@@ -47,6 +47,56 @@ impl Asm {
         self.emit(&[0x48, 0xb8]).emit(&value.to_le_bytes())
     }
 
+    /// `mov rcx, imm64`.
+    pub fn mov_rcx(&mut self, value: u64) -> &mut Self {
+        self.emit(&[0x48, 0xb9]).emit(&value.to_le_bytes())
+    }
+
+    /// `inc rcx`.
+    pub fn inc_rcx(&mut self) -> &mut Self {
+        self.emit(&[0x48, 0xff, 0xc1])
+    }
+
+    /// `mov [rdi], rcx`.
+    pub fn store_rcx_at_rdi(&mut self) -> &mut Self {
+        self.emit(&[0x48, 0x89, 0x0f])
+    }
+
+    /// `mov rax, [rdi + offset]`.
+    pub fn load_rax_from_rdi(&mut self, offset: i8) -> &mut Self {
+        self.emit(&[0x48, 0x8b, 0x47, offset as u8])
+    }
+
+    /// `test ecx, imm32`.
+    pub fn test_ecx(&mut self, mask: u32) -> &mut Self {
+        self.emit(&[0xf7, 0xc1]).emit(&mask.to_le_bytes())
+    }
+
+    /// `test rax, rax`.
+    pub fn test_rax(&mut self) -> &mut Self {
+        self.emit(&[0x48, 0x85, 0xc0])
+    }
+
+    /// `jnz rel8` over the next `len` bytes.
+    pub fn jnz_over(&mut self, len: usize) -> &mut Self {
+        let rel = u8::try_from(len)
+            .ok()
+            .filter(|r| *r < 128)
+            .expect("a short jump");
+        self.emit(&[0x75, rel])
+    }
+
+    /// `jz rel8` back to `offset` in the code (a loop's start, from [`Asm::code`]'s length).
+    pub fn jz_back_to(&mut self, offset: usize) -> &mut Self {
+        let rel = i8::try_from(offset as i64 - (self.code.len() as i64 + 2)).expect("a short jump");
+        self.emit(&[0x74, rel as u8])
+    }
+
+    /// `out imm8, al`: one port write (an exit to the VMM).
+    pub fn out_al(&mut self, port: u8) -> &mut Self {
+        self.emit(&[0xe6, port])
+    }
+
     /// `mov [rdi], rax`.
     pub fn store_rax_at_rdi(&mut self) -> &mut Self {
         self.emit(&[0x48, 0x89, 0x07])
@@ -183,6 +233,28 @@ impl Asm {
     }
 }
 
+/// A guest that counts for ever in RCX, storing each count at guest-physical `data`, with a
+/// write to port 0x80 every 16th count, until the quadword at `data + 8` is not zero; then it
+/// prints `done` on COM1 and resets. Returns it with the guest-physical range of its loop.
+pub fn counting_guest(data: u64) -> (Asm, std::ops::Range<u64>) {
+    let mut asm = Asm::new();
+    asm.mov_rdi(data).mov_rcx(0);
+    let top = asm.code().len();
+    let mut port_write = Asm::new();
+    port_write.out_al(0x80);
+    asm.inc_rcx()
+        .store_rcx_at_rdi()
+        .test_ecx(0xf)
+        .jnz_over(port_write.code().len())
+        .append(&port_write)
+        .load_rax_from_rdi(8)
+        .test_rax()
+        .jz_back_to(top);
+    let end = asm.code().len();
+    asm.out_bytes(0x3f8, b"done\n").i8042_reset().halt_forever();
+    (asm, LOAD_ADDR + top as u64..LOAD_ADDR + end as u64)
+}
+
 /// A minimal ELF64 executable with one loadable segment holding `code` at `addr`.
 pub fn elf_image(code: &[u8], addr: u64) -> Vec<u8> {
     const EHDR_SIZE: u16 = 64;
@@ -243,5 +315,16 @@ mod tests {
         assert_eq!(code.len(), 5 + 2 + 7 + 2 + 7);
         assert_eq!(code[6], 9, "jne skips the yes branch and the jmp");
         assert_eq!(code[15], 7, "jmp skips the no branch");
+    }
+
+    #[test]
+    fn a_backward_jump_lands_on_its_target() {
+        let mut asm = Asm::new();
+        asm.mov_rcx(0);
+        let top = asm.code().len();
+        asm.inc_rcx().test_rax().jz_back_to(top);
+        let code = asm.code();
+        // inc (3) + test (3) + jz (2): back 8 bytes from the end of the jump.
+        assert_eq!(&code[code.len() - 2..], &[0x74, (-8i8) as u8]);
     }
 }

@@ -4,7 +4,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,15 +12,20 @@ use devices::virtio::fs::{Fs, FsConfig};
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
 use linux_loader::loader::Cmdline;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::boot::{self, BootError};
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
+use crate::container::ready::{AgentReport, ReadyScanner};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::KvmKind;
+use crate::thread::Spawner;
+use crate::vstate::run_state::{
+    install_kick_handler, RunState, RunStateError, VcpuControl, VcpuHandle,
+};
 use crate::vstate::vcpu::{AssistStats, Vcpu, VcpuError, VmExit};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -66,6 +70,9 @@ pub enum VmmError {
     /// A vCPU could not be created, configured or started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A vCPU did not pause, resume or stop as asked.
+    #[error(transparent)]
+    RunState(#[from] RunStateError),
     /// The console file cannot be opened.
     #[error("cannot open console file {path}")]
     Console {
@@ -207,40 +214,57 @@ impl MutEventSubscriber for ExitHandler {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// A built VM, ready to run.
+/// How long a vCPU may take to acknowledge a pause, resume or stop, or to run a job while
+/// paused. Only a vCPU stuck in a device call (a console write to a full pipe) comes near it.
+const VCPU_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A built VM: ready to run ([`Vmm::run`]), or started ([`Vmm::start`]) and then paused,
+/// inspected and resumed by its owner.
 pub struct Vmm {
     /// Keeps the VM (and its memory) alive while the vCPUs run.
-    _vm: Vm,
+    vm: Vm,
+    /// The vCPUs before they start.
     vcpus: Vec<Vcpu>,
+    /// The vCPUs once started.
+    running: Vec<VcpuHandle>,
     /// Owns the devices (through the buses the vCPUs share) for the VM's lifetime.
     _device_manager: DeviceManager,
     event_manager: EventManager<Subscriber>,
     exit_handler: Arc<Mutex<ExitHandler>>,
-    exit_tx: Sender<VmExit>,
-    exit_evt: EventFd,
+    stopper: Stopper,
+    threads: Spawner,
+    /// The agent's readiness (or fatal) line, from the console, until taken.
+    agent_reports: Option<Receiver<AgentReport>>,
     cmdline: String,
 }
 
 /// Ends a running VM from another thread: [`Vmm::run`] returns [`VmExit::Stopped`] unless
-/// the VM had already ended otherwise.
-pub struct Stopper {
+/// the VM had already ended otherwise. Clones end the same VM.
+#[derive(Clone)]
+pub struct Stopper(Arc<EndSignal>);
+
+/// Where the reason for the VM's end goes, and the eventfd that wakes the vmm thread for it.
+struct EndSignal {
     exits: Sender<VmExit>,
     evt: EventFd,
 }
 
 impl Stopper {
-    /// Another handle to the same VM.
-    pub fn try_clone(&self) -> std::io::Result<Self> {
-        Ok(Self {
-            exits: self.exits.clone(),
-            evt: self.evt.try_clone()?,
-        })
+    /// A stopper sending to `exits` and signalling `evt`, which the VM's event loop watches.
+    pub(crate) fn new(exits: Sender<VmExit>, evt: EventFd) -> Self {
+        Self(Arc::new(EndSignal { exits, evt }))
     }
 
     /// Asks the VM to end; `why` goes into the exit reason.
     pub fn stop(&self, why: impl Into<String>) {
-        let _ = self.exits.send(VmExit::Stopped(why.into()));
-        if let Err(err) = self.evt.write(1) {
+        self.end(VmExit::Stopped(why.into()));
+    }
+
+    /// Ends the VM with `exit` (the first reason the vmm thread receives wins).
+    pub(crate) fn end(&self, exit: VmExit) {
+        // The vmm thread may be gone already if the VM ended otherwise.
+        let _ = self.0.exits.send(exit);
+        if let Err(err) = self.0.evt.write(1) {
             log::error!("cannot signal the VM's exit event: {err}");
         }
     }
@@ -284,10 +308,23 @@ pub fn build_with_devices(
 
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the reset eventfd"))?;
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the exit eventfd"))?;
+    let (exit_tx, exit_rx) = channel();
+    let stopper = Stopper::new(
+        exit_tx,
+        exit_evt
+            .try_clone()
+            .map_err(setup_err("the exit eventfd"))?,
+    );
+    let threads = Spawner::new(stopper.clone());
     let mut device_manager = DeviceManager::new();
+    // The agent's readiness line is picked out of the console as the guest writes it.
+    let (reports_tx, agent_reports) = channel();
     device_manager.attach_legacy(
         vm.fd(),
-        open_console(&config.console)?,
+        Box::new(ReadyScanner::new(
+            open_console(&config.console)?,
+            reports_tx,
+        )),
         reset_evt
             .try_clone()
             .map_err(setup_err("the reset eventfd"))?,
@@ -306,11 +343,14 @@ pub fn build_with_devices(
         device_manager.attach_virtio(vm.fd(), vm.memory(), device)?;
     }
     for dir in &config.shared_dirs {
-        let fs = Fs::new(&FsConfig {
-            shared_dir: dir.path.clone(),
-            tag: dir.tag.clone(),
-            read_only: dir.read_only,
-        })
+        let fs = Fs::new(
+            &FsConfig {
+                shared_dir: dir.path.clone(),
+                tag: dir.tag.clone(),
+                read_only: dir.read_only,
+            },
+            threads.for_devices(),
+        )
         .map_err(|source| VmmError::SharedDir {
             tag: dir.tag.clone(),
             source,
@@ -331,38 +371,30 @@ pub fn build_with_devices(
         vcpus.push(vcpu);
     }
 
-    let (exit_tx, exit_rx) = channel();
     let exit_handler = Arc::new(Mutex::new(ExitHandler {
         reset_evt,
-        exit_evt: exit_evt
-            .try_clone()
-            .map_err(setup_err("the exit eventfd"))?,
+        exit_evt,
         exits: exit_rx,
         result: None,
     }));
     event_manager.add_subscriber(exit_handler.clone());
 
     Ok(Vmm {
-        _vm: vm,
+        vm,
         vcpus,
+        running: Vec::new(),
         _device_manager: device_manager,
         event_manager,
         exit_handler,
-        exit_tx,
-        exit_evt,
+        stopper,
+        threads,
+        agent_reports: Some(agent_reports),
         cmdline: cmdline
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default(),
     })
 }
-
-/// Signal that knocks a vCPU thread out of `KVM_RUN`.
-fn kick_signal() -> i32 {
-    SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 impl Vmm {
     /// The kernel command line the guest boots with.
@@ -371,32 +403,104 @@ impl Vmm {
     }
 
     /// A handle that ends the VM from another thread.
-    pub fn stopper(&self) -> Result<Stopper, VmmError> {
-        Ok(Stopper {
-            exits: self.exit_tx.clone(),
-            evt: self
-                .exit_evt
-                .try_clone()
-                .map_err(setup_err("the exit eventfd"))?,
-        })
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
     }
 
-    /// Runs the VM until it ends, then stops every vCPU.
-    pub fn run(mut self) -> Result<RunOutcome, VmmError> {
-        register_signal_handler(kick_signal(), on_kick).map_err(|e| VmmError::Setup {
-            what: "the vCPU kick signal",
-            source: e.into(),
-        })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus.drain(..) {
-            let evt = self
-                .exit_evt
-                .try_clone()
-                .map_err(setup_err("the exit eventfd"))?;
-            threads.push(vcpu.start(stop.clone(), self.exit_tx.clone(), evt)?);
-        }
+    /// Where the guest agent's readiness or fatal line arrives, as the guest writes it on the
+    /// console (once; `None` after the first call). See `container::ready`.
+    pub fn agent_reports(&mut self) -> Option<Receiver<AgentReport>> {
+        self.agent_reports.take()
+    }
 
+    /// The guest's memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.vm.memory()
+    }
+
+    /// Starts every vCPU's thread (once; later calls do nothing). The VM then runs, but what
+    /// ends it is only acted on by [`Vmm::run`].
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        if self.vcpus.is_empty() {
+            return Ok(());
+        }
+        install_kick_handler()?;
+        for vcpu in self.vcpus.drain(..) {
+            let control = VcpuControl::new(vcpu.index());
+            let thread = vcpu.start(&self.threads, control.clone(), self.stopper.clone())?;
+            self.running.push(VcpuHandle::new(control, thread));
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU and returns once each has acknowledged: none is in the guest, every
+    /// pending I/O exit is complete, and the vCPUs' state can be read
+    /// ([`Vmm::on_paused_vcpu`]). Fails if a vCPU has exited (the VM ended).
+    pub fn pause(&self) -> Result<(), VmmError> {
+        for vcpu in &self.running {
+            vcpu.request(RunState::Paused);
+        }
+        let deadline = Instant::now() + VCPU_DEADLINE;
+        for vcpu in &self.running {
+            vcpu.wait_paused(deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Resumes every vCPU and returns once each has acknowledged.
+    pub fn resume(&self) -> Result<(), VmmError> {
+        for vcpu in &self.running {
+            vcpu.request(RunState::Running);
+        }
+        let deadline = Instant::now() + VCPU_DEADLINE;
+        for vcpu in &self.running {
+            vcpu.wait_running(deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `job` on paused vCPU `index`'s own thread, with its vCPU fd (to read or set its
+    /// registers), and returns what it returns. The vCPU stays paused.
+    pub fn on_paused_vcpu<T: Send + 'static>(
+        &self,
+        index: u8,
+        job: impl FnOnce(&VcpuFd) -> T + Send + 'static,
+    ) -> Result<T, VmmError> {
+        let vcpu = self
+            .running
+            .iter()
+            .find(|v| v.index() == index)
+            .ok_or(RunStateError::NoSuchVcpu { index })?;
+        Ok(vcpu.run_paused(job, Instant::now() + VCPU_DEADLINE)?)
+    }
+
+    /// Stops every started vCPU and joins its thread; returns their statistics.
+    fn stop_vcpus(&mut self) -> AssistStats {
+        for vcpu in &self.running {
+            vcpu.request(RunState::Stopped);
+        }
+        let deadline = Instant::now() + VCPU_DEADLINE;
+        let mut assists = AssistStats::default();
+        for vcpu in self.running.drain(..) {
+            let index = vcpu.index();
+            match vcpu.join(deadline) {
+                Ok(Some(stats)) => {
+                    assists.int3 += stats.int3;
+                    assists.fwait += stats.fwait;
+                    assists.xstate += stats.xstate;
+                    assists.xstate_ns += stats.xstate_ns;
+                }
+                Ok(None) => {}
+                // Stuck in a device call: leave it; its owner is going away.
+                Err(err) => log::warn!("vcpu{index}: left running: {err}"),
+            }
+        }
+        assists
+    }
+
+    /// Runs the VM (starting it if need be) until it ends, then stops every vCPU.
+    pub fn run(mut self) -> Result<RunOutcome, VmmError> {
+        self.start()?;
         let exit = loop {
             self.event_manager.run().map_err(VmmError::EventLoop)?;
             let mut handler = self
@@ -408,28 +512,16 @@ impl Vmm {
             }
         };
 
-        // Knock every vCPU out of KVM_RUN until its thread is done. A kick that lands just
-        // before a thread enters KVM_RUN is lost, so kick again until each one has finished.
-        stop.store(true, Ordering::Release);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            for thread in threads.iter().filter(|t| !t.is_finished()) {
-                let _ = thread.kill(kick_signal());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let mut assists = AssistStats::default();
-        for thread in threads {
-            if thread.is_finished() {
-                if let Ok(stats) = thread.join() {
-                    assists.int3 += stats.int3;
-                    assists.fwait += stats.fwait;
-                    assists.xstate += stats.xstate;
-                    assists.xstate_ns += stats.xstate_ns;
-                }
-            }
-        }
+        let assists = self.stop_vcpus();
         Ok(RunOutcome { exit, assists })
+    }
+}
+
+impl Drop for Vmm {
+    /// A VM dropped while started (its owner gave up, a test failed) stops its vCPUs rather
+    /// than leave them running.
+    fn drop(&mut self) {
+        self.stop_vcpus();
     }
 }
 

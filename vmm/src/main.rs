@@ -5,7 +5,7 @@
 //!
 //! With `--container FILE` hull-vmm is a container's init as the host sees it (see
 //! `vmm::container`): it exits with the container's status, and 255 if the VM ended before
-//! the container's process did.
+//! the container's process did. A panic in any of its threads ends the VM and hull-vmm with 1.
 
 use std::fs::File;
 use std::io::Write;
@@ -279,7 +279,7 @@ fn main() -> ExitCode {
     if let Some(warning) = kind.warning() {
         log::warn!("{warning}");
     }
-    let vmm = match vmm::build(&config, kind) {
+    let mut vmm = match vmm::build(&config, kind) {
         Ok(vmm) => vmm,
         Err(err) => {
             let origin = config_path
@@ -298,20 +298,19 @@ fn main() -> ExitCode {
                     "--container needs a console file and a vsock device in the VM config".into(),
                 );
             };
-            let started = vmm
-                .stopper()
-                .map_err(|e| e.to_string())
-                .and_then(|stopper| {
-                    vmm::container::start(
-                        container,
-                        console.clone(),
-                        vsock.uds_path.clone(),
-                        signals,
-                        sync.take(),
-                        stopper,
-                    )
-                    .map_err(|e| format!("cannot start the container supervisor: {e}"))
-                });
+            let Some(agent_reports) = vmm.agent_reports() else {
+                return fail(&mut sync, "the console's agent reports are taken".into());
+            };
+            let started = vmm::container::start(
+                container,
+                agent_reports,
+                console.clone(),
+                vsock.uds_path.clone(),
+                signals,
+                sync.take(),
+                vmm.stopper(),
+            )
+            .map_err(|e| format!("cannot start the container supervisor: {e}"));
             match started {
                 Ok(status) => Some(status),
                 Err(message) => return fail(&mut sync, message),
@@ -319,11 +318,33 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
-    let result = vmm.run();
+    // This thread is the vmm thread: a panic in its event loop (a device's bug) ends hull-vmm
+    // with the same status as a panic in any other thread (`vmm::thread`), not Rust's 101.
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vmm.run())) {
+        Ok(result) => result,
+        Err(payload) => {
+            log::error!(
+                "hull-vmm's thread `vmm` panicked: {}",
+                vmm::thread::panic_message(&*payload)
+            );
+            return ExitCode::from(1);
+        }
+    };
     if let Some(status) = container_status {
         match &result {
             Ok(outcome) => log::info!("{}", outcome.exit),
             Err(err) => log::error!("{}", error_chain(err)),
+        }
+        if let Ok(
+            outcome @ vmm::RunOutcome {
+                exit: vmm::VmExit::ThreadPanicked { .. },
+                ..
+            },
+        ) = &result
+        {
+            // A bug in hull-vmm, whatever the container did.
+            log::error!("{}", outcome.exit);
+            return ExitCode::from(1);
         }
         let status = *status.lock().unwrap_or_else(|p| p.into_inner());
         return match status {

@@ -304,6 +304,7 @@ fn relay_streams(
     console_socket: Option<&PathBuf>,
     done: &Sender<()>,
 ) -> anyhow::Result<usize> {
+    // The `hull` CLI has no VM to end: a relay that panics is only logged.
     let mut outputs = 0;
     for (kind, stream) in streams {
         match kind {

@@ -16,6 +16,8 @@ use hull_protocol::{
     Request, RequestBody, Response, ResponseBody,
 };
 
+use crate::thread::{Spawner, ThreadKind};
+
 /// A client connection's writing half, shared by the threads that answer it.
 pub type ClientWriter = Arc<Mutex<UnixStream>>;
 
@@ -47,6 +49,7 @@ pub fn respond(writer: &ClientWriter, id: u64, result: Result<ResponseBody, Erro
 /// Listens on `path` (replacing a stale socket) and hands every request to `inbox`, from a
 /// thread per client.
 pub fn serve<T: From<ClientRequest> + Send + 'static>(
+    threads: &Spawner,
     path: &Path,
     inbox: Sender<T>,
     kernel_release: String,
@@ -58,28 +61,27 @@ pub fn serve<T: From<ClientRequest> + Send + 'static>(
             format!("cannot listen on {}: {e}", path.display()),
         )
     })?;
-    std::thread::Builder::new()
-        .name("control-socket".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                let conn = match conn {
-                    Ok(conn) => conn,
-                    Err(err) => {
-                        log::warn!("control socket: accept failed: {err}");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                let inbox = inbox.clone();
-                let release = kernel_release.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("control-client".into())
-                    .spawn(move || serve_client(conn, &inbox, &release));
-                if let Err(err) = spawned {
-                    log::warn!("control socket: cannot start a client thread: {err}");
+    let clients = threads.clone();
+    threads.spawn(ThreadKind::ControlListener, move || {
+        for conn in listener.incoming() {
+            let conn = match conn {
+                Ok(conn) => conn,
+                Err(err) => {
+                    log::warn!("control socket: accept failed: {err}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
                 }
+            };
+            let inbox = inbox.clone();
+            let release = kernel_release.clone();
+            let spawned = clients.spawn(ThreadKind::ControlClient, move || {
+                serve_client(conn, &inbox, &release)
+            });
+            if let Err(err) = spawned {
+                log::warn!("control socket: cannot start a client thread: {err}");
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 
@@ -131,7 +133,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("control.sock");
         let (tx, rx) = std::sync::mpsc::channel::<ClientRequest>();
-        serve(&path, tx, "6.12".into()).unwrap();
+        serve(&Spawner::detached(), &path, tx, "6.12".into()).unwrap();
 
         let answering = std::thread::spawn(move || {
             let msg: ClientRequest = rx.recv().unwrap();

@@ -33,12 +33,14 @@ use hull_protocol::{
 };
 use nix::sys::signal::{SigSet, Signal};
 
-pub use hull_contract::relay::{pump, relay};
+pub use hull_contract::relay::pump;
+use hull_contract::relay::relay_body;
 use hull_contract::signals::terminates;
 pub use hull_contract::signals::{block_forwarded_signals, FORWARDED};
 pub use hull_contract::{ContainerConfig, CreateReport};
 
 use crate::builder::Stopper;
+use crate::thread::{Spawner, ThreadKind};
 use control::{ClientRequest, ClientWriter};
 
 /// From hull-vmm's start to the agent's readiness line (a PVM boot takes most of a minute).
@@ -73,11 +75,13 @@ impl From<ClientRequest> for Incoming {
 /// The exit status hull-vmm reports: the init's, once known.
 pub type ExitCell = Arc<Mutex<Option<i32>>>;
 
-/// Starts the supervisor threads. `signals` were blocked by [`block_forwarded_signals`];
-/// `sync` receives the [`CreateReport`]; `stopper` ends the VM. Returns where the exit status
-/// will be.
+/// Starts the supervisor threads. `agent_reports` brings the agent's readiness line from the
+/// console (`Vmm::agent_reports`); `console` is the console file (quoted in errors); `signals`
+/// were blocked by [`block_forwarded_signals`]; `sync` receives the [`CreateReport`];
+/// `stopper` ends the VM. Returns where the exit status will be.
 pub fn start(
     config: ContainerConfig,
+    agent_reports: Receiver<ready::AgentReport>,
     console: PathBuf,
     vsock: PathBuf,
     signals: SigSet,
@@ -88,9 +92,12 @@ pub fn start(
     let created = Arc::new(AtomicBool::new(false));
     let terminal = matches!(config.create.stdio, Stdio::Terminal { .. });
     let (tx, rx) = channel();
+    let threads = Spawner::new(stopper.clone());
     let supervisor = Supervisor {
+        threads: threads.clone(),
         since: Instant::now(),
         config,
+        agent_reports,
         console,
         vsock,
         status: status.clone(),
@@ -101,34 +108,35 @@ pub fn start(
         next_id: 1,
         host_tty: None,
     };
-    let early_stop = supervisor.stopper_clone()?;
+    let early_stop = supervisor.stopper.clone();
     let early_status = status.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let Ok(signal) = signals.wait() else { return };
-            log::info!("received {signal}");
-            if terminal && signal == Signal::SIGWINCH {
-                let _ = tx.send(Incoming::Resize);
-            } else if created.load(Ordering::Acquire) {
-                if tx.send(Incoming::Signal(signal as i32)).is_err() {
-                    return;
-                }
-            } else if terminates(signal) {
-                *early_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal as i32);
-                early_stop.stop(format!("{signal} before the container was created"));
+    threads.spawn(ThreadKind::Signals, move || loop {
+        let Ok(signal) = signals.wait() else { return };
+        log::info!("received {signal}");
+        if terminal && signal == Signal::SIGWINCH {
+            let _ = tx.send(Incoming::Resize);
+        } else if created.load(Ordering::Acquire) {
+            if tx.send(Incoming::Signal(signal as i32)).is_err() {
+                return;
             }
-        })?;
-    std::thread::Builder::new()
-        .name("container".into())
-        .spawn(move || supervisor.run(rx, sync))?;
+        } else if terminates(signal) {
+            *early_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(128 + signal as i32);
+            early_stop.stop(format!("{signal} before the container was created"));
+        }
+    })?;
+    threads.spawn(ThreadKind::Supervisor, move || supervisor.run(rx, sync))?;
     Ok(status)
 }
 
 struct Supervisor {
+    /// Starts the supervisor's helper threads.
+    threads: Spawner,
     /// When the supervisor started (with the VM), for the timings it logs.
     since: Instant,
     config: ContainerConfig,
+    /// The agent's readiness line, from the console as the guest writes it.
+    agent_reports: Receiver<ready::AgentReport>,
+    /// The console file, quoted in errors.
     console: PathBuf,
     vsock: PathBuf,
     status: ExitCell,
@@ -156,10 +164,6 @@ struct Running {
 }
 
 impl Supervisor {
-    fn stopper_clone(&self) -> io::Result<Stopper> {
-        self.stopper.try_clone()
-    }
-
     fn run(mut self, rx: Receiver<Incoming>, sync: Option<File>) {
         let setup = self.setup(&rx);
         let report = match &setup {
@@ -213,7 +217,7 @@ impl Supervisor {
     /// Boot wait, agent connection, streams, `create_container`.
     fn setup(&mut self, rx: &Receiver<Incoming>) -> anyhow::Result<Running> {
         let spawned = self.since;
-        let ready = ready::wait_ready(&self.console, spawned, BOOT_DEADLINE)
+        let ready = ready::wait_ready(&self.agent_reports, spawned, BOOT_DEADLINE)
             .map_err(|e| anyhow!("{e}{}", self.console_tail()))?;
         log::info!(
             "agent ready after {} ms (guest uptime {:?} ms)",
@@ -234,22 +238,20 @@ impl Supervisor {
         );
         let mut reader = control.try_clone()?;
         let tx = self.tx.clone();
-        std::thread::Builder::new()
-            .name("agent".into())
-            .spawn(move || loop {
-                let gone = match read_frame::<_, AgentMessage>(&mut reader) {
-                    Ok(Some(msg)) => {
-                        if tx.send(Incoming::Agent(msg)).is_err() {
-                            return;
-                        }
-                        continue;
+        self.threads.spawn(ThreadKind::AgentReader, move || loop {
+            let gone = match read_frame::<_, AgentMessage>(&mut reader) {
+                Ok(Some(msg)) => {
+                    if tx.send(Incoming::Agent(msg)).is_err() {
+                        return;
                     }
-                    Ok(None) => "closed".to_owned(),
-                    Err(err) => format!("{:#}", anyhow!(err)),
-                };
-                let _ = tx.send(Incoming::AgentGone(gone));
-                return;
-            })?;
+                    continue;
+                }
+                Ok(None) => "closed".to_owned(),
+                Err(err) => format!("{:#}", anyhow!(err)),
+            };
+            let _ = tx.send(Incoming::AgentGone(gone));
+            return;
+        })?;
 
         let stdio = self.config.create.stdio;
         let mut streams = Vec::new();
@@ -275,6 +277,7 @@ impl Supervisor {
             Stdio::Terminal { rows, cols } => self.relay_terminal(streams, rows, cols, &done_tx)?,
         };
         control::serve(
+            &self.threads,
             &self.config.control_socket,
             self.tx.clone(),
             hello.kernel_release,
@@ -338,7 +341,7 @@ impl Supervisor {
             match kind {
                 StreamKind::Stdin => {
                     let input = File::from(io::stdin().as_fd().try_clone_to_owned()?);
-                    relay("stdin", input, stream, None)?;
+                    relay(&self.threads, "stdin", input, stream, None)?;
                 }
                 StreamKind::Stdout | StreamKind::Stderr => {
                     let fd = if kind == StreamKind::Stdout {
@@ -346,7 +349,13 @@ impl Supervisor {
                     } else {
                         io::stderr().as_fd().try_clone_to_owned()?
                     };
-                    relay("output", stream, File::from(fd), Some(done.clone()))?;
+                    relay(
+                        &self.threads,
+                        "output",
+                        stream,
+                        File::from(fd),
+                        Some(done.clone()),
+                    )?;
                     outputs += 1;
                 }
                 StreamKind::Terminal => bail!("a terminal stream without a terminal"),
@@ -385,8 +394,20 @@ impl Supervisor {
         drop(pty.master);
         let slave_in = File::from(pty.slave.try_clone()?);
         let slave_out = File::from(pty.slave.try_clone()?);
-        relay("terminal input", slave_in, stream.try_clone()?, None)?;
-        relay("terminal output", stream, slave_out, Some(done.clone()))?;
+        relay(
+            &self.threads,
+            "terminal input",
+            slave_in,
+            stream.try_clone()?,
+            None,
+        )?;
+        relay(
+            &self.threads,
+            "terminal output",
+            stream,
+            slave_out,
+            Some(done.clone()),
+        )?;
         self.host_tty = Some(pty.slave);
         Ok(1)
     }
@@ -479,7 +500,7 @@ impl Supervisor {
                     let tx = self.tx.clone();
                     let outputs = running.outputs;
                     let done = std::mem::replace(&mut running.done, channel().1);
-                    std::thread::spawn(move || {
+                    let drain = self.threads.spawn(ThreadKind::OutputDrain, move || {
                         let end = Instant::now() + OUTPUT_GRACE;
                         for _ in 0..outputs {
                             let left = end.saturating_duration_since(Instant::now());
@@ -490,6 +511,10 @@ impl Supervisor {
                         }
                         let _ = tx.send(Incoming::Drained);
                     });
+                    if let Err(err) = drain {
+                        log::warn!("cannot wait for the container's output ({err}); leaving it");
+                        let _ = self.tx.send(Incoming::Drained);
+                    }
                 }
                 Incoming::Agent(other) => log::debug!("from the agent: {other:?}"),
                 Incoming::Drained => {
@@ -522,5 +547,44 @@ impl Supervisor {
         if let Err(err) = self.send(control, body, route) {
             log::warn!("{err:#}");
         }
+    }
+}
+
+/// Copies `from` to `to` ([`pump`]) on a thread of its own (from `threads`, so that a panic
+/// ends the VM) until the end of `from` (or a write error); then closes both and reports on
+/// `done`.
+pub fn relay<R, W>(
+    threads: &Spawner,
+    name: &'static str,
+    from: R,
+    to: W,
+    done: Option<Sender<()>>,
+) -> io::Result<()>
+where
+    R: io::Read + Send + 'static,
+    W: io::Write + Send + 'static,
+{
+    threads.spawn(ThreadKind::Relay(name), relay_body(name, from, to, done))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn relay_copies_to_the_end_and_reports() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (c, mut d) = UnixStream::pair().unwrap();
+        let (tx, rx) = channel();
+        relay(&Spawner::detached(), "test", a, c, Some(tx)).unwrap();
+        b.write_all(b"hello").unwrap();
+        drop(b);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let mut out = String::new();
+        io::Read::read_to_string(&mut d, &mut out).unwrap();
+        assert_eq!(out, "hello");
     }
 }

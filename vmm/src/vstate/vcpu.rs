@@ -3,10 +3,8 @@
 //! Each vCPU runs on its own thread. Exits are dispatched by `handle_exit`, a plain function
 //! that knows no device addresses: port and MMIO accesses go to the buses. What ends the VM
 //! (a reset, a triple fault, an instruction nobody can run) is sent to the VMM thread, which
-//! stops the other vCPUs.
+//! stops the other vCPUs. Pausing, resuming and stopping a vCPU are `run_state`'s.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -18,10 +16,12 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{cpuid, msr, paging, regs, xsave};
+use crate::builder::Stopper;
 use crate::emulation::{self, Assist};
+use crate::thread::{Spawner, ThreadKind};
+use crate::vstate::run_state::{Resume, VcpuControl};
 use crate::vstate::vm::Vm;
 use crate::vstate::xstate;
 
@@ -65,6 +65,8 @@ pub enum VmExit {
     Failed(String),
     /// The host stopped the VM (hull-vmm's container supervisor); the text says why.
     Stopped(String),
+    /// A thread of hull-vmm panicked (a bug in hull-vmm, not the guest's doing).
+    ThreadPanicked { thread: String, message: String },
 }
 
 impl VmExit {
@@ -72,7 +74,7 @@ impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::Reset | VmExit::PowerOff | VmExit::Stopped(_) => 0,
-            VmExit::TripleFault(_) | VmExit::Failed(_) => 1,
+            VmExit::TripleFault(_) | VmExit::Failed(_) | VmExit::ThreadPanicked { .. } => 1,
         }
     }
 }
@@ -85,6 +87,9 @@ impl std::fmt::Display for VmExit {
             VmExit::TripleFault(diag) => write!(f, "the guest triple-faulted: {diag}"),
             VmExit::Failed(why) => f.write_str(why),
             VmExit::Stopped(why) => write!(f, "stopped by the host: {why}"),
+            VmExit::ThreadPanicked { thread, message } => {
+                write!(f, "hull-vmm's thread `{thread}` panicked: {message}")
+            }
         }
     }
 }
@@ -227,6 +232,11 @@ impl Vcpu {
         })
     }
 
+    /// The vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
     fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
         let index = self.index;
         move |source| VcpuError::Kvm {
@@ -307,41 +317,43 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the run loop on its own thread. When the VM must end, the reason goes to
-    /// `exits` and `exit_evt` is signalled; `stop` tells the loop to return.
+    /// Starts the run loop on its own thread (from `threads`), under `control`. When the VM
+    /// must end, `stopper` is told why.
     pub fn start(
-        mut self,
-        stop: Arc<AtomicBool>,
-        exits: Sender<VmExit>,
-        exit_evt: EventFd,
+        self,
+        threads: &Spawner,
+        control: Arc<VcpuControl>,
+        stopper: Stopper,
     ) -> Result<JoinHandle<AssistStats>, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
-                if let Some(exit) = self.run(&stop) {
-                    // The VMM thread may already be gone if another vCPU ended the VM.
-                    let _ = exits.send(exit);
-                    if let Err(err) = exit_evt.write(1) {
-                        log::error!("vcpu{index}: cannot signal the VM's end: {err}");
-                    }
+        threads
+            .spawn(ThreadKind::Vcpu(index), move || {
+                let mut vcpu = self;
+                // Declared after `vcpu`, so dropped before it (on a panic too): the owner stops
+                // touching `kvm_run` before the vCPU fd unmaps it.
+                let registration = control.register(&mut vcpu.fd);
+                if let Some(exit) = vcpu.run(&control) {
+                    stopper.end(exit);
                 }
-                self.stats
+                drop(registration);
+                vcpu.stats
             })
             .map_err(|source| VcpuError::Thread { index, source })
     }
 
-    /// Runs the guest until it ends the VM (returns why) or `stop` is set (returns `None`).
-    fn run(&mut self, stop: &AtomicBool) -> Option<VmExit> {
+    /// Runs the guest until it ends the VM (returns why) or the owner stops the vCPU (returns
+    /// `None`); parks while the owner has it paused (`run_state`).
+    fn run(&mut self, control: &VcpuControl) -> Option<VmExit> {
         loop {
-            if stop.load(Ordering::Acquire) {
-                return None;
-            }
             let action = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, &self.io),
+                // A kick from the owner (KVM has completed any pending I/O exit), or a signal
+                // meant for someone else.
                 Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
-                    ExitAction::Continue
+                    match control.park(&self.fd) {
+                        Resume::Run => ExitAction::Continue,
+                        Resume::Stop => return None,
+                    }
                 }
                 Err(err) => ExitAction::Stop(VmExit::Failed(format!(
                     "vcpu{}: KVM_RUN failed: {err}",

@@ -18,6 +18,7 @@ use super::{
     encode_tag, FsConfig, FsError, CONFIG_SPACE_SIZE, HIPRIO_QUEUE, NUM_REQUEST_QUEUES, QUEUE_SIZE,
     REQUEST_QUEUE, TAG_LEN,
 };
+use crate::spawn::{DeviceThread, ThreadSpawner};
 use crate::virtio::{
     ActivateError, ActiveQueue, IrqTrigger, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
 };
@@ -38,12 +39,15 @@ pub struct Fs {
     fs: Arc<ConfinedFs>,
     server: Arc<FsServer>,
     worker: Option<Worker>,
+    /// Starts the fs worker: the VMM's thread helper ([`StdSpawner`] in tests).
+    spawner: Arc<dyn ThreadSpawner>,
 }
 
 impl Fs {
     /// Creates the device for `config`: checks the tag, resolves the shared directory and sets
-    /// up the FUSE server (which opens `/proc/self/fd`). Call it before the VMM is jailed.
-    pub fn new(config: &FsConfig) -> Result<Self, FsError> {
+    /// up the FUSE server (which opens `/proc/self/fd`). Call it before the VMM is jailed. The
+    /// fs worker will start through `spawner` (the VMM's thread helper).
+    pub fn new(config: &FsConfig, spawner: Arc<dyn ThreadSpawner>) -> Result<Self, FsError> {
         let tag_field = encode_tag(&config.tag)?;
         let mut config_space = [0u8; CONFIG_SPACE_SIZE];
         config_space[..TAG_LEN].copy_from_slice(&tag_field);
@@ -56,6 +60,7 @@ impl Fs {
             server: Arc::new(Server::new(fs.clone())),
             fs,
             worker: None,
+            spawner,
         })
     }
 
@@ -163,9 +168,12 @@ impl VirtioDevice for Fs {
                 source,
             })?;
         let handler = FsHandler::new(mem, queues, interrupt, self.server.clone(), worker_stop);
-        let thread = std::thread::Builder::new()
-            .name("fs worker".into())
-            .spawn(move || run_worker(handler))
+        let thread = self
+            .spawner
+            .spawn_device_thread(
+                DeviceThread::FsWorker,
+                Box::new(move || run_worker(handler)),
+            )
             .map_err(|source| ActivateError::Backend {
                 device_type: TYPE_FS,
                 source: Box::new(source),
@@ -191,6 +199,7 @@ mod tests {
     use vm_memory::{ByteValued, GuestAddress};
 
     use super::*;
+    use crate::spawn::StdSpawner;
     use crate::virtio::fs::test_utils::{guest_memory, FuseGuest, TempDir};
     use crate::virtio::mmio::{MmioTransport, VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_DEVICE_ID};
     use crate::virtio::test_utils::{read_reg, Buffer, DriverQueue};
@@ -206,7 +215,7 @@ mod tests {
     #[test]
     fn transport_shows_type_tag_and_one_request_queue() {
         let dir = TempDir::new("hull-devices-test");
-        let device = Fs::new(&config(&dir, false)).unwrap();
+        let device = Fs::new(&config(&dir, false), Arc::new(StdSpawner)).unwrap();
         assert_eq!(device.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
         let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(device));
         let mut transport = MmioTransport::new(guest_memory(), device).unwrap();
@@ -226,7 +235,7 @@ mod tests {
     #[test]
     fn config_reads_at_odd_offsets_stay_in_bounds() {
         let dir = TempDir::new("hull-devices-test");
-        let device = Fs::new(&config(&dir, false)).unwrap();
+        let device = Fs::new(&config(&dir, false), Arc::new(StdSpawner)).unwrap();
         let mut data = [0xffu8; 8];
         device.read_config(38, &mut data);
         assert_eq!(data, [0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
@@ -239,21 +248,30 @@ mod tests {
         let dir = TempDir::new("hull-devices-test");
         let mut bad = config(&dir, false);
         bad.tag = String::new();
-        assert!(matches!(Fs::new(&bad), Err(FsError::InvalidTag { .. })));
+        assert!(matches!(
+            Fs::new(&bad, Arc::new(StdSpawner)),
+            Err(FsError::InvalidTag { .. })
+        ));
         let mut bad = config(&dir, false);
         bad.shared_dir = dir.path().join("missing");
-        assert!(matches!(Fs::new(&bad), Err(FsError::SharedDir { .. })));
+        assert!(matches!(
+            Fs::new(&bad, Arc::new(StdSpawner)),
+            Err(FsError::SharedDir { .. })
+        ));
         std::fs::write(dir.path().join("file"), b"x").unwrap();
         let mut bad = config(&dir, false);
         bad.shared_dir = dir.path().join("file");
-        assert!(matches!(Fs::new(&bad), Err(FsError::SharedDir { .. })));
+        assert!(matches!(
+            Fs::new(&bad, Arc::new(StdSpawner)),
+            Err(FsError::SharedDir { .. })
+        ));
     }
 
     #[test]
     fn activation_needs_both_queues_and_reset_stops_the_worker() {
         let dir = TempDir::new("hull-devices-test");
         let mem = guest_memory();
-        let mut device = Fs::new(&config(&dir, false)).unwrap();
+        let mut device = Fs::new(&config(&dir, false), Arc::new(StdSpawner)).unwrap();
         let driver = DriverQueue::new(&mem, GuestAddress(0), 16).unwrap();
         let only_request = vec![ActiveQueue {
             index: REQUEST_QUEUE,
@@ -483,7 +501,9 @@ mod tests {
 
         let dir = TempDir::new("hull-devices-test");
         let mem = guest_memory();
-        let fs = Arc::new(Mutex::new(Fs::new(&config(&dir, false)).unwrap()));
+        let fs = Arc::new(Mutex::new(
+            Fs::new(&config(&dir, false), Arc::new(StdSpawner)).unwrap(),
+        ));
         let device: Arc<Mutex<dyn VirtioDevice>> = fs.clone();
         let mut transport = MmioTransport::new(mem.clone(), device).unwrap();
         let hiprio = DriverQueue::new(&mem, GuestAddress(0), 64).unwrap();

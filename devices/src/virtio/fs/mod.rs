@@ -9,7 +9,8 @@
 //! notify eventfds (an `event_manager` loop around [`event_handler::FsHandler`]) and runs each
 //! request to completion. File system calls can block for as long as the host's storage likes;
 //! on the worker they stall only the file system, never the VMM's event loop (the control
-//! socket, vsock, signals). [`Fs::reset`] and dropping the device stop and join the worker. The
+//! socket, vsock, signals). The worker starts through the [`crate::ThreadSpawner`] the VMM
+//! gives [`Fs::new`], so that a panic outside the server's own guard ends the VM. [`Fs::reset`] and dropping the device stop and join the worker. The
 //! VMM registers nothing for this device beyond what every virtio-mmio device needs (the
 //! transport's ioeventfds and irqfd).
 //!

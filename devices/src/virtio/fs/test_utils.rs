@@ -20,6 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Fs, FsConfig, HIPRIO_QUEUE, QUEUE_SIZE, REQUEST_QUEUE};
+use crate::spawn::StdSpawner;
 use crate::virtio::test_utils::{Buffer, DriverQueue, UsedChain};
 use crate::virtio::{ActiveQueue, IrqTrigger, VirtioDevice};
 
@@ -135,7 +136,10 @@ impl FuseGuest {
 
     /// Creates a device for `config` and activates it in fresh guest memory.
     pub fn start_dir(config: &FsConfig) -> Self {
-        Self::start(Fs::new(config).expect("create the device"), guest_memory())
+        Self::start(
+            Fs::new(config, Arc::new(StdSpawner)).expect("create the device"),
+            guest_memory(),
+        )
     }
 
     /// Gives the device back (still active).
