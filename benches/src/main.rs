@@ -204,17 +204,19 @@ impl Figures {
             "  boot to agent ready / hull run:         {}",
             ratio(self.boot_to_ready, self.hull_run)
         );
-        if self.runc_rss_kib > 0 {
-            let runc = self.runc_rss_kib as f64;
-            println!(
-                "  peak RSS hull-vmm (real kernel) / runc: {:.1}",
-                self.boot_rss_kib as f64 / runc
-            );
-            println!(
-                "  peak RSS hull run / runc run:           {:.1}",
-                self.hull_rss_kib as f64 / runc
-            );
-        }
+        // Peak RSS in KiB; 0 where that kind of run was not measured.
+        let rss_ratio = |a: i64, b: i64| match (a, b) {
+            (1.., 1..) => format!("{:.1}", a as f64 / b as f64),
+            _ => "n/a".into(),
+        };
+        println!(
+            "  peak RSS hull-vmm (real kernel) / runc: {}",
+            rss_ratio(self.boot_rss_kib, self.runc_rss_kib)
+        );
+        println!(
+            "  peak RSS hull run / runc run:           {}",
+            rss_ratio(self.hull_rss_kib, self.runc_rss_kib)
+        );
     }
 }
 
