@@ -567,24 +567,3 @@ where
     threads.spawn(ThreadKind::Relay(name), relay_body(name, from, to, done))?;
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use std::io::Write;
-
-    use super::*;
-
-    #[test]
-    fn relay_copies_to_the_end_and_reports() {
-        let (a, mut b) = UnixStream::pair().unwrap();
-        let (c, mut d) = UnixStream::pair().unwrap();
-        let (tx, rx) = channel();
-        relay(&Spawner::detached(), "test", a, c, Some(tx)).unwrap();
-        b.write_all(b"hello").unwrap();
-        drop(b);
-        rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        let mut out = String::new();
-        io::Read::read_to_string(&mut d, &mut out).unwrap();
-        assert_eq!(out, "hello");
-    }
-}
