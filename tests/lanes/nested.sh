@@ -177,7 +177,8 @@ for spec in "${programs[@]}"; do
     [[ -n ${reasons[$name]:-} ]] && printf '%s %s\n' "$name" "${reasons[$name]}" >>"$payload/etc/reasons"
     if [[ $name == containerd ]]; then
         for b in containerd ctr containerd-shim-runc-v2 tar sha256sum; do
-            host_bins+=("$(command -v "$b")") || die "the containerd test needs $b"
+            path=$(command -v "$b") || die "the containerd test needs $b"
+            host_bins+=("$path")
         done
     fi
 done

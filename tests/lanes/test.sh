@@ -141,7 +141,7 @@ for lane in "${!lane_status[@]}"; do
                 if ($(k+1) ~ /^ignored/) i += $k
             }
         } END { print p+0, f+0, i+0 }' "$log_dir/$lane.log")
-    s=$(grep -c '^nested: [a-z_]*: skipped (' "$log_dir/$lane.log" || true)
+    s=$(grep -c '^nested: [a-z0-9_]*: skipped (' "$log_dir/$lane.log" || true)
     passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + i + s))
     if [[ ${lane_status[$lane]} != 0 ]]; then
         status=1
@@ -150,6 +150,6 @@ for lane in "${!lane_status[@]}"; do
     fi
     echo "make test: lane $lane: ${lane_seconds[$lane]} s, exit ${lane_status[$lane]}"
 done
-grep -h '^nested: [a-z_]*: skipped (' "$log_dir"/*.log 2>/dev/null | sed 's/^/make test: /' || true
+grep -h '^nested: [a-z0-9_]*: skipped (' "$log_dir"/*.log 2>/dev/null | sed 's/^/make test: /' || true
 echo "total: $passed passed, $failed failed, $skipped skipped"
 exit "$status"
