@@ -10,6 +10,9 @@
 //! - [`STDIO_PORT`]: one connection per stdio stream of a process: one header frame each way,
 //!   then raw bytes ([`stdio`]).
 //!
+//! A container's spec travels in the protocol's own types ([`spec`]), read and checked from the
+//! bundle's `config.json` by the host.
+//!
 //! The full description, with examples, is docs/protocol.md. Both sides link this crate; the
 //! agent is a static binary, so it depends on serde, serde_json and thiserror only.
 
@@ -20,6 +23,7 @@ pub mod handshake;
 pub mod hello;
 pub mod hybrid;
 pub mod message;
+pub mod spec;
 pub mod stdio;
 
 pub use frame::{
