@@ -81,7 +81,15 @@ mod tests {
         let mut config = ContainerConfig {
             create: CreateContainer {
                 container_id: "c1".into(),
-                spec: serde_json::json!({"process": {"args": ["true"]}}),
+                spec: hull_protocol::spec::ContainerSpec {
+                    process: hull_protocol::spec::Process {
+                        terminal: true,
+                        args: vec!["true".into()],
+                        cwd: "/".into(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
                 rootfs: hull_protocol::Rootfs {
                     fs_tag: "rootfs".into(),
                     readonly: false,

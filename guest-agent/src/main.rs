@@ -27,7 +27,6 @@ mod reaper;
 mod relay;
 mod server;
 mod signals;
-mod spec;
 mod sys;
 
 use std::error::Error;

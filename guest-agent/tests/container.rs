@@ -19,12 +19,16 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use hull_protocol::spec::{
+    Capabilities, ContainerSpec, Mount, Namespace, NamespaceKind, Process, Rlimit, RlimitKind,
+    Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule, User,
+};
 use hull_protocol::{
     attach_stream, host_handshake, read_frame, write_frame, AgentMessage, CreateContainer,
     ErrorKind, ErrorResponse, Event, Exec, ExitStatus, HostMessage, ProcessRef, Request,
     RequestBody, ResponseBody, Rootfs, Stdio as StdioSpec, StreamKind,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const BUSYBOX: &str = "/bin/busybox";
@@ -156,7 +160,7 @@ impl Vm {
         let mut control = UnixStream::connect(dir.0.join("control.sock")).expect("connect");
         control.set_read_timeout(Some(DEADLINE)).expect("timeout");
         let hello = host_handshake(&mut control, "test").expect("handshake");
-        assert_eq!(hello.protocol_version, 1);
+        assert_eq!(hello.protocol_version, hull_protocol::PROTOCOL_VERSION);
         Self {
             unshare,
             console,
@@ -198,7 +202,7 @@ impl Vm {
     fn exec(
         &mut self,
         exec_id: &str,
-        process: Value,
+        process: Process,
         stdio: StdioSpec,
     ) -> Result<i32, ErrorResponse> {
         let body = RequestBody::Exec(Exec {
@@ -292,7 +296,12 @@ impl Vm {
         }
     }
 
-    fn create(&mut self, spec: Value, stdin: bool, readonly: bool) -> Result<(), ErrorResponse> {
+    fn create(
+        &mut self,
+        spec: ContainerSpec,
+        stdin: bool,
+        readonly: bool,
+    ) -> Result<(), ErrorResponse> {
         let stdio = StdioSpec::Pipes {
             stdin,
             stdout: true,
@@ -303,11 +312,11 @@ impl Vm {
 
     fn create_with(
         &mut self,
-        spec: Value,
+        spec: ContainerSpec,
         stdio: StdioSpec,
         readonly: bool,
     ) -> Result<(), ErrorResponse> {
-        let body = RequestBody::CreateContainer(CreateContainer {
+        let body = RequestBody::CreateContainer(Box::new(CreateContainer {
             container_id: "c1".into(),
             spec,
             rootfs: Rootfs {
@@ -315,7 +324,7 @@ impl Vm {
                 readonly,
             },
             stdio,
-        });
+        }));
         self.request(body).map(|r| assert_eq!(r, ResponseBody::Ok))
     }
 
@@ -387,53 +396,130 @@ fn descendants(pid: i32) -> Vec<i32> {
     found
 }
 
-/// A spec like `runc spec` writes, running `args`.
-fn spec(args: &[&str]) -> Value {
-    json!({
-        "ociVersion": "1.0.2-dev",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
-            "cwd": "/",
-            "capabilities": {
-                "bounding": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
-                "effective": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
-                "permitted": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
-                "inheritable": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"],
-                "ambient": ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
-            },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The capabilities `runc spec` gives, as the host sends them.
+fn runc_capabilities() -> Capabilities {
+    let set = Capabilities::mask(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"])
+        .expect("known capability names");
+    Capabilities {
+        bounding: set,
+        effective: set,
+        permitted: set,
+        inheritable: set,
+        ambient: set,
+    }
+}
+
+fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Mount {
+    Mount {
+        destination: destination.into(),
+        kind: Some(kind.into()),
+        source: Some(source.into()),
+        options: strings(options),
+    }
+}
+
+/// What the host sends for a spec like `runc spec` writes, running `args`.
+fn spec(args: &[&str]) -> ContainerSpec {
+    let ns = |kind| Namespace { kind, path: None };
+    ContainerSpec {
+        process: Process {
+            terminal: false,
+            user: User::default(),
+            args: strings(args),
+            env: strings(&[
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "TERM=xterm",
+            ]),
+            cwd: "/".into(),
+            capabilities: Some(runc_capabilities()),
+            rlimits: vec![Rlimit {
+                kind: RlimitKind::Nofile,
+                hard: 1024,
+                soft: 1024,
+            }],
+            no_new_privileges: true,
         },
-        "root": {"path": "rootfs", "readonly": false},
-        "hostname": "runc",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
+        readonly_root: false,
+        hostname: Some("runc".into()),
+        mounts: vec![
+            mount("/proc", "proc", "proc", &[]),
+            mount(
+                "/dev",
+                "tmpfs",
+                "tmpfs",
+                &["nosuid", "strictatime", "mode=755", "size=65536k"],
+            ),
+            mount(
+                "/dev/pts",
+                "devpts",
+                "devpts",
+                &[
+                    "nosuid",
+                    "noexec",
+                    "newinstance",
+                    "ptmxmode=0666",
+                    "mode=0620",
+                    "gid=5",
+                ],
+            ),
+            mount(
+                "/dev/shm",
+                "tmpfs",
+                "shm",
+                &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            ),
+            mount(
+                "/dev/mqueue",
+                "mqueue",
+                "mqueue",
+                &["nosuid", "noexec", "nodev"],
+            ),
+            mount(
+                "/sys",
+                "sysfs",
+                "sysfs",
+                &["nosuid", "noexec", "nodev", "ro"],
+            ),
+            mount(
+                "/sys/fs/cgroup",
+                "cgroup",
+                "cgroup",
+                &["nosuid", "noexec", "nodev", "relatime", "ro"],
+            ),
         ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
-                           {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
-            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                "/proc/sched_debug", "/sys/firmware", "/proc/scsi"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-                "/proc/sysrq-trigger"]
-        }
-    })
+        namespaces: vec![
+            ns(NamespaceKind::Pid),
+            ns(NamespaceKind::Network),
+            ns(NamespaceKind::Ipc),
+            ns(NamespaceKind::Uts),
+            ns(NamespaceKind::Mount),
+            ns(NamespaceKind::Cgroup),
+        ],
+        masked_paths: strings(&[
+            "/proc/acpi",
+            "/proc/asound",
+            "/proc/kcore",
+            "/proc/keys",
+            "/proc/latency_stats",
+            "/proc/timer_list",
+            "/proc/timer_stats",
+            "/proc/sched_debug",
+            "/sys/firmware",
+            "/proc/scsi",
+        ]),
+        readonly_paths: strings(&[
+            "/proc/bus",
+            "/proc/fs",
+            "/proc/irq",
+            "/proc/sys",
+            "/proc/sysrq-trigger",
+        ]),
+        ..ContainerSpec::default()
+    }
 }
 
 /// What a container run gave: its output and how it ended.
@@ -464,7 +550,12 @@ fn reader(mut conn: UnixStream) -> JoinHandle<Vec<u8>> {
 
 /// Boots, creates and starts a container with `spec`, feeds `stdin` (if any), waits for its
 /// exit and shuts down.
-fn run_with(spec: Value, stdin: Option<Vec<u8>>, readonly: bool, env: &[(&str, &str)]) -> Outcome {
+fn run_with(
+    spec: ContainerSpec,
+    stdin: Option<Vec<u8>>,
+    readonly: bool,
+    env: &[(&str, &str)],
+) -> Outcome {
     let mut vm = Vm::boot(env);
     let stdin_conn = stdin.as_ref().map(|_| vm.attach(StreamKind::Stdin));
     let stdout = reader(vm.attach(StreamKind::Stdout));
@@ -684,9 +775,9 @@ fn user_env_cwd_and_umask() {
         "-c",
         "id -u; id -g; id -G; echo $FOO; pwd; umask; touch f 2>&1 || echo denied",
     ]);
-    s["process"]["user"] = json!({"uid": 1000, "gid": 1001, "additionalGids": [1002], "umask": 63});
-    s["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
-    s["process"]["cwd"] = json!("/tmp");
+    s.process.user = other_user();
+    s.process.env = strings(&["PATH=/bin", "FOO=bar baz"]);
+    s.process.cwd = "/tmp".into();
     let out = run_with(s, None, false, &[]);
     assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
     let lines: Vec<_> = out.stdout().lines().map(str::to_owned).collect();
@@ -718,7 +809,7 @@ fn a_readonly_rootfs_refuses_writes() {
         out.stderr()
     );
     let mut s = spec(&["sh", "-c", "touch /x"]);
-    s["root"]["readonly"] = json!(true);
+    s.readonly_root = true;
     let out = run_with(s, None, false, &[]);
     assert_eq!(out.status, ExitStatus::Code(1));
 }
@@ -743,22 +834,26 @@ fn without_pivot_root_as_in_the_guest() {
 }
 
 /// Denies `mkdir` (and `mkdirat`) with `errno`, allows the rest; names unknown to x86_64 and
-/// other architectures are in the profile too, as in Docker's.
-fn deny_mkdir(args: &[&str], no_new_privileges: bool, errno: Option<u32>) -> Value {
+/// other architectures are in the profile too, as in Docker's (the host passes them on).
+fn deny_mkdir(args: &[&str], no_new_privileges: bool, errno: u32) -> ContainerSpec {
     let mut s = spec(args);
-    s["process"]["noNewPrivileges"] = json!(no_new_privileges);
-    let mut deny = json!({"names": ["mkdir", "no_such_syscall", "mkdirat"],
-                          "action": "SCMP_ACT_ERRNO"});
-    if let Some(errno) = errno {
-        deny["errnoRet"] = json!(errno);
-    }
-    s["linux"]["seccomp"] = json!({
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "syscalls": [
-            {"names": ["socketcall", "only_on_some_other_arch"], "action": "SCMP_ACT_KILL"},
-            deny
-        ]
+    s.process.no_new_privileges = no_new_privileges;
+    s.seccomp = Some(Seccomp {
+        default_action: SeccompAction::Allow,
+        log: false,
+        spec_allow: false,
+        syscalls: vec![
+            SeccompRule {
+                names: strings(&["socketcall", "only_on_some_other_arch"]),
+                action: SeccompAction::KillThread,
+                args: Vec::new(),
+            },
+            SeccompRule {
+                names: strings(&["mkdir", "no_such_syscall", "mkdirat"]),
+                action: SeccompAction::Errno(errno),
+                args: Vec::new(),
+            },
+        ],
     });
     s
 }
@@ -771,7 +866,7 @@ fn seccomp_denies_mkdir_with_eperm() {
     let script = "echo ok; mkdir /tmp/x; echo mkdir=$?; touch /tmp/y && ls /tmp";
     for no_new_privileges in [true, false] {
         let out = run_with(
-            deny_mkdir(&["sh", "-c", script], no_new_privileges, None),
+            deny_mkdir(&["sh", "-c", script], no_new_privileges, EPERM),
             None,
             false,
             &[],
@@ -797,8 +892,8 @@ fn seccomp_errno_ret_and_a_non_root_user() {
         return;
     }
     // Without noNewPrivileges the filter goes in while the init can still install one.
-    let mut s = deny_mkdir(&["sh", "-c", "id -u; mkdir /tmp/x"], false, Some(13));
-    s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    let mut s = deny_mkdir(&["sh", "-c", "id -u; mkdir /tmp/x"], false, 13);
+    s.process.user = user(1000);
     let out = run_with(s, None, false, &[]);
     assert_eq!(out.stdout(), "1000\n", "{}", out.stderr());
     assert!(
@@ -815,19 +910,70 @@ fn seccomp_default_deny_with_an_allow_list() {
         return;
     }
     let mut s = spec(&["sh", "-c", "echo ok; mkdir /tmp/x"]);
-    s["linux"]["seccomp"] = json!({
-        "defaultAction": "SCMP_ACT_ERRNO",
-        "syscalls": [{
-            "names": ["execve", "brk", "arch_prctl", "set_tid_address", "set_robust_list",
-                "rseq", "mmap", "munmap", "mprotect", "read", "write", "writev", "close",
-                "exit", "exit_group", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn",
-                "getpid", "getppid", "gettid", "getuid", "geteuid", "getgid", "getegid",
-                "ioctl", "fcntl", "dup2", "dup3", "wait4", "vfork", "fork", "clone", "clone3",
-                "stat", "fstat", "lstat", "newfstatat", "statx", "open", "openat", "access",
-                "faccessat", "faccessat2", "getcwd", "uname", "prlimit64", "futex",
-                "getrandom", "readlink", "lseek", "poll", "sigaltstack"],
-            "action": "SCMP_ACT_ALLOW"
-        }]
+    let names = strings(&[
+        "execve",
+        "brk",
+        "arch_prctl",
+        "set_tid_address",
+        "set_robust_list",
+        "rseq",
+        "mmap",
+        "munmap",
+        "mprotect",
+        "read",
+        "write",
+        "writev",
+        "close",
+        "exit",
+        "exit_group",
+        "rt_sigaction",
+        "rt_sigprocmask",
+        "rt_sigreturn",
+        "getpid",
+        "getppid",
+        "gettid",
+        "getuid",
+        "geteuid",
+        "getgid",
+        "getegid",
+        "ioctl",
+        "fcntl",
+        "dup2",
+        "dup3",
+        "wait4",
+        "vfork",
+        "fork",
+        "clone",
+        "clone3",
+        "stat",
+        "fstat",
+        "lstat",
+        "newfstatat",
+        "statx",
+        "open",
+        "openat",
+        "access",
+        "faccessat",
+        "faccessat2",
+        "getcwd",
+        "uname",
+        "prlimit64",
+        "futex",
+        "getrandom",
+        "readlink",
+        "lseek",
+        "poll",
+        "sigaltstack",
+    ]);
+    s.seccomp = Some(Seccomp {
+        default_action: SeccompAction::Errno(EPERM),
+        log: false,
+        spec_allow: false,
+        syscalls: vec![SeccompRule {
+            names,
+            action: SeccompAction::Allow,
+            args: Vec::new(),
+        }],
     });
     let out = run_with(s, None, false, &[]);
     assert_eq!(out.stdout(), "ok\n", "{}", out.stderr());
@@ -845,30 +991,39 @@ fn bad_specs_give_clear_errors() {
         return;
     }
     let mut vm = Vm::boot(&[]);
-    let cases: Vec<(Value, ErrorKind, &str)> = vec![
+    // What the host refuses (unknown capability names, SCMP_ACT_NOTIFY, ...) cannot reach the
+    // agent; these are what it still checks, and what only the guest can find out.
+    let cases: Vec<(ContainerSpec, ErrorKind, &str)> = vec![
         (
             {
                 let mut s = spec(&["true"]);
-                s["linux"]["seccomp"] = json!({
-                    "defaultAction": "SCMP_ACT_ALLOW",
-                    "syscalls": [
-                        {"names": ["read"], "action": "SCMP_ACT_ERRNO"},
-                        {"names": ["write"], "action": "SCMP_ACT_LOG"},
-                        {"names": ["mkdir"], "action": "SCMP_ACT_KILL"},
-                        {"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}
-                    ]
+                s.seccomp = Some(Seccomp {
+                    default_action: SeccompAction::Allow,
+                    log: false,
+                    spec_allow: false,
+                    syscalls: vec![SeccompRule {
+                        names: strings(&["kill"]),
+                        action: SeccompAction::Errno(EPERM),
+                        args: vec![SeccompArg {
+                            index: 6,
+                            op: SeccompOp::Eq(1),
+                        }],
+                    }],
                 });
                 s
             },
-            ErrorKind::Unsupported,
-            "linux.seccomp.syscalls[3].action = SCMP_ACT_NOTIFY",
+            ErrorKind::InvalidSpec,
+            "linux.seccomp.syscalls[0].args[0].index 6: system call arguments are 0 to 5",
         ),
         (
             {
                 let mut s = spec(&["true"]);
-                s["mounts"].as_array_mut().unwrap().push(json!({
-                    "destination": "/data", "type": "bind",
-                    "source": "/bundle/nonexistent-data", "options": ["rbind"]}));
+                s.mounts.push(mount(
+                    "/data",
+                    "bind",
+                    "/bundle/nonexistent-data",
+                    &["rbind"],
+                ));
                 s
             },
             ErrorKind::InvalidSpec,
@@ -877,16 +1032,28 @@ fn bad_specs_give_clear_errors() {
         (
             {
                 let mut s = spec(&["true"]);
-                s["process"]["capabilities"]["bounding"] = json!(["CAP_FLY"]);
+                s.process.capabilities = Some(Capabilities {
+                    bounding: 1 << 50,
+                    ..runc_capabilities()
+                });
                 s
             },
             ErrorKind::InvalidSpec,
-            "process.capabilities.bounding: unknown capability \"CAP_FLY\"",
+            "process.capabilities.bounding: unknown capability number 50",
         ),
         (
             {
                 let mut s = spec(&["true"]);
-                s["mounts"][0]["type"] = json!("nosuchfs");
+                s.namespaces.retain(|ns| ns.kind != NamespaceKind::Uts);
+                s
+            },
+            ErrorKind::InvalidSpec,
+            "hostname is set but linux.namespaces has no \"uts\" namespace",
+        ),
+        (
+            {
+                let mut s = spec(&["true"]);
+                s.mounts[0].kind = Some("nosuchfs".into());
                 s
             },
             ErrorKind::Io,
@@ -938,9 +1105,31 @@ fn running_container(env: &[(&str, &str)]) -> (Vm, [UnixStream; 2]) {
     (vm, streams)
 }
 
-/// An exec's `process` object: the spec's, running `args`.
-fn exec_process(args: &[&str]) -> Value {
-    spec(args)["process"].clone()
+/// An exec's `process`: the spec's, running `args`.
+fn exec_process(args: &[&str]) -> Process {
+    spec(args).process
+}
+
+/// `EPERM`, what the host sends for an `SCMP_ACT_ERRNO` without `errnoRet`.
+const EPERM: u32 = 1;
+
+/// A user with its own group and nothing else.
+fn user(id: u32) -> User {
+    User {
+        uid: id,
+        gid: id,
+        ..User::default()
+    }
+}
+
+/// A user with another group, a supplementary group and a umask.
+fn other_user() -> User {
+    User {
+        uid: 1000,
+        gid: 1001,
+        umask: Some(0o077),
+        additional_gids: vec![1002],
+    }
 }
 
 const ALL_PIPES: StdioSpec = StdioSpec::Pipes {
@@ -1010,7 +1199,7 @@ fn exec_with_another_user_env_cwd_and_the_container_s_seccomp() {
     }
     let mut vm = Vm::boot(&[]);
     let _streams = [vm.attach(StreamKind::Stdout), vm.attach(StreamKind::Stderr)];
-    vm.create(deny_mkdir(&["sleep", "100"], true, None), false, false)
+    vm.create(deny_mkdir(&["sleep", "100"], true, EPERM), false, false)
         .expect("create");
     vm.request(RequestBody::StartContainer).expect("start");
     vm.wait_for_process(&["sleep", "100"]);
@@ -1020,10 +1209,10 @@ fn exec_with_another_user_env_cwd_and_the_container_s_seccomp() {
         "id -u; id -g; id -G; echo $FOO; pwd; umask; grep CapEff /proc/self/status; \
          mkdir /tmp/d 2>&1 || echo mkdir-denied",
     ]);
-    process["user"] = json!({"uid": 1000, "gid": 1001, "additionalGids": [1002], "umask": 63});
-    process["env"] = json!(["PATH=/bin", "FOO=from exec"]);
-    process["cwd"] = json!("/tmp");
-    process["capabilities"] = json!({});
+    process.user = other_user();
+    process.env = strings(&["PATH=/bin", "FOO=from exec"]);
+    process.cwd = "/tmp".into();
+    process.capabilities = Some(Capabilities::default());
     let e1 = ProcessRef::Exec("e1".into());
     let stdout = reader(vm.attach_to(&e1, StreamKind::Stdout));
     let _stderr = vm.attach_to(&e1, StreamKind::Stderr);
@@ -1179,7 +1368,7 @@ fn exec_is_refused_before_start_and_with_a_taken_id() {
 
     // A process the exec cannot become names the field; nothing ran, so the id stays free.
     let mut bad = exec_process(&["true"]);
-    bad["cwd"] = json!("/no/such/dir");
+    bad.cwd = "/no/such/dir".into();
     let err = vm.exec("e1", bad, StdioSpec::NULL).expect_err("bad cwd");
     assert!(
         err.message.contains("process.cwd \"/no/such/dir\""),
@@ -1300,8 +1489,8 @@ fn init_with_a_terminal() {
     let mut vm = Vm::boot(&[]);
     let conn = vm.attach(StreamKind::Terminal);
     let mut s = spec(&["sh", "-c", TERMINAL_SCRIPT]);
-    s["process"]["terminal"] = json!(true);
-    s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    s.process.terminal = true;
+    s.process.user = user(1000);
     vm.create_with(s, StdioSpec::Terminal { rows: 24, cols: 80 }, false)
         .expect("create");
     vm.request(RequestBody::StartContainer).expect("start");
@@ -1341,7 +1530,7 @@ fn terminal_must_match_process_terminal() {
     drop(conn);
     let _streams = [vm.attach(StreamKind::Stdout), vm.attach(StreamKind::Stderr)];
     let mut s = spec(&["true"]);
-    s["process"]["terminal"] = json!(true);
+    s.process.terminal = true;
     let err = vm.create(s, false, false).expect_err("mismatch");
     assert!(
         err.message
@@ -1360,8 +1549,8 @@ fn exec_with_a_terminal() {
     let e1 = ProcessRef::Exec("e1".into());
     let conn = vm.attach_to(&e1, StreamKind::Terminal);
     let mut process = exec_process(&["sh", "-c", TERMINAL_SCRIPT]);
-    process["terminal"] = json!(true);
-    process["user"] = json!({"uid": 1000, "gid": 1000});
+    process.terminal = true;
+    process.user = user(1000);
     vm.exec("e1", process, StdioSpec::Terminal { rows: 24, cols: 80 })
         .expect("exec");
     let tty = check_terminal(&mut vm, &e1, conn, 1000);
@@ -1370,7 +1559,7 @@ fn exec_with_a_terminal() {
     let e2 = ProcessRef::Exec("e2".into());
     let conn = vm.attach_to(&e2, StreamKind::Terminal);
     let mut process = exec_process(&["sh", "-c", "tty; ls /dev/pts"]);
-    process["terminal"] = json!(true);
+    process.terminal = true;
     vm.exec("e2", process, StdioSpec::Terminal { rows: 5, cols: 6 })
         .expect("exec");
     assert_eq!(vm.exit_of(&e2).1, ExitStatus::Code(0));
@@ -1382,7 +1571,7 @@ fn exec_with_a_terminal() {
     let e3 = ProcessRef::Exec("e3".into());
     let conn = vm.attach_to(&e3, StreamKind::Terminal);
     let mut process = exec_process(&["sh", "-c", "trap '' HUP; sleep 60 & echo bye"]);
-    process["terminal"] = json!(true);
+    process.terminal = true;
     vm.exec("e3", process, StdioSpec::Terminal { rows: 5, cols: 6 })
         .expect("exec");
     assert_eq!(vm.exit_of(&e3).1, ExitStatus::Code(0));

@@ -10,9 +10,9 @@
 use serde::{Deserialize, Serialize};
 
 /// The newest protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this crate still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 
 /// The host's first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

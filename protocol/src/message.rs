@@ -10,17 +10,16 @@
 //! Unknown fields are ignored, so a field an older peer may safely ignore can be added without a
 //! version change (docs/protocol.md, "Versioning").
 //!
-//! The OCI spec and process travel as JSON values ([`serde_json::Value`]), exactly as in
-//! `config.json`: the agent parses them with `oci-spec` (or anything else) through
-//! [`CreateContainer::parse_spec`] and [`Exec::parse_process`], and this crate, linked into the
-//! static agent, carries no OCI types of its own.
+//! The container's spec and an exec's process travel in the protocol's own types
+//! ([`crate::spec`]): the host has read and checked the whole `config.json`, and the agent gets
+//! only what it acts on, with every name it could not apply already refused.
 //!
 //! [`Wait`]: RequestBody::Wait
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::hello::{AgentHello, HelloRejected, HostHello};
+use crate::spec::{ContainerSpec, Process};
 
 /// Everything the host sends on the control connection.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,19 +160,12 @@ pub struct Rootfs {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateContainer {
     pub container_id: String,
-    /// The bundle's `config.json`, unchanged. `root.path` is meaningless in the guest:
-    /// [`CreateContainer::rootfs`] says where the root file system is.
-    pub spec: serde_json::Value,
+    /// What the agent needs of the bundle's `config.json`. Where the root file system is, is
+    /// [`CreateContainer::rootfs`].
+    pub spec: ContainerSpec,
     pub rootfs: Rootfs,
     /// The init process's streams.
     pub stdio: Stdio,
-}
-
-impl CreateContainer {
-    /// Parses [`CreateContainer::spec`] as `T` (the agent uses `oci_spec::runtime::Spec`).
-    pub fn parse_spec<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        T::deserialize(&self.spec)
-    }
 }
 
 /// Starts another process in the running container (`hull exec`).
@@ -181,16 +173,9 @@ impl CreateContainer {
 pub struct Exec {
     /// Chosen by the host, unique for the life of the container (an id is never reused).
     pub exec_id: String,
-    /// An OCI `Process` object, as in `config.json`'s `process`.
-    pub process: serde_json::Value,
+    /// The process, checked by the host as the spec's own.
+    pub process: Process,
     pub stdio: Stdio,
-}
-
-impl Exec {
-    /// Parses [`Exec::process`] as `T` (the agent uses `oci_spec::runtime::Process`).
-    pub fn parse_process<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        T::deserialize(&self.process)
-    }
 }
 
 /// What the host asks of the agent.
@@ -198,7 +183,7 @@ impl Exec {
 #[serde(rename_all = "snake_case")]
 pub enum RequestBody {
     /// Answered with [`ResponseBody::Ok`] once the container is ready to start.
-    CreateContainer(CreateContainer),
+    CreateContainer(Box<CreateContainer>),
     /// Starts the init process; answered with [`ResponseBody::Started`].
     StartContainer,
     /// Starts a process; answered with [`ResponseBody::Started`].
@@ -425,21 +410,34 @@ mod tests {
     use super::*;
     use crate::frame::{decode_body, encode_frame, FrameDecoder, FrameError};
     use crate::hello::{AgentHello, HelloRejected, HostHello};
+    use crate::spec::{Namespace, NamespaceKind};
 
-    fn spec() -> serde_json::Value {
-        json!({
-            "ociVersion": "1.0.2",
-            "process": {"terminal": false, "user": {"uid": 0, "gid": 0},
-                        "args": ["sh", "-c", "echo hi"], "cwd": "/"},
-            "root": {"path": "rootfs", "readonly": true},
-            "hostname": "box",
-            "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
-        })
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            process: Process {
+                args: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                cwd: "/".into(),
+                ..Process::default()
+            },
+            readonly_root: true,
+            hostname: Some("box".into()),
+            namespaces: vec![
+                Namespace {
+                    kind: NamespaceKind::Pid,
+                    path: None,
+                },
+                Namespace {
+                    kind: NamespaceKind::Uts,
+                    path: None,
+                },
+            ],
+            ..ContainerSpec::default()
+        }
     }
 
     fn requests() -> Vec<RequestBody> {
         vec![
-            RequestBody::CreateContainer(CreateContainer {
+            RequestBody::CreateContainer(Box::new(CreateContainer {
                 container_id: "c1".into(),
                 spec: spec(),
                 rootfs: Rootfs {
@@ -451,11 +449,16 @@ mod tests {
                     stdout: true,
                     stderr: true,
                 },
-            }),
+            })),
             RequestBody::StartContainer,
             RequestBody::Exec(Exec {
                 exec_id: "e1".into(),
-                process: json!({"args": ["ps"], "cwd": "/", "terminal": true}),
+                process: Process {
+                    terminal: true,
+                    args: vec!["ps".into()],
+                    cwd: "/".into(),
+                    ..Process::default()
+                },
                 stdio: Stdio::Terminal { rows: 24, cols: 80 },
             }),
             RequestBody::Signal {
@@ -784,39 +787,6 @@ mod tests {
             let _ = decode_body::<AgentMessage>(&body);
             let _ = request_id_of(&body);
         }
-    }
-
-    #[test]
-    fn parse_spec_and_process_into_typed_structs() {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct MiniSpec {
-            oci_version: String,
-            hostname: String,
-        }
-        #[derive(Deserialize)]
-        struct MiniProcess {
-            args: Vec<String>,
-        }
-        let RequestBody::CreateContainer(create) = requests().remove(0) else {
-            panic!("first request is create");
-        };
-        let parsed: MiniSpec = create.parse_spec().unwrap();
-        assert_eq!(
-            (parsed.oci_version.as_str(), parsed.hostname.as_str()),
-            ("1.0.2", "box")
-        );
-        let exec = Exec {
-            exec_id: "e".into(),
-            process: json!({"args": ["true"]}),
-            stdio: Stdio::NULL,
-        };
-        assert_eq!(exec.parse_process::<MiniProcess>().unwrap().args, ["true"]);
-        let bad = Exec {
-            process: json!({"args": 3}),
-            ..exec
-        };
-        assert!(bad.parse_process::<MiniProcess>().is_err());
     }
 
     #[test]

@@ -319,7 +319,10 @@ pub enum SeccompOp {
     Gt(u64),
     Ge(u64),
     /// `(arg & mask) == value`.
-    MaskedEq { mask: u64, value: u64 },
+    MaskedEq {
+        mask: u64,
+        value: u64,
+    },
 }
 
 /// `linux.devices[]`.
@@ -357,7 +360,10 @@ mod tests {
 
     #[test]
     fn capability_masks_take_known_names_and_name_the_first_unknown_one() {
-        assert_eq!(Capabilities::mask(["CAP_CHOWN", "CAP_KILL"]), Ok(1 | 1 << 5));
+        assert_eq!(
+            Capabilities::mask(["CAP_CHOWN", "CAP_KILL"]),
+            Ok(1 | 1 << 5)
+        );
         assert_eq!(Capabilities::mask([]), Ok(0));
         assert_eq!(
             Capabilities::mask(["CAP_KILL", "CAP_NOPE", "CAP_ALSO_NOPE"]),
@@ -407,7 +413,10 @@ mod tests {
                     action: SeccompAction::Allow,
                     args: vec![SeccompArg {
                         index: 0,
-                        op: SeccompOp::MaskedEq { mask: 255, value: 8 },
+                        op: SeccompOp::MaskedEq {
+                            mask: 255,
+                            value: 8,
+                        },
                     }],
                 }],
             }),

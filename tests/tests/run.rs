@@ -403,6 +403,59 @@ fn the_seccomp_profile_is_enforced_in_the_guest() {
     assert!(out.stderr.contains("Operation not permitted"), "{context}");
 }
 
+/// What the guest cannot honour is refused by the host, from the whole spec read with
+/// oci-spec, before any VM starts: in well under a boot's time, naming the file, the field and
+/// the value, and leaving nothing behind (`finish` checks).
+#[test]
+fn a_spec_hull_cannot_honour_is_refused_before_a_vm_starts() {
+    let bundle = Bundle::builder().pid_namespace(true).build();
+    let config = bundle.config();
+    let spec: serde_json::Value =
+        serde_json::from_str(&Bundle::builder().pid_namespace(true).config_json()).unwrap();
+    let cases: [(&[&str], serde_json::Value, &str); 4] = [
+        (
+            &["linux", "namespaces"],
+            serde_json::json!([{"type": "pid"}, {"type": "user"}]),
+            "field `linux.namespaces[1].type` = \"user\": user namespaces are not implemented",
+        ),
+        (
+            &["process", "capabilities"],
+            serde_json::json!({"bounding": ["CAP_NOT_A_CAP"]}),
+            "field `process.capabilities.bounding[0]` = \"CAP_NOT_A_CAP\": unknown capability",
+        ),
+        (
+            &["linux", "seccomp"],
+            serde_json::json!({"defaultAction": "SCMP_ACT_ALLOW",
+                               "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]}),
+            "field `linux.seccomp.syscalls[0].action` = \"SCMP_ACT_NOTIFY\": not implemented",
+        ),
+        (
+            &["process", "cwd"],
+            serde_json::json!("relative/dir"),
+            "field `process.cwd` = \"relative/dir\": must be an absolute path",
+        ),
+    ];
+    for (path, value, want) in cases {
+        let mut changed = spec.clone();
+        let (last, parents) = path.split_last().unwrap();
+        let mut slot = &mut changed;
+        for key in parents {
+            slot = &mut slot[*key];
+        }
+        slot[*last] = value;
+        std::fs::write(&config, changed.to_string()).unwrap();
+        let out = hull_run(bundle.path(), None);
+        let context = out.context();
+        assert_eq!(out.status.code(), Some(1), "{context}");
+        assert!(
+            out.stderr
+                .contains(&format!("{}: {want}", config.display())),
+            "wanted {want:?}\n{context}"
+        );
+        assert!(out.elapsed < Duration::from_secs(5), "{context}");
+    }
+}
+
 #[test]
 fn bad_input_is_refused_before_a_vm_starts() {
     let bundle = Bundle::builder().build();

@@ -30,6 +30,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
+use hull_protocol::spec::{ContainerSpec, NamespaceKind, Process};
 use hull_protocol::{read_frame, write_frame, ErrorKind, ErrorResponse, Stdio};
 use nix::fcntl::OFlag;
 use nix::sched::CloneFlags;
@@ -37,7 +38,6 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::{pipe2, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Process, Spec};
 use crate::sys;
 
 pub use caps::CapPlan;
@@ -56,8 +56,8 @@ pub enum RootfsSource {
 /// Everything the children need, gathered and checked before the fork.
 #[derive(Debug)]
 pub struct Config {
-    pub spec: Spec,
-    pub process: Process,
+    /// The container's spec; its `process` is the init's.
+    pub spec: ContainerSpec,
     pub caps: Option<CapPlan>,
     pub seccomp: Option<SeccompPlan>,
     pub rootfs: RootfsSource,
@@ -100,7 +100,6 @@ pub struct ExecConfig {
 /// What [`Config::validate`] takes from the spec for the container's process.
 #[derive(Debug)]
 pub struct Validated {
-    pub process: Process,
     pub caps: Option<CapPlan>,
     pub seccomp: Option<SeccompPlan>,
 }
@@ -142,7 +141,7 @@ trait Stages {
 
 impl Stages for Config {
     fn process(&self) -> &Process {
-        &self.process
+        &self.spec.process
     }
     fn caps(&self) -> Option<&CapPlan> {
         self.caps.as_ref()
@@ -184,52 +183,33 @@ impl Stages for ExecConfig {
 
 impl Config {
     /// Checks what can be checked before any process exists, so these errors are immediate
-    /// and exact.
-    pub fn validate(spec: &Spec) -> Result<Validated, ErrorResponse> {
-        let invalid = |m: String| ErrorResponse::new(ErrorKind::InvalidSpec, m);
-        let unsupported = |m: String| ErrorResponse::new(ErrorKind::Unsupported, m);
-        let process = spec
-            .process
-            .clone()
-            .ok_or_else(|| invalid("the spec has no process".into()))?;
-        let caps = validate_process(&process)?;
-        for (i, ns) in spec.linux.namespaces.iter().enumerate() {
-            match ns.kind.as_str() {
-                "pid" | "network" | "mount" | "ipc" | "uts" | "cgroup" => {}
-                "user" => {
-                    return Err(unsupported(format!(
-                        "linux.namespaces[{i}] type \"user\": user namespaces are not implemented \
-                         yet"
-                    )))
-                }
-                other => {
-                    return Err(invalid(format!(
-                        "linux.namespaces[{i}]: unknown type {other:?}"
-                    )))
-                }
-            }
-        }
-        if spec.hostname.is_some() && !spec.has_namespace("uts") {
-            return Err(invalid(
-                "hostname is set but linux.namespaces has no \"uts\" namespace".into(),
+    /// and exact. The host has checked the spec already and sends only what the guest can
+    /// honour; what the agent checks again here is what the protocol's types still allow and
+    /// what would otherwise fail later, less clearly, in a forked child.
+    pub fn validate(spec: &ContainerSpec) -> Result<Validated, ErrorResponse> {
+        let caps = validate_process(&spec.process)?;
+        // As in runc, a namespace joined by `path` counts too.
+        let uts = spec
+            .namespaces
+            .iter()
+            .any(|ns| ns.kind == NamespaceKind::Uts);
+        if spec.hostname.is_some() && !uts {
+            return Err(ErrorResponse::new(
+                ErrorKind::InvalidSpec,
+                "hostname is set but linux.namespaces has no \"uts\" namespace",
             ));
         }
         let seccomp = spec
-            .linux
             .seccomp
             .as_ref()
             .map(SeccompPlan::from_spec)
             .transpose()?;
-        Ok(Validated {
-            process,
-            caps,
-            seccomp,
-        })
+        Ok(Validated { caps, seccomp })
     }
 }
 
-/// Checks an OCI `process` object (the spec's, or an exec's) before any process exists; gives
-/// its capability plan.
+/// Checks a `process` (the spec's, or an exec's) before any process exists; gives its
+/// capability plan.
 pub fn validate_process(process: &Process) -> Result<Option<CapPlan>, ErrorResponse> {
     let invalid = |m: String| ErrorResponse::new(ErrorKind::InvalidSpec, m);
     if process.args.is_empty() {
@@ -240,10 +220,6 @@ pub fn validate_process(process: &Process) -> Result<Option<CapPlan>, ErrorRespo
             "process.cwd {:?} is not absolute",
             process.cwd
         )));
-    }
-    for (i, r) in process.rlimits.iter().enumerate() {
-        process::resource(&r.kind)
-            .ok_or_else(|| invalid(format!("process.rlimits[{i}]: unknown type {:?}", r.kind)))?;
     }
     process
         .capabilities
@@ -457,18 +433,27 @@ impl TryCloneOrExit for File {
 
 #[cfg(test)]
 mod tests {
+    use hull_protocol::spec::{Capabilities, Namespace, Seccomp, SeccompAction};
+
     use super::*;
 
-    fn process(json: serde_json::Value) -> Process {
-        serde_json::from_value(json).unwrap()
+    fn process(args: &[&str]) -> Process {
+        Process {
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            cwd: "/".into(),
+            ..Process::default()
+        }
     }
 
     #[test]
     fn stdio_must_agree_with_process_terminal() {
         let pipes = Stdio::NULL;
         let tty = Stdio::Terminal { rows: 24, cols: 80 };
-        let with = process(serde_json::json!({"terminal": true, "args": ["sh"]}));
-        let without = process(serde_json::json!({"args": ["sh"]}));
+        let with = Process {
+            terminal: true,
+            ..process(&["sh"])
+        };
+        let without = process(&["sh"]);
         assert!(check_terminal(&pipes, &without).is_ok());
         assert!(check_terminal(&tty, &with).is_ok());
         let err = check_terminal(&tty, &without).unwrap_err();
@@ -486,30 +471,95 @@ mod tests {
 
     #[test]
     fn an_exec_process_is_checked_like_the_init() {
-        let err = validate_process(&process(serde_json::json!({"args": []}))).unwrap_err();
+        // The host never sends these; the agent refuses them rather than failing in a child.
+        let err = validate_process(&process(&[])).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidSpec);
         assert_eq!(err.message, "process.args is empty");
-        let err = validate_process(&process(serde_json::json!({"args": ["sh"], "cwd": "tmp"})))
-            .unwrap_err();
+        let relative = Process {
+            cwd: "tmp".into(),
+            ..process(&["sh"])
+        };
+        let err = validate_process(&relative).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidSpec);
         assert_eq!(err.message, "process.cwd \"tmp\" is not absolute");
-        let err = validate_process(&process(serde_json::json!({
-            "args": ["sh"], "rlimits": [{"type": "RLIMIT_FLY", "hard": 1, "soft": 1}]
-        })))
-        .unwrap_err();
+        let unknown_cap = Process {
+            capabilities: Some(Capabilities {
+                effective: 1 << 60,
+                ..Capabilities::default()
+            }),
+            ..process(&["sh"])
+        };
+        let err = validate_process(&unknown_cap).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("process.capabilities.effective: unknown capability number 60"),
+            "{}",
+            err.message
+        );
+        let with_caps = Process {
+            capabilities: Some(Capabilities {
+                bounding: 1 << 5,
+                ..Capabilities::default()
+            }),
+            ..process(&["sh"])
+        };
+        let caps = validate_process(&with_caps).unwrap().unwrap();
+        assert_eq!(caps.bounding, 1 << 5);
+        assert_eq!(validate_process(&process(&["sh"])).unwrap(), None);
+        // The init's process is checked the same way.
+        let spec = ContainerSpec {
+            process: process(&[]),
+            ..ContainerSpec::default()
+        };
+        let err = Config::validate(&spec).unwrap_err();
+        assert_eq!(err.message, "process.args is empty");
+    }
+
+    #[test]
+    fn a_hostname_needs_a_uts_namespace() {
+        let uts = |path: Option<&str>| Namespace {
+            kind: NamespaceKind::Uts,
+            path: path.map(str::to_owned),
+        };
+        let spec = |namespaces| ContainerSpec {
+            process: process(&["sh"]),
+            hostname: Some("box".into()),
+            namespaces,
+            ..ContainerSpec::default()
+        };
+        let err = Config::validate(&spec(vec![])).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidSpec);
         assert_eq!(
             err.message,
-            "process.rlimits[0]: unknown type \"RLIMIT_FLY\""
+            "hostname is set but linux.namespaces has no \"uts\" namespace"
         );
-        let caps = validate_process(&process(serde_json::json!({
-            "args": ["sh"], "capabilities": {"bounding": ["CAP_KILL"]}
-        })))
-        .unwrap()
-        .unwrap();
-        assert_eq!(caps.bounding, 1 << 5);
-        // The spec without a process, or with a terminal, is the init's business.
-        let spec: Spec = serde_json::from_value(serde_json::json!({
-            "process": {"terminal": true, "args": ["sh"]}
-        }))
-        .unwrap();
-        assert!(Config::validate(&spec).unwrap().process.terminal);
+        assert!(Config::validate(&spec(vec![uts(None)])).is_ok());
+        assert!(Config::validate(&spec(vec![uts(Some("/proc/1/ns/uts"))])).is_ok());
+    }
+
+    #[test]
+    fn seccomp_is_compiled_before_the_fork() {
+        let mut spec = ContainerSpec {
+            process: process(&["sh"]),
+            seccomp: Some(Seccomp {
+                default_action: SeccompAction::Allow,
+                log: false,
+                spec_allow: false,
+                syscalls: Vec::new(),
+            }),
+            ..ContainerSpec::default()
+        };
+        assert!(Config::validate(&spec).unwrap().seccomp.is_some());
+        if let Some(seccomp) = &mut spec.seccomp {
+            seccomp.default_action = SeccompAction::Errno(5000);
+        }
+        let err = Config::validate(&spec).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::InvalidSpec);
+        assert!(
+            err.message
+                .starts_with("linux.seccomp.defaultErrnoRet 5000"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -15,6 +15,7 @@
 use std::ffi::CString;
 use std::path::Path;
 
+use hull_protocol::spec::{Process, RlimitKind};
 use hull_protocol::{ErrorKind, ErrorResponse};
 use nix::errno::Errno;
 use nix::sys::resource::{setrlimit, Resource};
@@ -24,34 +25,32 @@ use nix::unistd::{chdir, execve, setgroups, setresgid, setresuid, Gid, Uid};
 
 use super::{CapPlan, SeccompPlan};
 use crate::boot_command::DEFAULT_PATH;
-use crate::spec::Process;
 use crate::sys;
 
 fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> ErrorResponse {
     ErrorResponse::new(ErrorKind::Io, format!("{what}: {e}"))
 }
 
-/// The rlimit of an OCI `type` name.
-pub fn resource(name: &str) -> Option<Resource> {
-    Some(match name {
-        "RLIMIT_AS" => Resource::RLIMIT_AS,
-        "RLIMIT_CORE" => Resource::RLIMIT_CORE,
-        "RLIMIT_CPU" => Resource::RLIMIT_CPU,
-        "RLIMIT_DATA" => Resource::RLIMIT_DATA,
-        "RLIMIT_FSIZE" => Resource::RLIMIT_FSIZE,
-        "RLIMIT_LOCKS" => Resource::RLIMIT_LOCKS,
-        "RLIMIT_MEMLOCK" => Resource::RLIMIT_MEMLOCK,
-        "RLIMIT_MSGQUEUE" => Resource::RLIMIT_MSGQUEUE,
-        "RLIMIT_NICE" => Resource::RLIMIT_NICE,
-        "RLIMIT_NOFILE" => Resource::RLIMIT_NOFILE,
-        "RLIMIT_NPROC" => Resource::RLIMIT_NPROC,
-        "RLIMIT_RSS" => Resource::RLIMIT_RSS,
-        "RLIMIT_RTPRIO" => Resource::RLIMIT_RTPRIO,
-        "RLIMIT_RTTIME" => Resource::RLIMIT_RTTIME,
-        "RLIMIT_SIGPENDING" => Resource::RLIMIT_SIGPENDING,
-        "RLIMIT_STACK" => Resource::RLIMIT_STACK,
-        _ => return None,
-    })
+/// The rlimit of a kind.
+pub fn resource(kind: RlimitKind) -> Resource {
+    match kind {
+        RlimitKind::As => Resource::RLIMIT_AS,
+        RlimitKind::Core => Resource::RLIMIT_CORE,
+        RlimitKind::Cpu => Resource::RLIMIT_CPU,
+        RlimitKind::Data => Resource::RLIMIT_DATA,
+        RlimitKind::Fsize => Resource::RLIMIT_FSIZE,
+        RlimitKind::Locks => Resource::RLIMIT_LOCKS,
+        RlimitKind::Memlock => Resource::RLIMIT_MEMLOCK,
+        RlimitKind::Msgqueue => Resource::RLIMIT_MSGQUEUE,
+        RlimitKind::Nice => Resource::RLIMIT_NICE,
+        RlimitKind::Nofile => Resource::RLIMIT_NOFILE,
+        RlimitKind::Nproc => Resource::RLIMIT_NPROC,
+        RlimitKind::Rss => Resource::RLIMIT_RSS,
+        RlimitKind::Rtprio => Resource::RLIMIT_RTPRIO,
+        RlimitKind::Rttime => Resource::RLIMIT_RTTIME,
+        RlimitKind::Sigpending => Resource::RLIMIT_SIGPENDING,
+        RlimitKind::Stack => Resource::RLIMIT_STACK,
+    }
 }
 
 /// Becomes `process` and execs it; returns only the error that stopped it.
@@ -72,11 +71,8 @@ fn prepare(
     seccomp: Option<&SeccompPlan>,
 ) -> Result<(), ErrorResponse> {
     for (i, r) in process.rlimits.iter().enumerate() {
-        // Checked before the fork (`Config::validate`).
-        if let Some(res) = resource(&r.kind) {
-            setrlimit(res, r.soft, r.hard)
-                .map_err(|e| io(format!("process.rlimits[{i}] {}", r.kind), e))?;
-        }
+        setrlimit(resource(r.kind), r.soft, r.hard)
+            .map_err(|e| io(format!("process.rlimits[{i}] {}", r.kind.oci_name()), e))?;
     }
     if let Some(seccomp) = seccomp.filter(|_| !process.no_new_privileges) {
         seccomp.install()?;
@@ -155,7 +151,13 @@ fn exec_program(process: &Process) -> Result<std::convert::Infallible, ErrorResp
         .iter()
         .map(|e| cstring("process.env", e))
         .collect::<Result<Vec<_>, _>>()?;
-    let program = &process.args[0];
+    // Checked before the fork (`validate_process`); a child that cannot go on says so anyway.
+    let Some(program) = process.args.first() else {
+        return Err(ErrorResponse::new(
+            ErrorKind::InvalidSpec,
+            "process.args is empty",
+        ));
+    };
     let candidates: Vec<String> = if program.contains('/') {
         vec![program.clone()]
     } else {

@@ -18,10 +18,19 @@
 //! does: rules whose action is the default one are dropped, names this table does not know are
 //! skipped, and an argument index given more than once in a rule makes each argument its own
 //! rule (OR instead of AND). Every filter checks the architecture first: only x86_64 system calls
-//! pass (i386 ones kill the process), whatever `architectures` lists.
+//! pass (i386 ones kill the process), whatever the spec's `architectures` lists (the host does
+//! not send it).
+//!
+//! The host has resolved the spec's names: actions and operators come as enums (`SCMP_ACT_KILL`
+//! as `KILL_THREAD`, an `SCMP_ACT_ERRNO` without `errnoRet` as `EPERM`), flags as booleans
+//! (`SECCOMP_FILTER_FLAG_TSYNC` dropped: the init has no other threads), and what the guest
+//! cannot do (`SCMP_ACT_NOTIFY`, `SCMP_ACT_TRACE`, other flags) is refused before it gets here.
+//! The agent still refuses an errno or argument index out of range, which the types allow, with
+//! the spec's field rather than a panic or a filter that means something else.
 
 use std::collections::BTreeMap;
 
+use hull_protocol::spec;
 use hull_protocol::{ErrorKind, ErrorResponse};
 use seccompiler::{
     sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
@@ -29,17 +38,14 @@ use seccompiler::{
 };
 
 use super::syscalls;
-use crate::spec::{Seccomp, SeccompArg, SeccompSyscalls};
 use crate::sys;
 
-/// What `SCMP_ACT_ERRNO` returns without an `errnoRet`, as in runc.
-const DEFAULT_ERRNO: u32 = libc::EPERM as u32;
 /// The largest errno the C library takes for one (`-4095..-1` are errors).
 const MAX_ERRNO: u32 = 4095;
 /// x32 system call numbers have this bit set (`asm/unistd.h`).
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 /// The number of arguments a system call can have.
-const SYSCALL_ARGS: u32 = 6;
+const SYSCALL_ARGS: u8 = 6;
 
 // Classic BPF opcodes (`linux/bpf_common.h`), in the width of `sock_filter.code`.
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
@@ -75,13 +81,13 @@ fn unsupported(message: String) -> ErrorResponse {
 
 impl SeccompPlan {
     /// Checks and compiles `linux.seccomp`.
-    pub fn from_spec(spec: &Seccomp) -> Result<Self, ErrorResponse> {
+    pub fn from_spec(seccomp: &spec::Seccomp) -> Result<Self, ErrorResponse> {
         if !cfg!(target_arch = "x86_64") {
             return Err(unsupported(
                 "linux.seccomp: the agent knows only the x86_64 system call table".into(),
             ));
         }
-        let translation = translate(spec)?;
+        let translation = translate(seccomp)?;
         let compile = |filter: Result<SeccompFilter, seccompiler::BackendError>| {
             filter
                 .and_then(BpfProgram::try_from)
@@ -132,32 +138,22 @@ impl SeccompPlan {
     }
 }
 
-fn translate(spec: &Seccomp) -> Result<Translation, ErrorResponse> {
-    let default = action(
-        "linux.seccomp.defaultAction",
-        &spec.default_action,
-        spec.default_errno_ret,
-    )?;
+fn translate(seccomp: &spec::Seccomp) -> Result<Translation, ErrorResponse> {
+    let default = action("linux.seccomp.defaultErrnoRet", seccomp.default_action)?;
+    // No TSYNC: the host drops it, since the init is single-threaded and has no other threads
+    // to synchronise.
     let mut flags = 0;
-    for (i, flag) in spec.flags.iter().enumerate() {
-        flags |= match flag.as_str() {
-            // The init is single-threaded: there are no other threads to synchronise.
-            "SECCOMP_FILTER_FLAG_TSYNC" => 0,
-            "SECCOMP_FILTER_FLAG_LOG" => libc::SECCOMP_FILTER_FLAG_LOG,
-            "SECCOMP_FILTER_FLAG_SPEC_ALLOW" => libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW,
-            other => {
-                return Err(unsupported(format!(
-                    "linux.seccomp.flags[{i}] = {other}: not implemented in the guest agent"
-                )))
-            }
-        };
+    if seccomp.log {
+        flags |= libc::SECCOMP_FILTER_FLAG_LOG;
+    }
+    if seccomp.spec_allow {
+        flags |= libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW;
     }
     let mut actions: Vec<(SeccompAction, Matches)> = Vec::new();
-    for (i, rule) in spec.syscalls.iter().enumerate() {
+    for (i, rule) in seccomp.syscalls.iter().enumerate() {
         let act = action(
-            &format!("linux.seccomp.syscalls[{i}].action"),
-            &rule.action,
-            rule.errno_ret,
+            &format!("linux.seccomp.syscalls[{i}].errnoRet"),
+            rule.action,
         )?;
         let conditions = conditions(i, rule)?;
         if act == default {
@@ -184,34 +180,29 @@ fn translate(spec: &Seccomp) -> Result<Translation, ErrorResponse> {
     })
 }
 
-/// An OCI action name; `errno` is the `errnoRet` that goes with it.
-fn action(field: &str, name: &str, errno: Option<u32>) -> Result<SeccompAction, ErrorResponse> {
-    Ok(match name {
-        "SCMP_ACT_ALLOW" => SeccompAction::Allow,
-        "SCMP_ACT_ERRNO" => {
-            let errno = errno.unwrap_or(DEFAULT_ERRNO);
-            if errno > MAX_ERRNO {
-                return Err(invalid(format!(
-                    "{field} = {name} with errnoRet {errno}: errno values end at {MAX_ERRNO}"
-                )));
-            }
-            SeccompAction::Errno(errno)
-        }
-        "SCMP_ACT_KILL" | "SCMP_ACT_KILL_THREAD" => SeccompAction::KillThread,
-        "SCMP_ACT_KILL_PROCESS" => SeccompAction::KillProcess,
-        "SCMP_ACT_TRAP" => SeccompAction::Trap,
-        "SCMP_ACT_LOG" => SeccompAction::Log,
-        "SCMP_ACT_NOTIFY" | "SCMP_ACT_TRACE" => {
-            return Err(unsupported(format!(
-                "{field} = {name}: not implemented in the guest agent"
+/// seccompiler's action for the spec's. `errno_field` names where an errno out of range came
+/// from (the host checks the range; the agent does not trust it to).
+fn action(errno_field: &str, action: spec::SeccompAction) -> Result<SeccompAction, ErrorResponse> {
+    Ok(match action {
+        spec::SeccompAction::Allow => SeccompAction::Allow,
+        spec::SeccompAction::Errno(errno) if errno > MAX_ERRNO => {
+            return Err(invalid(format!(
+                "{errno_field} {errno}: errno values end at {MAX_ERRNO}"
             )))
         }
-        other => return Err(invalid(format!("{field}: unknown action {other:?}"))),
+        spec::SeccompAction::Errno(errno) => SeccompAction::Errno(errno),
+        spec::SeccompAction::KillThread => SeccompAction::KillThread,
+        spec::SeccompAction::KillProcess => SeccompAction::KillProcess,
+        spec::SeccompAction::Trap => SeccompAction::Trap,
+        spec::SeccompAction::Log => SeccompAction::Log,
     })
 }
 
 /// The conditions of `linux.seccomp.syscalls[i]`: `None` if it has no `args`.
-fn conditions(i: usize, rule: &SeccompSyscalls) -> Result<Option<Vec<SeccompRule>>, ErrorResponse> {
+fn conditions(
+    i: usize,
+    rule: &spec::SeccompRule,
+) -> Result<Option<Vec<SeccompRule>>, ErrorResponse> {
     if rule.args.is_empty() {
         return Ok(None);
     }
@@ -238,7 +229,7 @@ fn conditions(i: usize, rule: &SeccompSyscalls) -> Result<Option<Vec<SeccompRule
         .map(Some)
 }
 
-fn condition(field: &str, arg: &SeccompArg) -> Result<SeccompCondition, ErrorResponse> {
+fn condition(field: &str, arg: &spec::SeccompArg) -> Result<SeccompCondition, ErrorResponse> {
     if arg.index >= SYSCALL_ARGS {
         return Err(invalid(format!(
             "{field}.index {}: system call arguments are 0 to {}",
@@ -246,19 +237,16 @@ fn condition(field: &str, arg: &SeccompArg) -> Result<SeccompCondition, ErrorRes
             SYSCALL_ARGS - 1
         )));
     }
-    let (op, value) = match arg.op.as_str() {
-        "SCMP_CMP_EQ" => (SeccompCmpOp::Eq, arg.value),
-        "SCMP_CMP_NE" => (SeccompCmpOp::Ne, arg.value),
-        "SCMP_CMP_LT" => (SeccompCmpOp::Lt, arg.value),
-        "SCMP_CMP_LE" => (SeccompCmpOp::Le, arg.value),
-        "SCMP_CMP_GT" => (SeccompCmpOp::Gt, arg.value),
-        "SCMP_CMP_GE" => (SeccompCmpOp::Ge, arg.value),
-        // (arg & value) == valueTwo
-        "SCMP_CMP_MASKED_EQ" => (SeccompCmpOp::MaskedEq(arg.value), arg.value_two),
-        other => return Err(invalid(format!("{field}.op: unknown operator {other:?}"))),
+    let (op, value) = match arg.op {
+        spec::SeccompOp::Eq(value) => (SeccompCmpOp::Eq, value),
+        spec::SeccompOp::Ne(value) => (SeccompCmpOp::Ne, value),
+        spec::SeccompOp::Lt(value) => (SeccompCmpOp::Lt, value),
+        spec::SeccompOp::Le(value) => (SeccompCmpOp::Le, value),
+        spec::SeccompOp::Gt(value) => (SeccompCmpOp::Gt, value),
+        spec::SeccompOp::Ge(value) => (SeccompCmpOp::Ge, value),
+        spec::SeccompOp::MaskedEq { mask, value } => (SeccompCmpOp::MaskedEq(mask), value),
     };
-    let index = u8::try_from(arg.index).expect("checked against SYSCALL_ARGS");
-    SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value)
+    SeccompCondition::new(arg.index, SeccompCmpArgLen::Qword, op, value)
         .map_err(|e| invalid(format!("{field}: {e}")))
 }
 
@@ -294,7 +282,8 @@ fn x32_guard() -> BpfProgram {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use spec::SeccompAction as Act;
+    use spec::SeccompOp as Op;
 
     use super::*;
 
@@ -305,8 +294,34 @@ mod tests {
     const RET_TRAP: u32 = 0x0003_0000;
     const RET_LOG: u32 = 0x7ffc_0000;
 
-    fn seccomp(value: serde_json::Value) -> Seccomp {
-        serde_json::from_value(value).unwrap()
+    /// A profile with this default action and rules, without flags.
+    fn profile(default_action: Act, syscalls: Vec<spec::SeccompRule>) -> spec::Seccomp {
+        spec::Seccomp {
+            default_action,
+            log: false,
+            spec_allow: false,
+            syscalls,
+        }
+    }
+
+    /// A rule for `names` without conditions.
+    fn rule(names: &[&str], action: Act) -> spec::SeccompRule {
+        spec::SeccompRule {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            action,
+            args: Vec::new(),
+        }
+    }
+
+    /// A rule for `names` with conditions, each an argument index and how it is compared.
+    fn rule_if(names: &[&str], action: Act, args: &[(u8, Op)]) -> spec::SeccompRule {
+        spec::SeccompRule {
+            args: args
+                .iter()
+                .map(|&(index, op)| spec::SeccompArg { index, op })
+                .collect(),
+            ..rule(names, action)
+        }
     }
 
     fn nr(name: &str) -> i64 {
@@ -368,90 +383,79 @@ mod tests {
         verdict_arch(plan, AUDIT_ARCH_X86_64, nr(name), args)
     }
 
-    fn plan(value: serde_json::Value) -> SeccompPlan {
-        SeccompPlan::from_spec(&seccomp(value)).unwrap()
+    fn plan(seccomp: spec::Seccomp) -> SeccompPlan {
+        SeccompPlan::from_spec(&seccomp).unwrap()
     }
 
-    fn error(value: serde_json::Value) -> ErrorResponse {
-        SeccompPlan::from_spec(&seccomp(value)).unwrap_err()
+    fn error(seccomp: spec::Seccomp) -> ErrorResponse {
+        SeccompPlan::from_spec(&seccomp).unwrap_err()
     }
 
     #[test]
-    fn actions_map_to_seccompiler_and_notify_and_trace_are_refused() {
-        for (name, expected) in [
-            ("SCMP_ACT_ALLOW", SeccompAction::Allow),
-            ("SCMP_ACT_ERRNO", SeccompAction::Errno(1)),
-            ("SCMP_ACT_KILL", SeccompAction::KillThread),
-            ("SCMP_ACT_KILL_THREAD", SeccompAction::KillThread),
-            ("SCMP_ACT_KILL_PROCESS", SeccompAction::KillProcess),
-            ("SCMP_ACT_TRAP", SeccompAction::Trap),
-            ("SCMP_ACT_LOG", SeccompAction::Log),
+    fn actions_map_to_seccompiler() {
+        for (given, expected) in [
+            (Act::Allow, SeccompAction::Allow),
+            (Act::Errno(1), SeccompAction::Errno(1)),
+            (Act::Errno(MAX_ERRNO), SeccompAction::Errno(MAX_ERRNO)),
+            (Act::KillThread, SeccompAction::KillThread),
+            (Act::KillProcess, SeccompAction::KillProcess),
+            (Act::Trap, SeccompAction::Trap),
+            (Act::Log, SeccompAction::Log),
         ] {
-            assert_eq!(action("f", name, None).unwrap(), expected, "{name}");
+            assert_eq!(action("f", given).unwrap(), expected, "{given:?}");
         }
-        let rules = json!([
-            {"names": ["read"], "action": "SCMP_ACT_ALLOW"},
-            {"names": ["write"], "action": "SCMP_ACT_ALLOW"},
-            {"names": ["open"], "action": "SCMP_ACT_ALLOW"},
-            {"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}
-        ]);
-        let err = error(json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": rules}));
-        assert_eq!(err.kind, ErrorKind::Unsupported);
-        assert!(
-            err.message
-                .starts_with("linux.seccomp.syscalls[3].action = SCMP_ACT_NOTIFY"),
-            "{}",
-            err.message
-        );
-        let err = error(json!({"defaultAction": "SCMP_ACT_TRACE"}));
-        assert_eq!(err.kind, ErrorKind::Unsupported);
-        assert!(err
-            .message
-            .starts_with("linux.seccomp.defaultAction = SCMP_ACT_TRACE"));
-        let err = error(json!({"defaultAction": "SCMP_ACT_MAYBE"}));
-        assert_eq!(err.kind, ErrorKind::InvalidSpec);
-        assert_eq!(
-            err.message,
-            "linux.seccomp.defaultAction: unknown action \"SCMP_ACT_MAYBE\""
-        );
     }
 
     #[test]
-    fn errno_defaults_to_eperm_and_errno_ret_is_used() {
-        let p = plan(json!({
-            "defaultAction": "SCMP_ACT_ERRNO",
-            "syscalls": [
-                {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13},
-                {"names": ["rmdir"], "action": "SCMP_ACT_ERRNO"},
-                {"names": ["read"], "action": "SCMP_ACT_ALLOW"}
-            ]
-        }));
+    fn errno_ret_is_used_and_out_of_range_is_refused() {
+        let p = plan(profile(
+            Act::Errno(1),
+            vec![
+                rule(&["mkdir"], Act::Errno(13)),
+                rule(&["rmdir"], Act::Errno(1)),
+                rule(&["read"], Act::Allow),
+            ],
+        ));
         assert_eq!(verdict(&p, "mkdir", [0; 6]), RET_ERRNO | 13);
         // Same action as the default: dropped, and the default is EPERM too.
         assert_eq!(verdict(&p, "rmdir", [0; 6]), RET_ERRNO | 1);
         assert_eq!(verdict(&p, "write", [0; 6]), RET_ERRNO | 1);
         assert_eq!(verdict(&p, "read", [0; 6]), libc::SECCOMP_RET_ALLOW);
 
-        let p = plan(json!({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38}));
+        let p = plan(profile(Act::Errno(38), vec![]));
         assert_eq!(verdict(&p, "write", [0; 6]), RET_ERRNO | 38);
 
-        let err = error(json!({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 70000}));
+        // The host checks the range; the agent refuses what would not fit the return value.
+        let err = error(profile(Act::Errno(70000), vec![]));
         assert_eq!(err.kind, ErrorKind::InvalidSpec);
-        assert!(err.message.starts_with("linux.seccomp.defaultAction"));
+        assert_eq!(
+            err.message,
+            "linux.seccomp.defaultErrnoRet 70000: errno values end at 4095"
+        );
+        let rules = vec![
+            rule(&["read"], Act::Allow),
+            rule(&["mkdir"], Act::Errno(4096)),
+        ];
+        let err = error(profile(Act::Allow, rules));
+        assert_eq!(err.kind, ErrorKind::InvalidSpec);
+        assert_eq!(
+            err.message,
+            "linux.seccomp.syscalls[1].errnoRet 4096: errno values end at 4095"
+        );
     }
 
     #[test]
     fn every_action_wins_over_allow_and_the_default() {
-        let p = plan(json!({
-            "defaultAction": "SCMP_ACT_KILL_PROCESS",
-            "syscalls": [
-                {"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
-                {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"},
-                {"names": ["rmdir"], "action": "SCMP_ACT_KILL"},
-                {"names": ["unlink"], "action": "SCMP_ACT_TRAP"},
-                {"names": ["chdir"], "action": "SCMP_ACT_LOG"}
-            ]
-        }));
+        let p = plan(profile(
+            Act::KillProcess,
+            vec![
+                rule(&["read", "write"], Act::Allow),
+                rule(&["mkdir"], Act::Errno(1)),
+                rule(&["rmdir"], Act::KillThread),
+                rule(&["unlink"], Act::Trap),
+                rule(&["chdir"], Act::Log),
+            ],
+        ));
         assert_eq!(verdict(&p, "read", [0; 6]), libc::SECCOMP_RET_ALLOW);
         assert_eq!(verdict(&p, "write", [0; 6]), libc::SECCOMP_RET_ALLOW);
         assert_eq!(verdict(&p, "mkdir", [0; 6]), RET_ERRNO | 1);
@@ -463,10 +467,10 @@ mod tests {
 
     #[test]
     fn default_allow_with_a_denied_call() {
-        let p = plan(json!({
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
-        }));
+        let p = plan(profile(
+            Act::Allow,
+            vec![rule(&["mkdir", "mkdirat"], Act::Errno(1))],
+        ));
         // The x32 guard and one ERRNO filter; no default filter for an ALLOW default.
         assert_eq!(p.programs.len(), 2);
         assert_eq!(verdict(&p, "mkdirat", [0; 6]), RET_ERRNO | 1);
@@ -481,34 +485,36 @@ mod tests {
 
     #[test]
     fn ops_compare_64_bit_arguments() {
-        let rule = |op: &str, value: u64, value_two: u64| {
-            plan(json!({
-                "defaultAction": "SCMP_ACT_ALLOW",
-                "syscalls": [{"names": ["personality"], "action": "SCMP_ACT_ERRNO",
-                    "args": [{"index": 1, "value": value, "valueTwo": value_two, "op": op}]}]
-            }))
+        let rule = |op: Op| {
+            plan(profile(
+                Act::Allow,
+                vec![rule_if(&["personality"], Act::Errno(1), &[(1, op)])],
+            ))
         };
         let denied = |p: &SeccompPlan, arg: u64| {
             verdict(p, "personality", [0, arg, 0, 0, 0, 0]) == RET_ERRNO | 1
         };
         let big = 1u64 << 40;
-        let p = rule("SCMP_CMP_EQ", big + 5, 0);
+        let p = rule(Op::Eq(big + 5));
         assert!(denied(&p, big + 5) && !denied(&p, 5) && !denied(&p, big));
-        let p = rule("SCMP_CMP_NE", big, 0);
+        let p = rule(Op::Ne(big));
         assert!(!denied(&p, big) && denied(&p, 0) && denied(&p, big + 1));
-        let p = rule("SCMP_CMP_LT", big, 0);
+        let p = rule(Op::Lt(big));
         assert!(denied(&p, big - 1) && !denied(&p, big) && !denied(&p, big + 1));
-        let p = rule("SCMP_CMP_LE", big, 0);
+        let p = rule(Op::Le(big));
         assert!(denied(&p, big) && !denied(&p, big + 1));
-        let p = rule("SCMP_CMP_GT", big, 0);
+        let p = rule(Op::Gt(big));
         assert!(denied(&p, big + 1) && !denied(&p, big));
-        let p = rule("SCMP_CMP_GE", big, 0);
+        let p = rule(Op::Ge(big));
         assert!(denied(&p, big) && !denied(&p, big - 1));
-        // (arg & value) == valueTwo
-        let p = rule("SCMP_CMP_MASKED_EQ", 0xff | big, 0x12);
+        // (arg & mask) == value
+        let p = rule(Op::MaskedEq {
+            mask: 0xff | big,
+            value: 0x12,
+        });
         assert!(denied(&p, 0x312) && !denied(&p, 0x313) && !denied(&p, big | 0x12));
         // Another argument is not compared.
-        let p = rule("SCMP_CMP_EQ", 7, 0);
+        let p = rule(Op::Eq(7));
         assert!(!denied(&p, 0));
         assert_ne!(
             verdict(&p, "personality", [0, 0, 7, 0, 0, 0]),
@@ -518,25 +524,19 @@ mod tests {
 
     #[test]
     fn args_are_anded_unless_an_index_repeats() {
-        let spec = |args| {
-            plan(json!({
-                "defaultAction": "SCMP_ACT_ALLOW",
-                "syscalls": [{"names": ["kill"], "action": "SCMP_ACT_ERRNO", "args": args}]
-            }))
+        let spec = |args: &[(u8, Op)]| {
+            plan(profile(
+                Act::Allow,
+                vec![rule_if(&["kill"], Act::Errno(1), args)],
+            ))
         };
-        let both = spec(json!([
-            {"index": 0, "value": 1, "op": "SCMP_CMP_EQ"},
-            {"index": 1, "value": 9, "op": "SCMP_CMP_EQ"}
-        ]));
+        let both = spec(&[(0, Op::Eq(1)), (1, Op::Eq(9))]);
         assert_eq!(verdict(&both, "kill", [1, 9, 0, 0, 0, 0]), RET_ERRNO | 1);
         assert_eq!(
             verdict(&both, "kill", [1, 15, 0, 0, 0, 0]),
             libc::SECCOMP_RET_ALLOW
         );
-        let either = spec(json!([
-            {"index": 1, "value": 9, "op": "SCMP_CMP_EQ"},
-            {"index": 1, "value": 15, "op": "SCMP_CMP_EQ"}
-        ]));
+        let either = spec(&[(1, Op::Eq(9)), (1, Op::Eq(15))]);
         assert_eq!(verdict(&either, "kill", [1, 9, 0, 0, 0, 0]), RET_ERRNO | 1);
         assert_eq!(verdict(&either, "kill", [1, 15, 0, 0, 0, 0]), RET_ERRNO | 1);
         assert_eq!(
@@ -547,13 +547,10 @@ mod tests {
 
     #[test]
     fn a_conditional_allow_with_a_deny_default() {
-        let p = plan(json!({
-            "defaultAction": "SCMP_ACT_ERRNO",
-            "syscalls": [
-                {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
-                 "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]}
-            ]
-        }));
+        let p = plan(profile(
+            Act::Errno(1),
+            vec![rule_if(&["personality"], Act::Allow, &[(0, Op::Eq(8))])],
+        ));
         assert_eq!(
             verdict(&p, "personality", [8, 0, 0, 0, 0, 0]),
             libc::SECCOMP_RET_ALLOW
@@ -565,36 +562,39 @@ mod tests {
     }
 
     #[test]
-    fn bad_args_are_refused() {
-        let err = |arg| {
-            error(json!({
-                "defaultAction": "SCMP_ACT_ALLOW",
-                "syscalls": [{"names": ["kill"], "action": "SCMP_ACT_ERRNO", "args": [arg]}]
-            }))
-        };
-        let e = err(json!({"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}));
-        assert_eq!(e.kind, ErrorKind::InvalidSpec);
-        assert!(e
-            .message
-            .starts_with("linux.seccomp.syscalls[0].args[0].index 6"));
-        let e = err(json!({"index": 0, "value": 1, "op": "SCMP_CMP_ABOUT"}));
-        assert_eq!(
-            e.message,
-            "linux.seccomp.syscalls[0].args[0].op: unknown operator \"SCMP_CMP_ABOUT\""
-        );
+    fn an_argument_index_out_of_range_is_refused() {
+        for index in [6, u8::MAX] {
+            let e = error(profile(
+                Act::Allow,
+                vec![
+                    rule(&["read"], Act::Errno(1)),
+                    rule_if(
+                        &["kill"],
+                        Act::Errno(1),
+                        &[(0, Op::Eq(1)), (index, Op::Eq(1))],
+                    ),
+                ],
+            ));
+            assert_eq!(e.kind, ErrorKind::InvalidSpec);
+            assert_eq!(
+                e.message,
+                format!(
+                    "linux.seccomp.syscalls[1].args[1].index {index}: system call arguments are \
+                     0 to 5"
+                )
+            );
+        }
     }
 
     #[test]
     fn unknown_names_are_skipped_and_other_architectures_ignored() {
-        let p = plan(json!({
-            "defaultAction": "SCMP_ACT_ALLOW",
-            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32",
-                              "SCMP_ARCH_AARCH64"],
-            "syscalls": [
-                {"names": ["no_such_call", "socketcall", "mkdir"], "action": "SCMP_ACT_ERRNO"},
-                {"names": ["only_elsewhere"], "action": "SCMP_ACT_KILL"}
-            ]
-        }));
+        let p = plan(profile(
+            Act::Allow,
+            vec![
+                rule(&["no_such_call", "socketcall", "mkdir"], Act::Errno(1)),
+                rule(&["only_elsewhere"], Act::KillThread),
+            ],
+        ));
         // A rule with nothing this table knows adds no filter.
         assert_eq!(p.programs.len(), 2);
         assert_eq!(verdict(&p, "mkdir", [0; 6]), RET_ERRNO | 1);
@@ -611,15 +611,21 @@ mod tests {
 
     #[test]
     fn flags() {
-        let p = plan(json!({"defaultAction": "SCMP_ACT_ALLOW",
-            "flags": ["SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG"]}));
-        assert_eq!(p.flags, libc::SECCOMP_FILTER_FLAG_LOG);
-        let e = error(json!({"defaultAction": "SCMP_ACT_ALLOW",
-            "flags": ["SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV"]}));
-        assert_eq!(e.kind, ErrorKind::Unsupported);
-        assert!(e
-            .message
-            .starts_with("linux.seccomp.flags[0] = SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV"));
+        let with = |log, spec_allow| {
+            plan(spec::Seccomp {
+                log,
+                spec_allow,
+                ..profile(Act::Allow, vec![])
+            })
+            .flags
+        };
+        assert_eq!(with(false, false), 0);
+        assert_eq!(with(true, false), libc::SECCOMP_FILTER_FLAG_LOG);
+        assert_eq!(with(false, true), libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW);
+        assert_eq!(
+            with(true, true),
+            libc::SECCOMP_FILTER_FLAG_LOG | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW
+        );
     }
 
     #[test]
@@ -629,10 +635,7 @@ mod tests {
             .map(|(n, _)| *n)
             .filter(|n| *n != "mkdir")
             .collect();
-        let p = plan(json!({
-            "defaultAction": "SCMP_ACT_ERRNO",
-            "syscalls": [{"names": names, "action": "SCMP_ACT_ALLOW"}]
-        }));
+        let p = plan(profile(Act::Errno(1), vec![rule(&names, Act::Allow)]));
         assert_eq!(verdict(&p, "mkdir", [0; 6]), RET_ERRNO | 1);
         assert_eq!(verdict(&p, "mseal", [0; 6]), libc::SECCOMP_RET_ALLOW);
         assert_eq!(verdict(&p, "read", [0; 6]), libc::SECCOMP_RET_ALLOW);

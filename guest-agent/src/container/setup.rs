@@ -16,6 +16,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
+use hull_protocol::spec::{ContainerSpec, DeviceKind, Mount, NamespaceKind, Propagation};
 use hull_protocol::{ErrorKind, ErrorResponse};
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
@@ -27,7 +28,6 @@ use nix::unistd::{
 };
 
 use super::{Config, RootfsSource};
-use crate::spec::{Mount, Spec};
 
 fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> ErrorResponse {
     ErrorResponse::new(ErrorKind::Io, format!("{what}: {e}"))
@@ -49,17 +49,17 @@ pub fn take_stdio(stdio: &[OwnedFd; 3]) -> Result<(), ErrorResponse> {
 /// mounts must never reach the agent's. A namespace with a `path` is the host's business
 /// (`hull-vmm` joins a network namespace path on the host); in the guest the container shares
 /// the agent's namespace of that type.
-pub fn unshare_namespaces(spec: &Spec) -> Result<(), ErrorResponse> {
+pub fn unshare_namespaces(spec: &ContainerSpec) -> Result<(), ErrorResponse> {
     let mut flags = CloneFlags::CLONE_NEWNS;
     let mut pid = false;
-    for ns in spec.linux.namespaces.iter().filter(|ns| ns.path.is_none()) {
-        match ns.kind.as_str() {
-            "uts" => flags |= CloneFlags::CLONE_NEWUTS,
-            "ipc" => flags |= CloneFlags::CLONE_NEWIPC,
-            "network" => flags |= CloneFlags::CLONE_NEWNET,
-            "cgroup" => flags |= CloneFlags::CLONE_NEWCGROUP,
-            "pid" => pid = true,
-            _ => {}
+    for ns in spec.namespaces.iter().filter(|ns| ns.path.is_none()) {
+        match ns.kind {
+            NamespaceKind::Uts => flags |= CloneFlags::CLONE_NEWUTS,
+            NamespaceKind::Ipc => flags |= CloneFlags::CLONE_NEWIPC,
+            NamespaceKind::Network => flags |= CloneFlags::CLONE_NEWNET,
+            NamespaceKind::Cgroup => flags |= CloneFlags::CLONE_NEWCGROUP,
+            NamespaceKind::Pid => pid = true,
+            NamespaceKind::Mount => {}
         }
     }
     unshare(flags).map_err(|e| io(format!("unshare({flags:?}) for linux.namespaces"), e))?;
@@ -76,22 +76,17 @@ pub fn unshare_namespaces(spec: &Spec) -> Result<(), ErrorResponse> {
 /// [`unshare_namespaces`]). In joining order: the PID namespace, which takes effect for the
 /// next child only, before the mount namespace, which is last so that nothing after it is
 /// looked up in the container's file system.
-pub fn exec_namespaces(spec: &Spec) -> Vec<(&'static str, CloneFlags)> {
-    const ORDER: [(&str, &str, CloneFlags); 5] = [
-        ("ipc", "ipc", CloneFlags::CLONE_NEWIPC),
-        ("uts", "uts", CloneFlags::CLONE_NEWUTS),
-        ("network", "net", CloneFlags::CLONE_NEWNET),
-        ("cgroup", "cgroup", CloneFlags::CLONE_NEWCGROUP),
-        ("pid", "pid", CloneFlags::CLONE_NEWPID),
+pub fn exec_namespaces(spec: &ContainerSpec) -> Vec<(&'static str, CloneFlags)> {
+    const ORDER: [(NamespaceKind, &str, CloneFlags); 5] = [
+        (NamespaceKind::Ipc, "ipc", CloneFlags::CLONE_NEWIPC),
+        (NamespaceKind::Uts, "uts", CloneFlags::CLONE_NEWUTS),
+        (NamespaceKind::Network, "net", CloneFlags::CLONE_NEWNET),
+        (NamespaceKind::Cgroup, "cgroup", CloneFlags::CLONE_NEWCGROUP),
+        (NamespaceKind::Pid, "pid", CloneFlags::CLONE_NEWPID),
     ];
     let mut join: Vec<_> = ORDER
         .iter()
-        .filter(|(kind, ..)| {
-            spec.linux
-                .namespaces
-                .iter()
-                .any(|ns| ns.kind == *kind && ns.path.is_none())
-        })
+        .filter(|(kind, ..)| spec.unshares(*kind))
         .map(|(_, name, flag)| (*name, *flag))
         .collect();
     join.push(("mnt", CloneFlags::CLONE_NEWNS));
@@ -140,16 +135,11 @@ pub fn enter_init_root(root: &OwnedFd) -> Result<(), ErrorResponse> {
 pub fn prepare(config: &Config) -> Result<(), ErrorResponse> {
     let spec = &config.spec;
     umask(Mode::empty());
-    let propagation = match spec.linux.rootfs_propagation.as_deref() {
-        None | Some("private" | "rprivate") => MsFlags::MS_PRIVATE,
-        Some("slave" | "rslave") => MsFlags::MS_SLAVE,
-        Some("shared" | "rshared") => MsFlags::MS_SHARED,
-        Some("unbindable" | "runbindable") => MsFlags::MS_UNBINDABLE,
-        Some(other) => {
-            return Err(invalid(format!(
-                "linux.rootfsPropagation: unknown value {other:?}"
-            )))
-        }
+    let propagation = match spec.rootfs_propagation {
+        Propagation::Private => MsFlags::MS_PRIVATE,
+        Propagation::Slave => MsFlags::MS_SLAVE,
+        Propagation::Shared => MsFlags::MS_SHARED,
+        Propagation::Unbindable => MsFlags::MS_UNBINDABLE,
     };
     mount(
         None::<&str>,
@@ -189,7 +179,7 @@ pub fn prepare(config: &Config) -> Result<(), ErrorResponse> {
     let mut dev_tmpfs = false;
     for (i, m) in spec.mounts.iter().enumerate() {
         mount_one(config, root, i, m)?;
-        dev_tmpfs |= m.destination.trim_end_matches('/') == "/dev" && !is_bind(m);
+        dev_tmpfs |= m.destination.trim_end_matches('/') == "/dev" && !m.is_bind();
     }
     if dev_tmpfs {
         default_devices(root)?;
@@ -198,15 +188,15 @@ pub fn prepare(config: &Config) -> Result<(), ErrorResponse> {
 
     enter_root(root, config.no_pivot)?;
 
-    for (key, value) in &spec.linux.sysctl {
+    for (key, value) in &spec.sysctl {
         let path = Path::new("/proc/sys").join(key.replace('.', "/"));
         std::fs::write(&path, value)
             .map_err(|e| io(format!("linux.sysctl {key:?} = {value:?}"), e))?;
     }
-    for (i, path) in spec.linux.masked_paths.iter().enumerate() {
+    for (i, path) in spec.masked_paths.iter().enumerate() {
         mask_path(path).map_err(|e| io(format!("linux.maskedPaths[{i}] {path:?}"), e))?;
     }
-    for (i, path) in spec.linux.readonly_paths.iter().enumerate() {
+    for (i, path) in spec.readonly_paths.iter().enumerate() {
         readonly_path(path).map_err(|e| io(format!("linux.readonlyPaths[{i}] {path:?}"), e))?;
     }
     if let Some(hostname) = &spec.hostname {
@@ -223,10 +213,6 @@ pub fn prepare(config: &Config) -> Result<(), ErrorResponse> {
         .map_err(|e| io("remounting the rootfs read-only (root.readonly)", e))?;
     }
     Ok(())
-}
-
-fn is_bind(m: &Mount) -> bool {
-    m.kind.as_deref() == Some("bind") || m.options.iter().any(|o| o == "bind" || o == "rbind")
 }
 
 /// Mount flags, propagation flags and file system data of a mount's `options`.
@@ -294,7 +280,7 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
     }
     let target = root.join(dest.trim_start_matches('/'));
     let (flags, propagation, data) = parse_options(&m.options);
-    if is_bind(m) {
+    if m.is_bind() {
         let Some(source) = m.source.as_deref() else {
             return Err(invalid(format!("{name}: a bind mount needs a source")));
         };
@@ -407,13 +393,12 @@ fn default_devices(root: &Path) -> Result<(), ErrorResponse> {
 
 /// `linux.devices`: extra device nodes.
 fn spec_devices(config: &Config, root: &Path) -> Result<(), ErrorResponse> {
-    for (i, d) in config.spec.linux.devices.iter().enumerate() {
+    for (i, d) in config.spec.devices.iter().enumerate() {
         let name = format!("linux.devices[{i}] ({})", d.path);
-        let kind = match d.kind.as_str() {
-            "c" | "u" => SFlag::S_IFCHR,
-            "b" => SFlag::S_IFBLK,
-            "p" => SFlag::S_IFIFO,
-            other => return Err(invalid(format!("{name}: unknown type {other:?}"))),
+        let kind = match d.kind {
+            DeviceKind::Char => SFlag::S_IFCHR,
+            DeviceKind::Block => SFlag::S_IFBLK,
+            DeviceKind::Fifo => SFlag::S_IFIFO,
         };
         let path: PathBuf = root.join(d.path.trim_start_matches('/'));
         if let Some(parent) = path.parent() {
@@ -505,6 +490,8 @@ fn readonly_path(path: &str) -> nix::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use hull_protocol::spec::Namespace;
+
     use super::*;
 
     fn opts(list: &[&str]) -> Vec<String> {
@@ -513,17 +500,24 @@ mod tests {
 
     #[test]
     fn exec_joins_the_unshared_namespaces_and_always_the_mount_namespace() {
-        let spec: Spec = serde_json::from_value(serde_json::json!({
-            "linux": {"namespaces": [
-                {"type": "mount"}, {"type": "pid"}, {"type": "uts"},
-                {"type": "network", "path": "/var/run/netns/host-side"}, {"type": "cgroup"}
-            ]}
-        }))
-        .unwrap();
+        let ns = |kind, path: Option<&str>| Namespace {
+            kind,
+            path: path.map(str::to_owned),
+        };
+        let spec = ContainerSpec {
+            namespaces: vec![
+                ns(NamespaceKind::Mount, None),
+                ns(NamespaceKind::Pid, None),
+                ns(NamespaceKind::Uts, None),
+                ns(NamespaceKind::Network, Some("/var/run/netns/host-side")),
+                ns(NamespaceKind::Cgroup, None),
+            ],
+            ..ContainerSpec::default()
+        };
         let names: Vec<_> = exec_namespaces(&spec).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["uts", "cgroup", "pid", "mnt"]);
         assert_eq!(
-            exec_namespaces(&Spec::default()),
+            exec_namespaces(&ContainerSpec::default()),
             [("mnt", CloneFlags::CLONE_NEWNS)]
         );
     }

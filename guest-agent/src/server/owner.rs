@@ -13,6 +13,7 @@ use std::os::fd::OwnedFd;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Duration;
 
+use hull_protocol::spec::Process;
 use hull_protocol::stdio::StreamReply;
 use hull_protocol::{
     decode_body, request_id_of, AgentMessage, CreateContainer, ErrorKind, ErrorResponse, Event,
@@ -28,7 +29,6 @@ use super::system::{ExecPlan, System, Waiting};
 use super::{ConnectionId, Event as ServerEvent, Paths};
 use crate::container::{self, Config, RootfsSource, SeccompPlan, StdioSetup, Validated};
 use crate::reaper::{Ending, Reaped};
-use crate::spec::{Process, Spec};
 use crate::{console, relay};
 
 /// How long `shutdown` waits for its answer to be written before powering off anyway.
@@ -279,7 +279,7 @@ impl<S: System> Owner<S> {
     fn request(&mut self, request: Request) {
         let id = request.id;
         let reply = match request.body {
-            RequestBody::CreateContainer(create) => self.create(create),
+            RequestBody::CreateContainer(create) => self.create(*create),
             RequestBody::StartContainer => self.start_container(id),
             RequestBody::Signal {
                 process,
@@ -336,38 +336,33 @@ impl<S: System> Owner<S> {
                 format!("container {existing:?} is already created"),
             );
         }
-        let spec: Spec = match create.parse_spec() {
-            Ok(spec) => spec,
-            Err(e) => return err(ErrorKind::InvalidSpec, format!("spec: {e}")),
-        };
-        let Validated {
-            process,
-            caps,
-            seccomp,
-        } = match Config::validate(&spec) {
+        let CreateContainer {
+            container_id,
+            spec,
+            rootfs,
+            stdio,
+        } = create;
+        let Validated { caps, seccomp } = match Config::validate(&spec) {
             Ok(v) => v,
             Err(e) => return Reply::Now(Err(e)),
         };
         let (stdio, terminal_conn) =
-            match self.claim_stdio(&ProcessRef::Init, &create.stdio, &process) {
+            match self.claim_stdio(&ProcessRef::Init, &stdio, &spec.process) {
                 Ok(v) => v,
                 Err(e) => return Reply::Now(Err(e)),
             };
         let paths = &self.paths;
+        let readonly = rootfs.readonly || spec.readonly_root;
         let rootfs = match &paths.rootfs_override {
             Some(dir) => RootfsSource::Bind(dir.clone()),
-            None => RootfsSource::Virtiofs {
-                tag: create.rootfs.fs_tag.clone(),
-            },
+            None => RootfsSource::Virtiofs { tag: rootfs.fs_tag },
         };
-        let readonly = create.rootfs.readonly || spec.root.as_ref().is_some_and(|r| r.readonly);
         let info = ContainerInfo {
             namespaces: container::exec_namespaces(&spec),
             seccomp: seccomp.clone(),
         };
         let config = Config {
             spec,
-            process,
             caps,
             seccomp,
             rootfs,
@@ -385,7 +380,7 @@ impl<S: System> Owner<S> {
             Ok(terminal) => terminal,
             Err(e) => return Reply::Now(Err(e)),
         };
-        self.container_id = Some(create.container_id);
+        self.container_id = Some(container_id);
         self.container = Some(info);
         self.processes.push(Tracked {
             process: ProcessRef::Init,
@@ -403,14 +398,14 @@ impl<S: System> Owner<S> {
     /// failure its streams are closed and the exec id stays free (nothing ran).
     fn exec(&mut self, id: u64, exec: Exec) -> Reply {
         let process_ref = ProcessRef::Exec(exec.exec_id.clone());
-        let reply = self.try_exec(id, &process_ref, &exec);
+        let reply = self.try_exec(id, &process_ref, exec);
         if let Reply::Now(Err(_)) = &reply {
             self.drop_streams(&process_ref);
         }
         reply
     }
 
-    fn try_exec(&mut self, id: u64, process_ref: &ProcessRef, exec: &Exec) -> Reply {
+    fn try_exec(&mut self, id: u64, process_ref: &ProcessRef, exec: Exec) -> Reply {
         let init = match self.running_init() {
             Ok(init) => init,
             Err(e) => return Reply::Now(Err(e)),
@@ -425,15 +420,12 @@ impl<S: System> Owner<S> {
             return err(ErrorKind::Internal, "a running init without its container");
         };
         let (namespaces, seccomp) = (info.namespaces.clone(), info.seccomp.clone());
-        let process: Process = match exec.parse_process() {
-            Ok(process) => process,
-            Err(e) => return err(ErrorKind::InvalidSpec, format!("process: {e}")),
-        };
+        let Exec { process, stdio, .. } = exec;
         let caps = match container::validate_process(&process) {
             Ok(caps) => caps,
             Err(e) => return Reply::Now(Err(e)),
         };
-        let (stdio, terminal_conn) = match self.claim_stdio(process_ref, &exec.stdio, &process) {
+        let (stdio, terminal_conn) = match self.claim_stdio(process_ref, &stdio, &process) {
             Ok(v) => v,
             Err(e) => return Reply::Now(Err(e)),
         };
@@ -737,9 +729,9 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::mpsc;
 
+    use hull_protocol::spec::{ContainerSpec, Namespace, NamespaceKind};
     use hull_protocol::stdio::StreamHello;
     use hull_protocol::{encode_frame, read_frame, Rootfs};
-    use serde_json::json;
 
     use super::*;
     use crate::server::outbox::MAX_QUEUED_BYTES;
@@ -923,26 +915,35 @@ mod tests {
         answer.try_recv().expect("attach is answered at once")
     }
 
+    fn process(args: &[&str]) -> Process {
+        Process {
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            cwd: "/".into(),
+            ..Process::default()
+        }
+    }
+
     fn create_body(stdio: Stdio) -> RequestBody {
-        RequestBody::CreateContainer(CreateContainer {
+        let ns = |kind| Namespace { kind, path: None };
+        RequestBody::CreateContainer(Box::new(CreateContainer {
             container_id: "box".into(),
-            spec: json!({
-                "ociVersion": "1.0.2",
-                "process": {"args": ["sh"], "cwd": "/"},
-                "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
-            }),
+            spec: ContainerSpec {
+                process: process(&["sh"]),
+                namespaces: vec![ns(NamespaceKind::Pid), ns(NamespaceKind::Mount)],
+                ..ContainerSpec::default()
+            },
             rootfs: Rootfs {
                 fs_tag: "rootfs".into(),
                 readonly: false,
             },
             stdio,
-        })
+        }))
     }
 
     fn exec_body(exec_id: &str) -> RequestBody {
         RequestBody::Exec(Exec {
             exec_id: exec_id.into(),
-            process: json!({"args": ["true"], "cwd": "/"}),
+            process: process(&["true"]),
             stdio: Stdio::NULL,
         })
     }
@@ -1009,6 +1010,44 @@ mod tests {
             Ok(ResponseBody::Processes(Vec::new()))
         );
         assert!(o.system.kills.is_empty());
+    }
+
+    #[test]
+    fn a_spec_outside_the_protocol_s_types_is_an_invalid_request() {
+        let mut owner = owner();
+        let mut host = Host::connect(&mut owner, 1);
+        let o = &mut owner;
+        let valid = HostMessage::Request(Request {
+            id: 1,
+            body: create_body(Stdio::NULL),
+        });
+        let create = |spec: serde_json::Value| {
+            let mut message = serde_json::to_value(&valid).unwrap();
+            message["request"]["body"]["create_container"]["spec"] = spec;
+            serde_json::to_vec(&message).unwrap()
+        };
+        // What the host refuses cannot even be decoded: a user namespace, a capability name,
+        // a seccomp argument index that is no u8; and the OCI layout itself.
+        for spec in [
+            serde_json::json!({"process": {"args": ["sh"], "cwd": "/"},
+                "namespaces": [{"kind": "user"}]}),
+            serde_json::json!({"process": {"args": ["sh"], "cwd": "/",
+                "capabilities": {"bounding": ["CAP_KILL"]}}}),
+            serde_json::json!({"process": {"args": ["sh"], "cwd": "/"},
+                "seccomp": {"defaultAction": "allow", "syscalls": [{"names": ["kill"],
+                    "action": "allow", "args": [{"index": 256, "op": {"eq": 1}}]}]}}),
+            serde_json::json!({"ociVersion": "1.0.2", "process": {"args": ["sh"]},
+                "linux": {"namespaces": [{"type": "pid"}]}}),
+        ] {
+            host.frame(o, create(spec));
+            let err = host.response(1).expect_err("an error response");
+            assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err:?}");
+        }
+        assert!(o.container_id.is_none());
+        assert_eq!(
+            host.request(o, 2, create_body(Stdio::NULL)),
+            Ok(ResponseBody::Ok)
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::fmt::Debug;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
+use hull_protocol::spec::Process;
 use hull_protocol::{ErrorResponse, ProcessInfo};
 use nix::errno::Errno;
 use nix::sched::CloneFlags;
@@ -15,7 +16,6 @@ use nix::unistd::Pid;
 use super::Paths;
 use crate::container::{self, CapPlan, Config, Created, ExecConfig, SeccompPlan, StdioSetup};
 use crate::power;
-use crate::spec::Process;
 
 /// A process of the container, set up and waiting for its start.
 pub trait Waiting: Debug + Send {

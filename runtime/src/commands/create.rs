@@ -238,7 +238,7 @@ fn write_vm_files(
     let container_config = ContainerConfig {
         create: CreateContainer {
             container_id: opts.id.clone(),
-            spec: spec.spec.clone(),
+            spec: spec.container.clone(),
             rootfs: Rootfs {
                 fs_tag: ROOTFS_TAG.to_owned(),
                 readonly: spec.readonly,

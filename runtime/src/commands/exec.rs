@@ -19,6 +19,7 @@ use anyhow::{bail, Context};
 use hull_contract::console;
 use hull_contract::relay::relay;
 use hull_contract::CreateReport;
+use hull_protocol::spec::Process;
 use hull_protocol::{
     attach_stream, hybrid, Exec, ProcessRef, RequestBody, ResponseBody, Stdio, StreamKind,
     STDIO_PORT,
@@ -28,6 +29,8 @@ use serde_json::Value;
 use super::create::read_report;
 use crate::container::{write_atomic, Container, Status};
 use crate::forward::{Forwarder, Target};
+use crate::spec::oci::{self, Origin};
+use crate::spec::SpecError;
 
 /// For a stream connection and the exec request to be answered.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(120);
@@ -135,6 +138,9 @@ pub fn build_process(opts: &ExecArgs, container: &Container) -> anyhow::Result<V
         process["env"] = Value::Array(env);
     }
     if let Some(cwd) = &opts.cwd {
+        if !cwd.starts_with('/') {
+            bail!("--cwd {cwd}: must be an absolute path");
+        }
         process["cwd"] = Value::String(cwd.clone());
     }
     if let Some(user) = &opts.user {
@@ -165,6 +171,24 @@ pub fn build_process(opts: &ExecArgs, container: &Container) -> anyhow::Result<V
     Ok(process)
 }
 
+/// Reads and checks the process as the spec's own is checked, naming `--process FILE`, or
+/// `config.json`'s `process` when it comes from there (with the command line's changes).
+fn check_process(
+    opts: &ExecArgs,
+    container: &Container,
+    process: &Value,
+) -> Result<Process, SpecError> {
+    let config = container.saved.bundle.join("config.json");
+    let origin = match &opts.process_file {
+        Some(file) => Origin { file, prefix: "" },
+        None => Origin {
+            file: &config,
+            prefix: "process",
+        },
+    };
+    oci::process(origin, &oci::read_process(origin, process)?)
+}
+
 /// `hull exec`: returns the status to exit with.
 pub fn exec(opts: &ExecArgs, root: &Path) -> anyhow::Result<i32> {
     if opts.preserve_fds > 0 {
@@ -182,10 +206,8 @@ pub fn exec(opts: &ExecArgs, root: &Path) -> anyhow::Result<i32> {
         );
     }
     let process = build_process(opts, &container)?;
-    let terminal = process
-        .get("terminal")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let checked = check_process(opts, &container, &process)?;
+    let terminal = checked.terminal;
     if terminal && opts.detach && opts.console_socket.is_none() {
         bail!("exec --detach with a terminal needs --console-socket");
     }
@@ -197,7 +219,7 @@ pub fn exec(opts: &ExecArgs, root: &Path) -> anyhow::Result<i32> {
         // SAFETY: the descriptor was handed to this process by its parent (`detach`) for this
         // use alone; nothing else in the process owns it.
         .map(|fd| unsafe { File::from_raw_fd(fd) });
-    let result = run_foreground(opts, &container, process, terminal, &mut sync);
+    let result = run_foreground(opts, &container, checked, &mut sync);
     if let (Err(err), Some(sync)) = (&result, &mut sync) {
         report(sync, CreateReport::Failed(format!("{err:#}")));
     }
@@ -213,10 +235,10 @@ fn report(sync: &mut File, report: CreateReport) {
 fn run_foreground(
     opts: &ExecArgs,
     container: &Container,
-    process: Value,
-    terminal: bool,
+    process: Process,
     sync: &mut Option<File>,
 ) -> anyhow::Result<i32> {
+    let terminal = process.terminal;
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());

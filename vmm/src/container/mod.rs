@@ -266,7 +266,7 @@ impl Supervisor {
 
         let id = self.send(
             &mut control,
-            RequestBody::CreateContainer(self.config.create.clone()),
+            RequestBody::CreateContainer(Box::new(self.config.create.clone())),
             Route::Own("create_container"),
         )?;
         self.await_own(rx, id, "create container")?;

@@ -1,13 +1,16 @@
-//! The bundle's `config.json`, read on the host: only what the host needs (the rootfs, whether
-//! it is read-only, the resources that size the VM, the stdio mode), checked with errors that
-//! name the file, the field and the value. Everything else is the agent's business: the spec
-//! goes to it unchanged as JSON (docs/protocol.md), and it refuses what it cannot honour.
+//! The bundle's `config.json`, read and checked on the host, whole, before any VM starts: what
+//! the host itself needs (the rootfs, whether it is read-only, the resources that size the VM,
+//! the stdio mode) here, and the rest with `oci-spec` in [`oci`], which also gives the agent its
+//! part in the protocol's types. Errors name the file, the field and the value.
 
 use std::path::{Path, PathBuf};
 
 use hull_contract::vm::{SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB};
+use hull_protocol::spec::ContainerSpec;
 use hull_protocol::Stdio;
 use serde_json::Value;
+
+pub mod oci;
 
 /// Guest memory when the spec sets no memory limit.
 pub const DEFAULT_MEM_SIZE_MIB: u32 = 256;
@@ -53,8 +56,11 @@ pub enum SpecError {
 pub struct BundleSpec {
     /// `<bundle>/config.json`.
     pub config_path: PathBuf,
-    /// The whole spec, passed to the agent unchanged.
+    /// The whole spec as JSON, for what only the host reads (hooks, annotations, mounts'
+    /// targets).
     pub spec: Value,
+    /// What the agent needs to create the container, checked.
+    pub container: ContainerSpec,
     /// `<bundle>/<root.path>`, canonical.
     pub rootfs: PathBuf,
     /// `root.readonly`.
@@ -182,9 +188,12 @@ impl BundleSpec {
             },
         };
 
+        let container = oci::container_spec(&config_path, &oci::read_spec(&config_path, &spec)?)?;
+
         Ok(Self {
             config_path,
             spec,
+            container,
             rootfs,
             readonly,
             vcpus,

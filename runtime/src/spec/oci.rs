@@ -1,0 +1,776 @@
+//! The whole spec, read with `oci-spec` and turned into what the agent acts on.
+//!
+//! [`read`] deserializes a JSON value into an `oci-spec` type, with errors that name the file,
+//! the field (the path inside the JSON, e.g. `process.capabilities.bounding[2]`) and the value.
+//! [`container_spec`] and [`process`] then check what `oci-spec`'s types let through but the
+//! guest cannot honour (a user namespace, a seccomp notify action, a capability the agent has no
+//! number for, a relative `cwd`, ...) and give the protocol's types ([`hull_protocol::spec`]),
+//! so that every refusal happens before a VM starts.
+//!
+//! Fields that hull does not implement and that weaken nothing when ignored (`apparmorProfile`,
+//! `linux.resources` beyond what sizes the VM, `annotations`, ...) are ignored, as runc ignores
+//! what its host lacks.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use hull_protocol::spec::{
+    Capabilities, ContainerSpec, Device, DeviceKind, Mount, Namespace, NamespaceKind, Process,
+    Propagation, Rlimit, RlimitKind, Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule,
+    User,
+};
+use oci_spec::runtime as oci;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::SpecError;
+
+/// What `SCMP_ACT_ERRNO` returns without an `errnoRet`: `EPERM`, as in runc.
+const DEFAULT_ERRNO: u32 = libc::EPERM as u32;
+/// The largest errno the C library takes for one.
+const MAX_ERRNO: u32 = 4095;
+/// A system call has arguments 0 to 5.
+const SYSCALL_ARGS: usize = 6;
+/// Above this many bytes, serde's list of the names it expected is left out of an error.
+const MAX_EXPECTED_LIST: usize = 160;
+
+/// Where the JSON being read came from: a file, and the path of the value inside it (`""` for
+/// the whole file, `"process"` for a spec's process).
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub file: &'a Path,
+    pub prefix: &'a str,
+}
+
+impl Origin<'_> {
+    fn field(&self, inner: &str) -> String {
+        match (self.prefix.is_empty(), inner.is_empty()) {
+            (true, _) => inner.to_owned(),
+            (false, true) => self.prefix.to_owned(),
+            (false, false) if inner.starts_with('[') => format!("{}{inner}", self.prefix),
+            (false, false) => format!("{}.{inner}", self.prefix),
+        }
+    }
+
+    fn invalid(&self, field: &str, value: &impl Serialize, reason: impl Into<String>) -> SpecError {
+        let value = serde_json::to_value(value).unwrap_or(Value::Null);
+        SpecError::invalid(self.file, self.field(field), &value, reason)
+    }
+}
+
+/// Reads a whole spec. Fields OCI makes required but runc does not insist on keep runc's
+/// defaults: a process without `user` runs as 0:0, without `cwd` in `/`.
+pub fn read_spec(file: &Path, value: &Value) -> Result<oci::Spec, SpecError> {
+    let mut value = value.clone();
+    if let Some(process) = value.get_mut("process") {
+        fill_process_defaults(process);
+    }
+    read(Origin { file, prefix: "" }, &value)
+}
+
+/// Reads a process (an exec's, or a spec's with `origin.prefix` "process"), with the defaults
+/// of [`read_spec`].
+pub fn read_process(origin: Origin<'_>, value: &Value) -> Result<oci::Process, SpecError> {
+    let mut value = value.clone();
+    fill_process_defaults(&mut value);
+    read(origin, &value)
+}
+
+fn fill_process_defaults(process: &mut Value) {
+    if let Value::Object(process) = process {
+        process
+            .entry("user")
+            .or_insert_with(|| serde_json::json!({"uid": 0, "gid": 0}));
+        process
+            .entry("cwd")
+            .or_insert_with(|| Value::String("/".into()));
+    }
+}
+
+/// Deserializes `value` (from `origin`) as `T`.
+fn read<T: DeserializeOwned>(origin: Origin<'_>, value: &Value) -> Result<T, SpecError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let message = err.inner().to_string();
+        if let Some(field) = missing_field(&message) {
+            let field = if path.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            };
+            return SpecError::missing(origin.file, origin.field(&field));
+        }
+        let found = lookup(value, err.path()).unwrap_or(&Value::Null);
+        SpecError::invalid(origin.file, origin.field(&path), found, shorten(&message))
+    })
+}
+
+/// `missing field `x`` → `x`.
+fn missing_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+}
+
+/// serde's message without a long list of the names it expected.
+fn shorten(message: &str) -> String {
+    // oci-spec's own capability parser.
+    if message.starts_with("no variant for ") {
+        return "unknown capability; see `hull features` for what hull knows".to_owned();
+    }
+    match message.split_once(", expected one of ") {
+        Some((head, list)) if list.len() > MAX_EXPECTED_LIST => {
+            format!("{head}; see `hull features` for what hull knows")
+        }
+        _ => message.to_owned(),
+    }
+}
+
+/// The value at a serde path in `value`.
+fn lookup<'v>(value: &'v Value, path: &serde_path_to_error::Path) -> Option<&'v Value> {
+    use serde_path_to_error::Segment;
+    path.iter().try_fold(value, |v, segment| match segment {
+        Segment::Seq { index } => v.get(index),
+        Segment::Map { key } => v.get(key.as_str()),
+        Segment::Enum { .. } | Segment::Unknown => Some(v),
+    })
+}
+
+/// The OCI name of an `oci-spec` enum value (`CAP_KILL`, `RLIMIT_NOFILE`, ...).
+fn oci_name(value: &impl Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+fn utf8<'p>(origin: Origin<'_>, field: &str, path: &'p Path) -> Result<&'p str, SpecError> {
+    path.to_str().ok_or_else(|| {
+        origin.invalid(
+            field,
+            &path.to_string_lossy(),
+            "must be valid UTF-8 in the guest",
+        )
+    })
+}
+
+/// Checks the spec's `process` (or an exec's, with `origin.prefix` "process") and gives the
+/// agent's view of it.
+pub fn process(origin: Origin<'_>, p: &oci::Process) -> Result<Process, SpecError> {
+    let args = p.args().clone().unwrap_or_default();
+    if args.is_empty() {
+        return Err(origin.invalid("args", &args, "must name a program"));
+    }
+    let cwd = utf8(origin, "cwd", p.cwd())?;
+    if !cwd.starts_with('/') {
+        return Err(origin.invalid("cwd", &cwd, "must be an absolute path"));
+    }
+    let user = p.user();
+    let capabilities = p
+        .capabilities()
+        .as_ref()
+        .map(|caps| capabilities(origin, caps))
+        .transpose()?;
+    let mut rlimits = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, limit) in p.rlimits().iter().flatten().enumerate() {
+        let name = oci_name(&limit.typ());
+        let field = format!("rlimits[{i}].type");
+        let kind = RlimitKind::from_oci(&name)
+            .ok_or_else(|| origin.invalid(&field, &name, "not a resource the guest knows"))?;
+        if !seen.insert(kind) {
+            return Err(origin.invalid(&field, &name, "is given twice"));
+        }
+        if limit.soft() > limit.hard() {
+            return Err(origin.invalid(
+                &format!("rlimits[{i}]"),
+                &serde_json::json!({"type": name, "soft": limit.soft(), "hard": limit.hard()}),
+                "the soft limit is above the hard limit",
+            ));
+        }
+        rlimits.push(Rlimit {
+            kind,
+            hard: limit.hard(),
+            soft: limit.soft(),
+        });
+    }
+    Ok(Process {
+        terminal: p.terminal().unwrap_or(false),
+        user: User {
+            uid: user.uid(),
+            gid: user.gid(),
+            umask: user.umask(),
+            additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        },
+        args,
+        env: p.env().clone().unwrap_or_default(),
+        cwd: cwd.to_owned(),
+        capabilities,
+        rlimits,
+        no_new_privileges: p.no_new_privileges().unwrap_or(false),
+    })
+}
+
+fn capabilities(
+    origin: Origin<'_>,
+    caps: &oci::LinuxCapabilities,
+) -> Result<Capabilities, SpecError> {
+    let mask = |set: &str, names: &Option<oci_spec::runtime::Capabilities>| {
+        let mut names: Vec<String> = names.iter().flatten().map(oci_name).collect();
+        names.sort();
+        Capabilities::mask(names.iter().map(String::as_str)).map_err(|unknown| {
+            origin.invalid(
+                &format!("capabilities.{set}"),
+                &unknown,
+                "a capability the guest kernel does not have",
+            )
+        })
+    };
+    Ok(Capabilities {
+        bounding: mask("bounding", caps.bounding())?,
+        effective: mask("effective", caps.effective())?,
+        inheritable: mask("inheritable", caps.inheritable())?,
+        permitted: mask("permitted", caps.permitted())?,
+        ambient: mask("ambient", caps.ambient())?,
+    })
+}
+
+/// Checks the whole spec and gives what the agent needs to create the container.
+pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, SpecError> {
+    let top = Origin { file, prefix: "" };
+    let Some(p) = spec.process() else {
+        return Err(SpecError::missing(file, "process"));
+    };
+    let process = process(
+        Origin {
+            file,
+            prefix: "process",
+        },
+        p,
+    )?;
+
+    let mut mounts = Vec::new();
+    for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        let field = |name: &str| format!("mounts[{i}].{name}");
+        let destination = utf8(top, &field("destination"), m.destination())?;
+        let source = m
+            .source()
+            .as_deref()
+            .map(|s| utf8(top, &field("source"), s).map(str::to_owned))
+            .transpose()?;
+        mounts.push(Mount {
+            destination: destination.to_owned(),
+            kind: m.typ().clone(),
+            source,
+            options: m.options().clone().unwrap_or_default(),
+        });
+    }
+
+    // Not `unwrap_or_default`: oci-spec's default `Linux` has runc's default namespaces and
+    // masked paths, which a spec without `linux` does not ask for.
+    let linux = spec.linux().as_ref();
+    let mut namespaces: Vec<Namespace> = Vec::new();
+    for (i, ns) in linux
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let field = format!("linux.namespaces[{i}].type");
+        let name = oci_name(&ns.typ());
+        let kind = match ns.typ() {
+            oci::LinuxNamespaceType::Pid => NamespaceKind::Pid,
+            oci::LinuxNamespaceType::Network => NamespaceKind::Network,
+            oci::LinuxNamespaceType::Mount => NamespaceKind::Mount,
+            oci::LinuxNamespaceType::Ipc => NamespaceKind::Ipc,
+            oci::LinuxNamespaceType::Uts => NamespaceKind::Uts,
+            oci::LinuxNamespaceType::Cgroup => NamespaceKind::Cgroup,
+            oci::LinuxNamespaceType::User => {
+                return Err(top.invalid(
+                    &field,
+                    &name,
+                    "user namespaces are not implemented yet (the VM is the container's \
+                     isolation; its root is not the host's)",
+                ))
+            }
+            oci::LinuxNamespaceType::Time => {
+                return Err(top.invalid(&field, &name, "time namespaces are not implemented"))
+            }
+        };
+        if namespaces.iter().any(|n| n.kind == kind) {
+            return Err(top.invalid(&field, &name, "is given twice"));
+        }
+        let path = ns
+            .path()
+            .as_deref()
+            .map(|p| utf8(top, &format!("linux.namespaces[{i}].path"), p).map(str::to_owned))
+            .transpose()?;
+        namespaces.push(Namespace { kind, path });
+    }
+    if let Some(hostname) = spec.hostname() {
+        if !namespaces.iter().any(|n| n.kind == NamespaceKind::Uts) {
+            return Err(top.invalid(
+                "hostname",
+                hostname,
+                "setting it needs a \"uts\" namespace in linux.namespaces",
+            ));
+        }
+    }
+
+    let rootfs_propagation = match linux.and_then(|l| l.rootfs_propagation().as_ref()) {
+        None => Propagation::Private,
+        Some(value) => Propagation::from_oci(value).ok_or_else(|| {
+            top.invalid(
+                "linux.rootfsPropagation",
+                value,
+                "must be private, slave, shared or unbindable (or their r- forms)",
+            )
+        })?,
+    };
+
+    let mut devices = Vec::new();
+    for (i, d) in linux
+        .and_then(|l| l.devices().as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let path = utf8(top, &format!("linux.devices[{i}].path"), d.path())?;
+        if !path.starts_with("/dev/") {
+            return Err(top.invalid(
+                &format!("linux.devices[{i}].path"),
+                &path,
+                "must be under /dev",
+            ));
+        }
+        let kind = match d.typ() {
+            oci::LinuxDeviceType::C | oci::LinuxDeviceType::U => DeviceKind::Char,
+            oci::LinuxDeviceType::B => DeviceKind::Block,
+            oci::LinuxDeviceType::P => DeviceKind::Fifo,
+            oci::LinuxDeviceType::A => {
+                return Err(top.invalid(
+                    &format!("linux.devices[{i}].type"),
+                    &"a",
+                    "a device node must be c, u, b or p",
+                ))
+            }
+        };
+        devices.push(Device {
+            path: path.to_owned(),
+            kind,
+            major: d.major(),
+            minor: d.minor(),
+            file_mode: d.file_mode(),
+            uid: d.uid(),
+            gid: d.gid(),
+        });
+    }
+
+    let seccomp = linux
+        .and_then(|l| l.seccomp().as_ref())
+        .map(|s| seccomp(top, s))
+        .transpose()?;
+
+    Ok(ContainerSpec {
+        process,
+        readonly_root: spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false),
+        hostname: spec.hostname().clone(),
+        mounts,
+        namespaces,
+        masked_paths: linux
+            .and_then(|l| l.masked_paths().clone())
+            .unwrap_or_default(),
+        readonly_paths: linux
+            .and_then(|l| l.readonly_paths().clone())
+            .unwrap_or_default(),
+        rootfs_propagation,
+        sysctl: linux
+            .and_then(|l| l.sysctl().clone())
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        seccomp,
+        devices,
+    })
+}
+
+fn seccomp(top: Origin<'_>, s: &oci::LinuxSeccomp) -> Result<Seccomp, SpecError> {
+    if let Some(path) = s.listener_path() {
+        return Err(top.invalid(
+            "linux.seccomp.listenerPath",
+            &path.to_string_lossy(),
+            "seccomp notification is not implemented",
+        ));
+    }
+    let default_action = action(
+        top,
+        "linux.seccomp.defaultAction",
+        s.default_action(),
+        s.default_errno_ret(),
+    )?;
+    let (mut log, mut spec_allow) = (false, false);
+    for (i, flag) in s.flags().iter().flatten().enumerate() {
+        match flag {
+            // The container's init is single-threaded when its filter goes on.
+            oci::LinuxSeccompFilterFlag::SeccompFilterFlagTsync => {}
+            oci::LinuxSeccompFilterFlag::SeccompFilterFlagLog => log = true,
+            oci::LinuxSeccompFilterFlag::SeccompFilterFlagSpecAllow => spec_allow = true,
+            other => {
+                return Err(top.invalid(
+                    &format!("linux.seccomp.flags[{i}]"),
+                    &oci_name(other),
+                    "not implemented in the guest",
+                ))
+            }
+        }
+    }
+    let mut syscalls = Vec::new();
+    for (i, rule) in s.syscalls().iter().flatten().enumerate() {
+        let field = format!("linux.seccomp.syscalls[{i}]");
+        let action = action(
+            top,
+            &format!("{field}.action"),
+            rule.action(),
+            rule.errno_ret(),
+        )?;
+        let mut args = Vec::new();
+        for (j, arg) in rule.args().iter().flatten().enumerate() {
+            let index = u8::try_from(arg.index())
+                .ok()
+                .filter(|&n| usize::from(n) < SYSCALL_ARGS)
+                .ok_or_else(|| {
+                    top.invalid(
+                        &format!("{field}.args[{j}].index"),
+                        &arg.index(),
+                        "system call arguments are 0 to 5",
+                    )
+                })?;
+            let value = arg.value();
+            let op = match arg.op() {
+                oci::LinuxSeccompOperator::ScmpCmpEq => SeccompOp::Eq(value),
+                oci::LinuxSeccompOperator::ScmpCmpNe => SeccompOp::Ne(value),
+                oci::LinuxSeccompOperator::ScmpCmpLt => SeccompOp::Lt(value),
+                oci::LinuxSeccompOperator::ScmpCmpLe => SeccompOp::Le(value),
+                oci::LinuxSeccompOperator::ScmpCmpGt => SeccompOp::Gt(value),
+                oci::LinuxSeccompOperator::ScmpCmpGe => SeccompOp::Ge(value),
+                // (arg & value) == valueTwo
+                oci::LinuxSeccompOperator::ScmpCmpMaskedEq => SeccompOp::MaskedEq {
+                    mask: value,
+                    value: arg.value_two().unwrap_or(0),
+                },
+            };
+            args.push(SeccompArg { index, op });
+        }
+        syscalls.push(SeccompRule {
+            names: rule.names().clone(),
+            action,
+            args,
+        });
+    }
+    Ok(Seccomp {
+        default_action,
+        log,
+        spec_allow,
+        syscalls,
+    })
+}
+
+fn action(
+    top: Origin<'_>,
+    field: &str,
+    action: oci::LinuxSeccompAction,
+    errno: Option<u32>,
+) -> Result<SeccompAction, SpecError> {
+    use oci::LinuxSeccompAction as A;
+    Ok(match action {
+        A::ScmpActAllow => SeccompAction::Allow,
+        A::ScmpActErrno => {
+            let errno = errno.unwrap_or(DEFAULT_ERRNO);
+            if errno > MAX_ERRNO {
+                return Err(top.invalid(
+                    field,
+                    &oci_name(&action),
+                    format!("errnoRet {errno} is not an errno (they end at {MAX_ERRNO})"),
+                ));
+            }
+            SeccompAction::Errno(errno)
+        }
+        A::ScmpActKill | A::ScmpActKillThread => SeccompAction::KillThread,
+        A::ScmpActKillProcess => SeccompAction::KillProcess,
+        A::ScmpActTrap => SeccompAction::Trap,
+        A::ScmpActLog => SeccompAction::Log,
+        A::ScmpActNotify | A::ScmpActTrace => {
+            return Err(top.invalid(
+                field,
+                &oci_name(&action),
+                "not implemented in the guest (nothing there could answer it)",
+            ))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn file() -> PathBuf {
+        PathBuf::from("/b/config.json")
+    }
+
+    fn check(spec: Value) -> Result<ContainerSpec, String> {
+        let file = file();
+        read_spec(&file, &spec)
+            .and_then(|s| container_spec(&file, &s))
+            .map_err(|e| e.to_string())
+    }
+
+    fn base() -> Value {
+        json!({"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "root": {"path": "rootfs"}})
+    }
+
+    fn with(path: &[&str], value: Value) -> Value {
+        let mut spec = base();
+        let mut slot = &mut spec;
+        for key in path {
+            slot = slot
+                .as_object_mut()
+                .expect("an object")
+                .entry(key.to_string())
+                .or_insert_with(|| json!({}));
+        }
+        *slot = value;
+        spec
+    }
+
+    #[test]
+    fn a_runc_default_spec_turns_into_the_agents_view() {
+        let spec = check(json!({
+            "ociVersion": "1.0.2-dev",
+            "process": {
+                "terminal": true,
+                "user": {"uid": 1000, "gid": 100, "additionalGids": [5], "umask": 18},
+                "args": ["sh"], "env": ["PATH=/bin"], "cwd": "/tmp",
+                "capabilities": {"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"]},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+                "noNewPrivileges": true,
+                "apparmorProfile": "ignored"
+            },
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "box",
+            "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
+                               {"type": "network", "path": "/var/run/netns/x"}],
+                "maskedPaths": ["/proc/kcore"],
+                "readonlyPaths": ["/proc/sys"],
+                "rootfsPropagation": "rslave",
+                "sysctl": {"net.ipv4.ip_forward": "1"},
+                "devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}],
+                "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+                "seccomp": {
+                    "defaultAction": "SCMP_ACT_ERRNO",
+                    "flags": ["SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG"],
+                    "syscalls": [
+                        {"names": ["read"], "action": "SCMP_ACT_ALLOW"},
+                        {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+                         "args": [{"index": 0, "value": 255, "valueTwo": 8,
+                                   "op": "SCMP_CMP_MASKED_EQ"}]},
+                        {"names": ["kill"], "action": "SCMP_ACT_KILL"}
+                    ]
+                }
+            }
+        }))
+        .unwrap();
+        let p = &spec.process;
+        assert!(p.terminal && p.no_new_privileges);
+        assert_eq!(
+            (p.user.uid, p.user.gid, p.user.umask),
+            (1000, 100, Some(18))
+        );
+        assert_eq!(p.user.additional_gids, [5]);
+        assert_eq!(
+            (p.args.as_slice(), p.cwd.as_str()),
+            (&["sh".to_owned()][..], "/tmp")
+        );
+        let caps = p.capabilities.unwrap();
+        assert_eq!(caps.bounding, 1 << 5 | 1);
+        assert_eq!((caps.effective, caps.ambient), (1 << 5, 0));
+        assert_eq!(p.rlimits[0].kind, RlimitKind::Nofile);
+        assert!(spec.readonly_root);
+        assert_eq!(spec.hostname.as_deref(), Some("box"));
+        assert_eq!(spec.mounts[0].kind.as_deref(), Some("proc"));
+        assert!(spec.unshares(NamespaceKind::Pid));
+        assert!(!spec.unshares(NamespaceKind::Network));
+        assert_eq!(spec.rootfs_propagation, Propagation::Slave);
+        assert_eq!(spec.masked_paths, ["/proc/kcore"]);
+        assert_eq!(spec.sysctl["net.ipv4.ip_forward"], "1");
+        assert_eq!(spec.devices[0].kind, DeviceKind::Char);
+        let s = spec.seccomp.unwrap();
+        assert_eq!(s.default_action, SeccompAction::Errno(1));
+        assert!(s.log && !s.spec_allow);
+        assert_eq!(
+            s.syscalls[1].args[0].op,
+            SeccompOp::MaskedEq {
+                mask: 255,
+                value: 8
+            }
+        );
+        assert_eq!(s.syscalls[2].action, SeccompAction::KillThread);
+    }
+
+    #[test]
+    fn a_process_without_user_or_cwd_runs_as_root_in_slash() {
+        let spec = check(base()).unwrap();
+        assert_eq!((spec.process.user.uid, spec.process.cwd.as_str()), (0, "/"));
+        // No `linux`: no namespaces, no masked paths (not oci-spec's defaults).
+        assert_eq!(spec.namespaces, []);
+        assert!(spec.masked_paths.is_empty() && spec.readonly_paths.is_empty());
+        assert_eq!(spec.process.capabilities, None);
+        assert_eq!(spec.rootfs_propagation, Propagation::Private);
+    }
+
+    /// Each refusal names the file, the field and the value.
+    #[test]
+    fn what_the_guest_cannot_honour_is_refused_with_field_and_value() {
+        let cases = [
+            (
+                with(&["linux", "namespaces"], json!([{"type": "user"}])),
+                "field `linux.namespaces[0].type` = \"user\": user namespaces are not implemented",
+            ),
+            (
+                with(
+                    &["linux", "namespaces"],
+                    json!([{"type": "pid"}, {"type": "pid"}]),
+                ),
+                "field `linux.namespaces[1].type` = \"pid\": is given twice",
+            ),
+            (
+                with(&["linux", "namespaces"], json!([{"type": "nope"}])),
+                "field `linux.namespaces[0].type` = \"nope\": unknown variant `nope`",
+            ),
+            (
+                with(&["hostname"], json!("box")),
+                "field `hostname` = \"box\": setting it needs a \"uts\" namespace",
+            ),
+            (
+                with(
+                    &["process", "capabilities"],
+                    json!({"bounding": ["CAP_KILL", "CAP_FLY"]}),
+                ),
+                "field `process.capabilities.bounding[1]` = \"CAP_FLY\": unknown capability; see \
+                 `hull features`",
+            ),
+            (
+                with(
+                    &["process", "rlimits"],
+                    json!([{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]),
+                ),
+                "field `process.rlimits[0]` = {\"hard\":1,\"soft\":2,\"type\":\"RLIMIT_NOFILE\"}: \
+                 the soft limit is above the hard limit",
+            ),
+            (
+                with(&["process", "cwd"], json!("tmp")),
+                "field `process.cwd` = \"tmp\": must be an absolute path",
+            ),
+            (
+                with(&["process", "user"], json!({"uid": -1})),
+                "field `process.user.uid` = -1: invalid value: integer `-1`",
+            ),
+            (
+                with(
+                    &["linux", "seccomp"],
+                    json!({"defaultAction": "SCMP_ACT_NOTIFY"}),
+                ),
+                "field `linux.seccomp.defaultAction` = \"SCMP_ACT_NOTIFY\": not implemented",
+            ),
+            (
+                with(
+                    &["linux", "seccomp"],
+                    json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["kill"],
+                           "action": "SCMP_ACT_ERRNO", "errnoRet": 5000}]}),
+                ),
+                "field `linux.seccomp.syscalls[0].action` = \"SCMP_ACT_ERRNO\": errnoRet 5000",
+            ),
+            (
+                with(
+                    &["linux", "seccomp"],
+                    json!({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["kill"],
+                           "action": "SCMP_ACT_ERRNO", "args": [{"index": 6, "value": 0,
+                           "op": "SCMP_CMP_EQ"}]}]}),
+                ),
+                "field `linux.seccomp.syscalls[0].args[0].index` = 6: system call arguments",
+            ),
+            (
+                with(
+                    &["linux", "seccomp"],
+                    json!({"defaultAction": "SCMP_ACT_ALLOW",
+                           "flags": ["SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV"]}),
+                ),
+                "field `linux.seccomp.flags[0]` = \"SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV\"",
+            ),
+            (
+                with(&["linux", "rootfsPropagation"], json!("sideways")),
+                "field `linux.rootfsPropagation` = \"sideways\": must be private",
+            ),
+            (
+                with(
+                    &["linux", "devices"],
+                    json!([{"path": "/dev/x", "type": "a"}]),
+                ),
+                "field `linux.devices[0].type` = \"a\": a device node must be",
+            ),
+            (
+                with(
+                    &["linux", "devices"],
+                    json!([{"path": "/etc/x", "type": "c"}]),
+                ),
+                "field `linux.devices[0].path` = \"/etc/x\": must be under /dev",
+            ),
+            (
+                with(&["mounts"], json!([{"type": "tmpfs"}])),
+                "field `mounts[0].destination` is missing",
+            ),
+        ];
+        for (spec, want) in cases {
+            let err = check(spec.clone()).expect_err(&spec.to_string());
+            assert!(err.starts_with("/b/config.json: field `"), "{err}");
+            assert!(err.contains(want), "{err}\nwanted: {want}");
+        }
+    }
+
+    #[test]
+    fn an_exec_process_is_checked_like_the_specs() {
+        let file = PathBuf::from("/tmp/p.json");
+        let origin = Origin {
+            file: &file,
+            prefix: "",
+        };
+        let read_process = |value: Value| {
+            read_process(origin, &value)
+                .and_then(|p| process(origin, &p))
+                .map_err(|e| e.to_string())
+        };
+        let p = read_process(json!({"args": ["ps"], "cwd": "/", "user": {"uid": 1}})).unwrap();
+        assert_eq!((p.args[0].as_str(), p.user.uid), ("ps", 1));
+        let err = read_process(json!({"args": ["ps"], "cwd": "/", "terminal": "yes"})).unwrap_err();
+        assert!(
+            err.starts_with("/tmp/p.json: field `terminal` = \"yes\": invalid type"),
+            "{err}"
+        );
+        let err = read_process(json!({"args": [], "cwd": "/"})).unwrap_err();
+        assert!(
+            err.contains("field `args` = []: must name a program"),
+            "{err}"
+        );
+    }
+}
