@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -41,6 +41,22 @@ impl SerialDevice {
     }
 
     /// Queues bytes for the guest to read, as if typed on the console.
+    /// A port restored to `state` (a snapshot's); fails if its FIFO holds more than a 16550's.
+    pub fn from_state(
+        interrupt: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> Result<Self, vm_superio::serial::Error<io::Error>> {
+        Ok(Self {
+            serial: Serial::from_state(state, EventFdTrigger::new(interrupt), NoEvents, out)?,
+        })
+    }
+
+    /// The registers and the input FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.serial.state()
+    }
+
     pub fn enqueue_input(
         &mut self,
         input: &[u8],
