@@ -22,6 +22,8 @@ use crate::config::{ConfigError, ConsoleConfig, VmConfig};
 use crate::container::ready::{AgentReport, ReadyScanner};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::KvmKind;
+use crate::snapshot::state::{self as snapshot_state, VcpuState, VmState};
+use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::thread::Spawner;
 use crate::vstate::run_state::{
     install_kick_handler, RunState, RunStateError, VcpuControl, VcpuHandle,
@@ -80,6 +82,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// A snapshot could not be taken or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The event loop failed.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
@@ -228,7 +233,12 @@ pub struct Vmm {
     /// The vCPUs once started.
     running: Vec<VcpuHandle>,
     /// Owns the devices (through the buses the vCPUs share) for the VM's lifetime.
-    _device_manager: DeviceManager,
+    device_manager: DeviceManager,
+    /// The VM's shape, for a snapshot.
+    vcpu_count: u8,
+    mem_size_mib: u32,
+    /// Restored from a snapshot: its memory is a private mapping of the snapshot's file.
+    restored: bool,
     event_manager: EventManager<Subscriber>,
     exit_handler: Arc<Mutex<ExitHandler>>,
     stopper: Stopper,
@@ -306,30 +316,8 @@ pub fn build_with_devices(
         .map(|path| boot::load_initramfs(vm.memory(), path, kernel.end))
         .transpose()?;
 
-    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the reset eventfd"))?;
-    let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the exit eventfd"))?;
-    let (exit_tx, exit_rx) = channel();
-    let stopper = Stopper::new(
-        exit_tx,
-        exit_evt
-            .try_clone()
-            .map_err(setup_err("the exit eventfd"))?,
-    );
-    let threads = Spawner::new(stopper.clone());
-    let mut device_manager = DeviceManager::new();
-    // The agent's readiness line is picked out of the console as the guest writes it.
-    let (reports_tx, agent_reports) = channel();
-    device_manager.attach_legacy(
-        vm.fd(),
-        Box::new(ReadyScanner::new(
-            open_console(&config.console)?,
-            reports_tx,
-        )),
-        reset_evt
-            .try_clone()
-            .map_err(setup_err("the reset eventfd"))?,
-    )?;
-    let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+    let mut parts = Parts::new(&vm, config, None)?;
+    let device_manager = &mut parts.device_manager;
     if let Some(vsock) = &config.vsock {
         let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {
             VmmError::Vsock {
@@ -339,7 +327,7 @@ pub fn build_with_devices(
         })?;
         let device = Arc::new(Mutex::new(device));
         // The device serves its queues and host sockets on the VMM's event loop.
-        event_manager.add_subscriber(device.clone());
+        parts.event_manager.add_subscriber(device.clone());
         device_manager.attach_virtio(vm.fd(), vm.memory(), device)?;
     }
     for dir in &config.shared_dirs {
@@ -349,7 +337,7 @@ pub fn build_with_devices(
                 tag: dir.tag.clone(),
                 read_only: dir.read_only,
             },
-            threads.for_devices(),
+            parts.threads.for_devices(),
         )
         .map_err(|source| VmmError::SharedDir {
             tag: dir.tag.clone(),
@@ -370,30 +358,148 @@ pub fn build_with_devices(
         vcpu.configure(&kvm, config.vcpus, kernel.entry)?;
         vcpus.push(vcpu);
     }
+    let cmdline = cmdline
+        .as_cstring()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(parts.assemble(vm, vcpus, config, cmdline, false))
+}
 
-    let exit_handler = Arc::new(Mutex::new(ExitHandler {
-        reset_evt,
-        exit_evt,
-        exits: exit_rx,
-        result: None,
-    }));
-    event_manager.add_subscriber(exit_handler.clone());
+/// Restores the VM snapshotted in `dir` ([`Vmm::snapshot`]): `config` gives its console and
+/// must describe the same VM (vCPUs, memory; no virtio devices yet). The VM is ready to
+/// [`Vmm::start`] or [`Vmm::run`], and continues exactly where the snapshot was taken.
+pub fn restore(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
+    let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+    config.validate(kvm.get_max_vcpus())?;
+    if config.vsock.is_some() || !config.shared_dirs.is_empty() {
+        return Err(SnapshotError::Unsupported(
+            "restoring a VM with virtio devices is not implemented yet",
+        )
+        .into());
+    }
+    let (state_path, memory_path) = snapshot::paths(dir);
+    let snap: Snapshot = snapshot::file::read(&state_path).map_err(SnapshotError::from)?;
+    snap.check(&state_path, config.vcpus, config.mem_size_mib)?;
+    let memory = snapshot::memory::map(
+        &memory_path,
+        &snap.id,
+        &boot::memory_ranges(u64::from(config.mem_size_mib) << 20),
+    )
+    .map_err(SnapshotError::from)?;
+    let vm = Vm::new(&kvm, memory)?;
+    snapshot_state::check_xsave_size(vm.fd()).map_err(SnapshotError::from)?;
+    let serial = vm_superio::serial::SerialState::from(&snap.serial);
+    let parts = Parts::new(&vm, config, Some(&serial))?;
+    let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+    for state in &snap.vcpus {
+        let vcpu = Vcpu::new(&vm, state.index, parts.device_manager.buses().clone())?;
+        vcpu.restore_state(state).map_err(SnapshotError::from)?;
+        vcpus.push(vcpu);
+    }
+    snap.vm.restore(vm.fd()).map_err(SnapshotError::from)?;
+    Ok(parts.assemble(vm, vcpus, config, snap.cmdline.clone(), true))
+}
 
-    Ok(Vmm {
-        vm,
-        vcpus,
-        running: Vec::new(),
-        _device_manager: device_manager,
-        event_manager,
-        exit_handler,
-        stopper,
-        threads,
-        agent_reports: Some(agent_reports),
-        cmdline: cmdline
-            .as_cstring()
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-    })
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// Bytes of the state file.
+    pub state_bytes: u64,
+    /// Guest RAM, and the bytes of it written (touched, not zero).
+    pub memory: snapshot::DumpStats,
+    /// From the pause to both files written.
+    pub elapsed: Duration,
+}
+
+/// What every VM has besides its vCPUs and virtio devices: the legacy devices, the event loop
+/// and the end of the VM.
+struct Parts {
+    device_manager: DeviceManager,
+    event_manager: EventManager<Subscriber>,
+    reset_evt: EventFd,
+    exit_evt: EventFd,
+    exit_rx: Receiver<VmExit>,
+    stopper: Stopper,
+    threads: Spawner,
+    agent_reports: Receiver<AgentReport>,
+}
+
+impl Parts {
+    /// The legacy devices (COM1 in `serial` state when restoring), the event loop and the
+    /// VM's end events.
+    fn new(
+        vm: &Vm,
+        config: &VmConfig,
+        serial: Option<&vm_superio::serial::SerialState>,
+    ) -> Result<Self, VmmError> {
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the reset eventfd"))?;
+        let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("the exit eventfd"))?;
+        let (exit_tx, exit_rx) = channel();
+        let stopper = Stopper::new(
+            exit_tx,
+            exit_evt
+                .try_clone()
+                .map_err(setup_err("the exit eventfd"))?,
+        );
+        let threads = Spawner::new(stopper.clone());
+        let mut device_manager = DeviceManager::new();
+        // The agent's readiness line is picked out of the console as the guest writes it.
+        let (reports_tx, agent_reports) = channel();
+        device_manager.attach_legacy(
+            vm.fd(),
+            Box::new(ReadyScanner::new(
+                open_console(&config.console)?,
+                reports_tx,
+            )),
+            reset_evt
+                .try_clone()
+                .map_err(setup_err("the reset eventfd"))?,
+            serial,
+        )?;
+        let event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        Ok(Self {
+            device_manager,
+            event_manager,
+            reset_evt,
+            exit_evt,
+            exit_rx,
+            stopper,
+            threads,
+            agent_reports,
+        })
+    }
+
+    fn assemble(
+        mut self,
+        vm: Vm,
+        vcpus: Vec<Vcpu>,
+        config: &VmConfig,
+        cmdline: String,
+        restored: bool,
+    ) -> Vmm {
+        let exit_handler = Arc::new(Mutex::new(ExitHandler {
+            reset_evt: self.reset_evt,
+            exit_evt: self.exit_evt,
+            exits: self.exit_rx,
+            result: None,
+        }));
+        self.event_manager.add_subscriber(exit_handler.clone());
+        Vmm {
+            vm,
+            vcpus,
+            running: Vec::new(),
+            device_manager: self.device_manager,
+            vcpu_count: config.vcpus,
+            mem_size_mib: config.mem_size_mib,
+            restored,
+            event_manager: self.event_manager,
+            exit_handler,
+            stopper: self.stopper,
+            threads: self.threads,
+            agent_reports: Some(self.agent_reports),
+            cmdline,
+        }
+    }
 }
 
 impl Vmm {
@@ -472,6 +578,88 @@ impl Vmm {
             .find(|v| v.index() == index)
             .ok_or(RunStateError::NoSuchVcpu { index })?;
         Ok(vcpu.run_paused(job, Instant::now() + VCPU_DEADLINE)?)
+    }
+
+    /// Pauses the VM (every vCPU out of the guest, pending exits completed) and writes a
+    /// snapshot of it to `dir` (made if need be): `dir/memory`, then `dir/state`. The VM stays
+    /// paused; [`Vmm::resume`] lets it go on. Only a started, cold-booted VM without virtio
+    /// devices can be snapshotted for now.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotReport, VmmError> {
+        if self.restored {
+            return Err(SnapshotError::Unsupported(
+                "a restored VM's memory is the snapshot file's; snapshot the VM it came from",
+            )
+            .into());
+        }
+        if self.device_manager.virtio_count() > 0 {
+            return Err(SnapshotError::Unsupported(
+                "the VM has virtio devices, whose state is not saved yet",
+            )
+            .into());
+        }
+        if self.running.is_empty() {
+            return Err(SnapshotError::Unsupported("the VM has not started").into());
+        }
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let indices = Arc::new(snapshot_state::msr_indices(&kvm).map_err(SnapshotError::from)?);
+        snapshot_state::check_xsave_size(self.vm.fd()).map_err(SnapshotError::from)?;
+        let id = snapshot::new_id()?;
+        let boot_id = snapshot::boot_id()?;
+        std::fs::create_dir_all(dir).map_err(|source| SnapshotError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+
+        self.pause()?;
+        let started = Instant::now();
+        let mut vcpus = Vec::with_capacity(self.running.len());
+        for handle in &self.running {
+            let index = handle.index();
+            let indices = indices.clone();
+            let state = self
+                .on_paused_vcpu(index, move |fd| VcpuState::save(fd, index, &indices))?
+                .map_err(SnapshotError::from)?;
+            vcpus.push(state);
+        }
+        let vm = VmState::save(self.vm.fd()).map_err(SnapshotError::from)?;
+        let serial = self
+            .device_manager
+            .serial_state()
+            .map(|s| snapshot::SerialSnapshot::from(&s))
+            .ok_or(SnapshotError::Unsupported("the VM has no serial port"))?;
+        let (state_path, memory_path) = snapshot::paths(dir);
+        let memory_tmp = memory_path.with_extension("tmp");
+        let memory = snapshot::memory::dump(self.vm.memory(), &memory_tmp, &id)
+            .and_then(|stats| {
+                std::fs::rename(&memory_tmp, &memory_path)
+                    .map(|()| stats)
+                    .map_err(|source| snapshot::MemoryFileError::Write {
+                        path: memory_path.clone(),
+                        source,
+                    })
+            })
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&memory_tmp);
+            })
+            .map_err(SnapshotError::from)?;
+        let snap = Snapshot {
+            id,
+            hull_version: env!("CARGO_PKG_VERSION").to_owned(),
+            boot_id,
+            mem_size_mib: self.mem_size_mib,
+            vcpu_count: self.vcpu_count,
+            cmdline: self.cmdline.clone(),
+            vcpus,
+            vm,
+            serial,
+        };
+        snapshot::file::write(&state_path, &snap).map_err(SnapshotError::from)?;
+        let state_bytes = std::fs::metadata(&state_path).map_or(0, |m| m.len());
+        Ok(SnapshotReport {
+            state_bytes,
+            memory,
+            elapsed: started.elapsed(),
+        })
     }
 
     /// Stops every started vCPU and joins its thread; returns their statistics.

@@ -16,6 +16,7 @@ use devices::virtio::{MmioTransport, MmioTransportError, VirtioDevice};
 use devices::BusError;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
+use vm_superio::serial::SerialState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout::{MMIO_GAP_START, VIRTIO_IRQS, VIRTIO_MMIO_WINDOW};
@@ -45,6 +46,9 @@ pub enum DeviceError {
         #[source]
         source: BusError,
     },
+    /// A snapshot's serial state does not fit a 16550.
+    #[error("the snapshot's serial port state is invalid: {0}")]
+    SerialState(String),
     /// The virtio transport could not be created.
     #[error("cannot create the virtio-mmio transport")]
     Transport(#[source] MmioTransportError),
@@ -79,6 +83,7 @@ impl MmioSlot {
 pub struct DeviceManager {
     buses: IoBuses,
     slots: Vec<MmioSlot>,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
 }
 
 impl DeviceManager {
@@ -92,12 +97,28 @@ impl DeviceManager {
         &self.buses
     }
 
-    /// Puts COM1 (writing to `console`) and the i8042 (signalling `reset_evt`) on the port bus.
+    /// How many virtio devices are attached.
+    pub fn virtio_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The serial port's state, for a snapshot (`None` before [`DeviceManager::attach_legacy`]).
+    pub fn serial_state(&self) -> Option<SerialState> {
+        self.serial.as_ref().map(|s| {
+            s.lock()
+                .expect("the serial port never panics while locked")
+                .state()
+        })
+    }
+
+    /// Puts COM1 (writing to `console`; in `state` if restoring) and the i8042 (signalling
+    /// `reset_evt`) on the port bus.
     pub fn attach_legacy(
         &mut self,
         vm: &VmFd,
         console: Box<dyn Write + Send>,
         reset_evt: EventFd,
+        state: Option<&SerialState>,
     ) -> Result<(), DeviceError> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
             device: "the serial port",
@@ -108,7 +129,13 @@ impl DeviceManager {
                 device: "the serial port",
                 source,
             })?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, console)));
+        let serial = match state {
+            None => SerialDevice::new(irq, console),
+            Some(state) => SerialDevice::from_state(irq, console, state)
+                .map_err(|e| DeviceError::SerialState(format!("{e:?}")))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.serial = Some(serial.clone());
         self.buses
             .pio
             .insert(serial, SERIAL_PORT_BASE, SERIAL_PORT_LEN)

@@ -13,10 +13,13 @@ pub mod container;
 pub mod device_manager;
 pub mod emulation;
 pub use hull_contract::host;
+pub mod snapshot;
 pub mod thread;
 pub mod vstate;
 
-pub use builder::{build, build_with_devices, RunOutcome, Stopper, Vmm, VmmError};
+pub use builder::{
+    build, build_with_devices, restore, RunOutcome, SnapshotReport, Stopper, Vmm, VmmError,
+};
 pub use config::{ConsoleConfig, VmConfig};
 pub use host::KvmKind;
 pub use thread::{Spawner, ThreadKind};

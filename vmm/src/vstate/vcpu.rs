@@ -237,6 +237,14 @@ impl Vcpu {
         self.index
     }
 
+    /// Sets a snapshot's state on this new vCPU, instead of [`Vcpu::configure`].
+    pub fn restore_state(
+        &self,
+        state: &crate::snapshot::VcpuState,
+    ) -> Result<(), crate::snapshot::StateError> {
+        state.restore(&self.fd)
+    }
+
     fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
         let index = self.index;
         move |source| VcpuError::Kvm {
