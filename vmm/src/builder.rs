@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::{self, BootError};
 use crate::config::{ConfigError, ConsoleConfig, VmConfig};
-use crate::container::ready::{AgentReport, ReadyScanner};
+use crate::container::ready::{AgentReport, Ready, ReadyScanner};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::host::KvmKind;
 use crate::snapshot::state::{self as snapshot_state, VcpuState, VmState};
@@ -222,6 +222,9 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// How long a vCPU may take to acknowledge a pause, resume or stop, or to run a job while
 /// paused. Only a vCPU stuck in a device call (a console write to a full pipe) comes near it.
 const VCPU_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a snapshot waits for the virtio devices to finish what the guest asked of them
+/// before the pause.
+const DEVICE_QUIET_DEADLINE: Duration = Duration::from_secs(1);
 
 /// A built VM: ready to run ([`Vmm::run`]), or started ([`Vmm::start`]) and then paused,
 /// inspected and resumed by its owner.
@@ -317,38 +320,8 @@ pub fn build_with_devices(
         .transpose()?;
 
     let mut parts = Parts::new(&vm, config, None)?;
-    let device_manager = &mut parts.device_manager;
-    if let Some(vsock) = &config.vsock {
-        let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {
-            VmmError::Vsock {
-                path: vsock.uds_path.clone(),
-                source,
-            }
-        })?;
-        let device = Arc::new(Mutex::new(device));
-        // The device serves its queues and host sockets on the VMM's event loop.
-        parts.event_manager.add_subscriber(device.clone());
-        device_manager.attach_virtio(vm.fd(), vm.memory(), device)?;
-    }
-    for dir in &config.shared_dirs {
-        let fs = Fs::new(
-            &FsConfig {
-                shared_dir: dir.path.clone(),
-                tag: dir.tag.clone(),
-                read_only: dir.read_only,
-            },
-            parts.threads.for_devices(),
-        )
-        .map_err(|source| VmmError::SharedDir {
-            tag: dir.tag.clone(),
-            source,
-        })?;
-        device_manager.attach_virtio(vm.fd(), vm.memory(), Arc::new(Mutex::new(fs)))?;
-    }
-    for device in virtio_devices {
-        device_manager.attach_virtio(vm.fd(), vm.memory(), device)?;
-    }
-
+    parts.attach_virtio(&vm, config, virtio_devices)?;
+    let device_manager = &parts.device_manager;
     let cmdline = kernel_cmdline(config, kind, &device_manager.cmdline_args())?;
     boot::configure_system(vm.memory(), &cmdline, initramfs)?;
 
@@ -371,12 +344,6 @@ pub fn build_with_devices(
 pub fn restore(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
     let kvm = Kvm::new().map_err(VmmError::Kvm)?;
     config.validate(kvm.get_max_vcpus())?;
-    if config.vsock.is_some() || !config.shared_dirs.is_empty() {
-        return Err(SnapshotError::Unsupported(
-            "restoring a VM with virtio devices is not implemented yet",
-        )
-        .into());
-    }
     let (state_path, memory_path) = snapshot::paths(dir);
     let snap: Snapshot = snapshot::file::read(&state_path).map_err(SnapshotError::from)?;
     snap.check(&state_path, config.vcpus, config.mem_size_mib)?;
@@ -389,7 +356,14 @@ pub fn restore(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError
     let vm = Vm::new(&kvm, memory)?;
     snapshot_state::check_xsave_size(vm.fd()).map_err(SnapshotError::from)?;
     let serial = vm_superio::serial::SerialState::from(&snap.serial);
-    let parts = Parts::new(&vm, config, Some(&serial))?;
+    let mut parts = Parts::new(&vm, config, Some(&serial))?;
+    parts.attach_virtio(&vm, config, Vec::new())?;
+    parts.device_manager.restore_virtio(&snap.virtio)?;
+    // The agent said it was ready before the snapshot; it is ready again at once.
+    let _ = parts.reports_tx.send(AgentReport::Ready(Ready {
+        at: Instant::now(),
+        guest_uptime_ms: None,
+    }));
     let mut vcpus = Vec::with_capacity(snap.vcpus.len());
     for state in &snap.vcpus {
         let vcpu = Vcpu::new(&vm, state.index, parts.device_manager.buses().clone())?;
@@ -422,9 +396,55 @@ struct Parts {
     stopper: Stopper,
     threads: Spawner,
     agent_reports: Receiver<AgentReport>,
+    /// Where the agent's reports come from (the console's scanner has a clone).
+    reports_tx: Sender<AgentReport>,
 }
 
 impl Parts {
+    /// The VM's virtio devices: `config`'s vsock and shared directories, then `extra`, in
+    /// that order (a snapshot's devices are restored in it).
+    fn attach_virtio(
+        &mut self,
+        vm: &Vm,
+        config: &VmConfig,
+        extra: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    ) -> Result<(), VmmError> {
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone()).map_err(|source| {
+                VmmError::Vsock {
+                    path: vsock.uds_path.clone(),
+                    source,
+                }
+            })?;
+            let device = Arc::new(Mutex::new(device));
+            // The device serves its queues and host sockets on the VMM's event loop.
+            self.event_manager.add_subscriber(device.clone());
+            self.device_manager
+                .attach_virtio(vm.fd(), vm.memory(), device)?;
+        }
+        for dir in &config.shared_dirs {
+            let fs = Fs::new(
+                &FsConfig {
+                    shared_dir: dir.path.clone(),
+                    tag: dir.tag.clone(),
+                    read_only: dir.read_only,
+                },
+                self.threads.for_devices(),
+            )
+            .map_err(|source| VmmError::SharedDir {
+                tag: dir.tag.clone(),
+                source,
+            })?;
+            self.device_manager
+                .attach_virtio(vm.fd(), vm.memory(), Arc::new(Mutex::new(fs)))?;
+        }
+        for device in extra {
+            self.device_manager
+                .attach_virtio(vm.fd(), vm.memory(), device)?;
+        }
+        Ok(())
+    }
+
     /// The legacy devices (COM1 in `serial` state when restoring), the event loop and the
     /// VM's end events.
     fn new(
@@ -449,7 +469,7 @@ impl Parts {
             vm.fd(),
             Box::new(ReadyScanner::new(
                 open_console(&config.console)?,
-                reports_tx,
+                reports_tx.clone(),
             )),
             reset_evt
                 .try_clone()
@@ -466,6 +486,7 @@ impl Parts {
             stopper,
             threads,
             agent_reports,
+            reports_tx,
         })
     }
 
@@ -591,12 +612,6 @@ impl Vmm {
             )
             .into());
         }
-        if self.device_manager.virtio_count() > 0 {
-            return Err(SnapshotError::Unsupported(
-                "the VM has virtio devices, whose state is not saved yet",
-            )
-            .into());
-        }
         if self.running.is_empty() {
             return Err(SnapshotError::Unsupported("the VM has not started").into());
         }
@@ -622,6 +637,17 @@ impl Vmm {
             vcpus.push(state);
         }
         let vm = VmState::save(self.vm.fd()).map_err(SnapshotError::from)?;
+        // Device threads may still be finishing what the guest asked before the pause.
+        let quiet_by = Instant::now() + DEVICE_QUIET_DEADLINE;
+        let virtio = loop {
+            match self.device_manager.virtio_states() {
+                Ok(states) => break states,
+                Err(_) if Instant::now() < quiet_by => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(err) => return Err(SnapshotError::Device(err).into()),
+            }
+        };
         let serial = self
             .device_manager
             .serial_state()
@@ -652,6 +678,7 @@ impl Vmm {
             vcpus,
             vm,
             serial,
+            virtio,
         };
         snapshot::file::write(&state_path, &snap).map_err(SnapshotError::from)?;
         let state_bytes = std::fs::metadata(&state_path).map_or(0, |m| m.len());

@@ -12,7 +12,7 @@ use devices::legacy::{
     SERIAL_PORT_LEN,
 };
 use devices::virtio::mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
-use devices::virtio::{MmioTransport, MmioTransportError, VirtioDevice};
+use devices::virtio::{MmioState, MmioTransport, MmioTransportError, VirtioDevice};
 use devices::BusError;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
@@ -84,6 +84,8 @@ pub struct DeviceManager {
     buses: IoBuses,
     slots: Vec<MmioSlot>,
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The virtio transports, in slot order.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl DeviceManager {
@@ -97,9 +99,33 @@ impl DeviceManager {
         &self.buses
     }
 
-    /// How many virtio devices are attached.
-    pub fn virtio_count(&self) -> usize {
-        self.slots.len()
+    /// Every virtio transport's state, in slot order, for a snapshot; fails if a device is
+    /// not quiet (see `VirtioDevice::snapshot_ready`).
+    pub fn virtio_states(&self) -> Result<Vec<MmioState>, MmioTransportError> {
+        self.transports
+            .iter()
+            .map(|t| lock_transport(t).save_state())
+            .collect()
+    }
+
+    /// Puts the virtio transports (attached in the snapshot's order) in the snapshot's state.
+    pub fn restore_virtio(&self, states: &[MmioState]) -> Result<(), DeviceError> {
+        if states.len() != self.transports.len() {
+            return Err(DeviceError::Transport(MmioTransportError::Restore {
+                device_type: 0,
+                reason: format!(
+                    "the snapshot has {} virtio devices, the VM configuration {}",
+                    states.len(),
+                    self.transports.len()
+                ),
+            }));
+        }
+        for (transport, state) in self.transports.iter().zip(states) {
+            lock_transport(transport)
+                .restore_state(state)
+                .map_err(DeviceError::Transport)?;
+        }
+        Ok(())
     }
 
     /// The serial port's state, for a snapshot (`None` before [`DeviceManager::attach_legacy`]).
@@ -195,19 +221,21 @@ impl DeviceManager {
         }
         vm.register_irqfd(transport.interrupt().irq_evt(), slot.irq)
             .map_err(kvm_err)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push(transport.clone());
         self.buses
             .mmio
-            .insert(
-                Arc::new(Mutex::new(transport)),
-                slot.addr,
-                VIRTIO_MMIO_WINDOW,
-            )
+            .insert(transport, slot.addr, VIRTIO_MMIO_WINDOW)
             .map_err(|source| DeviceError::Bus {
                 device: "a virtio device",
                 source,
             })?;
         Ok(slot)
     }
+}
+
+fn lock_transport(t: &Mutex<MmioTransport>) -> std::sync::MutexGuard<'_, MmioTransport> {
+    t.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

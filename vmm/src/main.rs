@@ -66,6 +66,14 @@ struct Args {
     /// With --container: the descriptor to write the creation report on, then close.
     #[arg(long = "sync-fd", requires = "container")]
     sync_fd: Option<RawFd>,
+    /// Boot, wait until the guest agent is ready, write a snapshot of the VM to this
+    /// directory, print what was written as JSON, and exit 0.
+    #[arg(long = "snapshot-when-ready", value_name = "DIR", conflicts_with_all = ["container", "restore"])]
+    snapshot_when_ready: Option<PathBuf>,
+    /// Restore the VM from a snapshot directory instead of booting it; the configuration gives
+    /// the console and devices and must describe the same VM (vCPUs, memory, device kinds).
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
     /// Print what this host's KVM offers hull-vmm and exit: 0 when micro-VMs can run here
     /// (`hull doctor` shows this).
     #[arg(long = "check-host", exclusive = true)]
@@ -220,6 +228,50 @@ fn fail(sync: &mut Option<File>, message: String) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// How long `--snapshot-when-ready` waits for the agent (a cold boot on a PVM host takes about
+/// 40 s, more when the host is busy).
+const SNAPSHOT_READY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// `--snapshot-when-ready`: boots, waits for the agent's readiness line, snapshots, exits.
+fn snapshot_when_ready(mut vmm: vmm::Vmm, dir: &std::path::Path) -> ExitCode {
+    let started = std::time::Instant::now();
+    let Some(reports) = vmm.agent_reports() else {
+        log::error!("the console's agent reports are taken");
+        return ExitCode::from(2);
+    };
+    if let Err(err) = vmm.start() {
+        log::error!("{}", error_chain(&err));
+        return ExitCode::from(1);
+    }
+    let ready = match vmm::container::ready::wait_ready(&reports, started, SNAPSHOT_READY_DEADLINE)
+    {
+        Ok(ready) => ready,
+        Err(err) => {
+            log::error!("no snapshot: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    match vmm.snapshot(dir) {
+        Ok(report) => {
+            let line = serde_json::json!({
+                "snapshot": dir,
+                "boot_ms": ready.at.duration_since(started).as_millis() as u64,
+                "guest_uptime_ms": ready.guest_uptime_ms,
+                "state_bytes": report.state_bytes,
+                "memory_bytes": report.memory.ram,
+                "memory_written_bytes": report.memory.written,
+                "snapshot_us": report.elapsed.as_micros() as u64,
+            });
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            log::error!("{}", error_chain(&err));
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.check_host {
@@ -261,6 +313,8 @@ fn main() -> ExitCode {
         Err(message) => return fail(&mut None, message),
     };
     let config_path = args.config.clone();
+    let snapshot_dir = args.snapshot_when_ready.clone();
+    let restore_dir = args.restore.clone();
     let container = match args
         .container
         .as_deref()
@@ -279,7 +333,11 @@ fn main() -> ExitCode {
     if let Some(warning) = kind.warning() {
         log::warn!("{warning}");
     }
-    let mut vmm = match vmm::build(&config, kind) {
+    let built = match &restore_dir {
+        Some(dir) => vmm::restore(&config, dir),
+        None => vmm::build(&config, kind),
+    };
+    let mut vmm = match built {
         Ok(vmm) => vmm,
         Err(err) => {
             let origin = config_path
@@ -289,6 +347,9 @@ fn main() -> ExitCode {
         }
     };
     log::info!("kernel command line: {}", vmm.cmdline());
+    if let Some(dir) = snapshot_dir {
+        return snapshot_when_ready(vmm, &dir);
+    }
     let container_status = match (container, signals) {
         (Some(container), Some(signals)) => {
             let (ConsoleConfig::File(console), Some(vsock)) = (&config.console, &config.vsock)

@@ -133,6 +133,15 @@ impl IrqTrigger {
         self.needs_reset.store(true, Ordering::Release);
     }
 
+    /// Puts the line in a snapshot's state, without an interrupt (the interrupt controllers'
+    /// own state says what the guest has yet to take).
+    pub fn restore(&self, status: u32, needs_reset: bool, config_generation: u32) {
+        self.status.store(status, Ordering::Release);
+        self.needs_reset.store(needs_reset, Ordering::Release);
+        self.config_generation
+            .store(config_generation, Ordering::Release);
+    }
+
     /// Clears the pending status bits and the needs-reset flag, for a device reset.
     pub(crate) fn reset(&self) {
         self.status.store(0, Ordering::Release);

@@ -18,13 +18,14 @@ use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    lock_device, ActiveQueue, GuestErrorLog, InterruptError, IrqTrigger, VirtioDevice,
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    lock_device, ActiveQueue, GuestErrorLog, InterruptError, IrqTrigger, QueueProgress,
+    VirtioDevice, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -115,6 +116,12 @@ pub enum MmioTransportError {
         addr: u64,
         len: u64,
     },
+    /// A snapshot's transport state does not fit this transport, or the device refused it.
+    #[error("virtio device type {device_type}: cannot restore the snapshot's state: {reason}")]
+    Restore { device_type: u32, reason: String },
+    /// The device cannot be snapshotted now.
+    #[error("virtio device type {device_type}: cannot be snapshotted now: {reason}")]
+    NotQuiet { device_type: u32, reason: String },
     /// A validated queue could not be copied for the device.
     #[error("queue {index}: cannot copy the queue configuration")]
     QueueCopy {
@@ -122,6 +129,35 @@ pub enum MmioTransportError {
         #[source]
         source: virtio_queue::Error,
     },
+}
+
+/// A transport's registers and its queues' configuration, for a snapshot. The queues'
+/// positions are not kept: a snapshot is only taken with nothing in flight
+/// ([`VirtioDevice::snapshot_ready`]), so each queue resumes at its used index in guest
+/// memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    pub device_type: u32,
+    pub device_status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    pub config_generation: u32,
+    pub queues: Vec<QueueRegs>,
+}
+
+/// What the driver programmed for one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegs {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
 }
 
 /// One virtio device on the MMIO bus, with the registers the driver programs.
@@ -211,6 +247,143 @@ impl MmioTransport {
     /// Whether the device is running (DRIVER_OK was accepted and `activate` succeeded).
     pub fn is_activated(&self) -> bool {
         self.activated
+    }
+
+    /// Where each ready queue stands in guest memory.
+    fn progress(&self) -> Result<Vec<QueueProgress>, String> {
+        let mut out = Vec::new();
+        for (index, queue) in self.queues.iter().enumerate().filter(|(_, q)| q.ready()) {
+            let idx = |ring: u64| {
+                self.mem
+                    .read_obj::<u16>(GuestAddress(ring + 2))
+                    .map(u16::from_le)
+                    .map_err(|e| format!("queue {index}: cannot read a ring index: {e}"))
+            };
+            out.push(QueueProgress {
+                index,
+                avail_idx: idx(queue.avail_ring())?,
+                used_idx: idx(queue.used_ring())?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The transport's state, once the device says nothing is in flight (the vCPUs are
+    /// paused, so the driver adds nothing meanwhile).
+    pub fn save_state(&self) -> Result<MmioState, MmioTransportError> {
+        let not_quiet = |reason| MmioTransportError::NotQuiet {
+            device_type: self.device_type,
+            reason,
+        };
+        if self.activated {
+            let progress = self.progress().map_err(not_quiet)?;
+            lock_device(&self.device)
+                .snapshot_ready(&progress)
+                .map_err(not_quiet)?;
+        } else if self.device_status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            return Err(not_quiet(
+                "the driver set it up but it did not start".into(),
+            ));
+        }
+        Ok(MmioState {
+            device_type: self.device_type,
+            device_status: self.device_status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            config_generation: self.interrupt.config_generation(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueRegs {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Puts a new transport (and its new, unstarted device) in the snapshot's `state`: the
+    /// registers, the queues' configuration, the device's features, and, if the device was
+    /// running, the device started with each queue at its used index in (restored) guest
+    /// memory.
+    pub fn restore_state(&mut self, state: &MmioState) -> Result<(), MmioTransportError> {
+        let device_type = self.device_type;
+        let fail = |reason: String| MmioTransportError::Restore {
+            device_type,
+            reason,
+        };
+        if state.device_type != self.device_type {
+            return Err(fail(format!(
+                "the snapshot has a device of type {} here",
+                state.device_type
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(fail(format!(
+                "{} queues in the snapshot, {} here",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        for (index, (queue, regs)) in self.queues.iter_mut().zip(&state.queues).enumerate() {
+            let set = |queue: &mut Queue| -> Result<(), virtio_queue::Error> {
+                queue.try_set_size(regs.size)?;
+                queue.try_set_desc_table_address(GuestAddress(regs.desc_table))?;
+                queue.try_set_avail_ring_address(GuestAddress(regs.avail_ring))?;
+                queue.try_set_used_ring_address(GuestAddress(regs.used_ring))?;
+                queue.set_ready(regs.ready);
+                Ok(())
+            };
+            set(queue).map_err(|e| fail(format!("queue {index}: {e}")))?;
+        }
+        self.device_status = state.device_status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.interrupt.restore(
+            state.interrupt_status,
+            state.needs_reset,
+            state.config_generation,
+        );
+        if state.device_status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = lock_device(&self.device).avail_features();
+            if state.driver_features & !offered != 0 {
+                return Err(fail(format!(
+                    "the driver's features {:#x} are not all offered here ({offered:#x})",
+                    state.driver_features
+                )));
+            }
+            lock_device(&self.device).ack_features(state.driver_features);
+        }
+        if state.activated {
+            let mut queues = self.active_queues().map_err(|e| fail(error_chain(&e)))?;
+            for active in &mut queues {
+                let used_ring = active.queue.used_ring();
+                let used = self
+                    .mem
+                    .read_obj::<u16>(GuestAddress(used_ring + 2))
+                    .map(u16::from_le)
+                    .map_err(|e| fail(format!("queue {}: {e}", active.index)))?;
+                active.queue.set_next_avail(used);
+                active.queue.set_next_used(used);
+            }
+            let mem = self.mem.clone();
+            let interrupt = Arc::clone(&self.interrupt);
+            lock_device(&self.device)
+                .activate(mem, interrupt, queues)
+                .map_err(|e| fail(error_chain(&e)))?;
+            self.activated = true;
+        }
+        Ok(())
     }
 
     /// The Status register as the driver reads it.
@@ -698,6 +871,8 @@ mod tests {
         resets: usize,
         can_reset: bool,
         fail_activate: bool,
+        /// What `snapshot_ready` answers.
+        busy: Option<&'static str>,
     }
 
     impl FakeDevice {
@@ -712,6 +887,7 @@ mod tests {
                 resets: 0,
                 can_reset: true,
                 fail_activate: false,
+                busy: None,
             }
         }
     }
@@ -761,6 +937,9 @@ mod tests {
             self.active = Some((interrupt, queues));
             self.mem = Some(mem);
             Ok(())
+        }
+        fn snapshot_ready(&self, _progress: &[QueueProgress]) -> Result<(), String> {
+            self.busy.map_or(Ok(()), |why| Err(why.to_owned()))
         }
         fn reset(&mut self) -> bool {
             self.resets += 1;
@@ -1366,5 +1545,70 @@ mod tests {
         let used = driver.pop_used().unwrap().unwrap();
         assert_eq!(used.head, head);
         assert_eq!(used.written, b"hello, driver");
+    }
+
+    #[test]
+    fn a_running_transport_restores_into_a_new_one_at_the_used_index() {
+        let mem = memory();
+        let (mut t, dev) = transport_on(&mem, FakeDevice::new());
+        let driver = DriverQueue::new(&mem, GuestAddress(0x2000), 8).unwrap();
+        init_device(&mut t, VERSION_1 | EVENT_IDX, &[(1, &driver)]);
+        write_reg(&mut t, VIRTIO_MMIO_QUEUE_SEL, 1);
+        t.interrupt().trigger(InterruptKind::Vring).unwrap();
+        // The device has given back 5 buffers of the 5 offered.
+        for ring in [driver.avail_ring().0, driver.used_ring().0] {
+            mem.write_obj(5u16.to_le(), GuestAddress(ring + 2)).unwrap();
+        }
+
+        dev.lock().unwrap().busy = Some("2 requests in flight");
+        let err = t.save_state().unwrap_err().to_string();
+        assert!(
+            err.contains("cannot be snapshotted now: 2 requests in flight"),
+            "{err}"
+        );
+        dev.lock().unwrap().busy = None;
+        let state = t.save_state().unwrap();
+        assert!(state.activated);
+        assert_eq!(state.interrupt_status, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(state.queues[1].size, 8);
+        assert!(!state.queues[0].ready);
+
+        let (mut restored, new_dev) = transport_on(&mem, FakeDevice::new());
+        restored.restore_state(&state).unwrap();
+        assert!(restored.is_activated());
+        assert_eq!(
+            status(&mut restored),
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK
+        );
+        assert_eq!(
+            read_reg(&mut restored, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        assert_eq!(restored.save_state().unwrap(), state);
+        let new_dev = new_dev.lock().unwrap();
+        assert_eq!(new_dev.acked, [VERSION_1 | EVENT_IDX]);
+        let (_, queues) = new_dev.active.as_ref().unwrap();
+        assert_eq!(queues.len(), 1);
+        let queue = &queues[0].queue;
+        assert_eq!(
+            (queues[0].index, queue.next_avail(), queue.next_used()),
+            (1, 5, 5)
+        );
+        assert_eq!(queue.used_ring(), driver.used_ring().0);
+        assert!(queue.event_idx_enabled());
+    }
+
+    #[test]
+    fn a_state_of_another_device_shape_is_refused() {
+        let (t, _) = transport();
+        let mut state = t.save_state().unwrap();
+        state.device_type = 26;
+        let (mut other, _) = transport();
+        let err = other.restore_state(&state).unwrap_err().to_string();
+        assert!(err.contains("a device of type 26"), "{err}");
+        state.device_type = TYPE_VSOCK;
+        state.queues.pop();
+        let err = other.restore_state(&state).unwrap_err().to_string();
+        assert!(err.contains("1 queues in the snapshot, 2 here"), "{err}");
     }
 }

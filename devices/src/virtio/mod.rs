@@ -28,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use interrupt::{InterruptError, InterruptKind, IrqTrigger};
-pub use mmio::{MmioTransport, MmioTransportError};
+pub use mmio::{MmioState, MmioTransport, MmioTransportError, QueueRegs};
 
 // Device types (virtio spec 5, `VIRTIO_ID_*` in linux/virtio_ids.h).
 /// Network device.
@@ -109,6 +109,17 @@ pub struct ActiveQueue {
     pub notify: EventFd,
 }
 
+/// Where a ready queue stands in guest memory, when a snapshot is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueProgress {
+    /// The queue's index.
+    pub index: usize,
+    /// The driver's avail index: buffers it has offered.
+    pub avail_idx: u16,
+    /// The device's used index: buffers it has given back.
+    pub used_idx: u16,
+}
+
 /// A virtio device, as the transport sees it.
 ///
 /// Everything here is driven by guest writes: the transport only calls `ack_features` with a
@@ -142,6 +153,14 @@ pub trait VirtioDevice: Send {
     /// Stops the device and drops its queues, for a driver reset; returns false if the device
     /// cannot be reset, in which case the transport marks it FAILED.
     fn reset(&mut self) -> bool;
+    /// Whether the running device can be snapshotted now: nothing in flight (every buffer it
+    /// took from a queue given back, so each queue resumes at its used index), and no state a
+    /// new device of the same configuration would lack. `progress` has the ready queues. The
+    /// error says what stands in the way.
+    fn snapshot_ready(&self, progress: &[QueueProgress]) -> Result<(), String> {
+        let _ = progress;
+        Err("this device cannot be snapshotted".into())
+    }
 }
 
 /// Locks a device, carrying on with its state if another thread panicked while holding it

@@ -11,8 +11,15 @@
 //!
 //! A snapshot is only restored on the host boot it was taken on: the guest's TSC is the host's
 //! and cannot be set back on every KVM (`../shared/DESIGN.md`), so after a reboot it would run
-//! backwards. VMs with virtio devices are not snapshotted yet: their queues' state is the next
-//! step of warm start (issue 11).
+//! backwards.
+//!
+//! Virtio devices are snapshotted only when quiet (`VirtioDevice::snapshot_ready`): nothing in
+//! flight, no vsock connection, the virtio-fs share not mounted. What is saved is the
+//! transport's registers and queue configuration; a restore attaches new devices from the
+//! restoring VM's configuration (its own vsock socket, its own shared directory) in the same
+//! order, puts the transports in the saved state and starts the devices with each queue at its
+//! used index in guest memory. The agent's idle point, waiting for the host's first
+//! connection, is such a moment.
 
 pub mod file;
 pub mod memory;
@@ -45,6 +52,8 @@ pub enum SnapshotError {
     State(#[from] StateError),
     #[error("cannot take a snapshot: {0}")]
     Unsupported(&'static str),
+    #[error("cannot take a snapshot")]
+    Device(#[source] devices::virtio::MmioTransportError),
     #[error("{}: taken {what} {snapshot}, but this is {here}", path.display())]
     Mismatch {
         path: PathBuf,
@@ -130,6 +139,8 @@ pub struct Snapshot {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialSnapshot,
+    /// Each virtio-mmio transport's state, in slot order.
+    pub virtio: Vec<devices::virtio::MmioState>,
 }
 
 /// The host's boot id.

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -75,9 +76,16 @@ pub struct ConfinedFs {
     root_ino: u64,
     /// The open flags `PassthroughFs` keeps for each handle it handed out (see `read`).
     handle_flags: Mutex<HashMap<Handle, u32>>,
+    /// Between FUSE_INIT and FUSE_DESTROY: the guest has the share mounted.
+    mounted: AtomicBool,
 }
 
 impl ConfinedFs {
+    /// Whether the guest has the share mounted (a FUSE session is open).
+    pub fn is_mounted(&self) -> bool {
+        self.mounted.load(Ordering::Acquire)
+    }
+
     /// Sets up the file system for `shared_dir`, which must be a directory. Opens
     /// `/proc/self/fd` now, so this must run before the VMM leaves the host's mount namespace.
     pub fn new(shared_dir: &Path, read_only: bool) -> Result<Self, FsError> {
@@ -104,6 +112,7 @@ impl ConfinedFs {
             root_dev: meta.dev(),
             root_ino: meta.ino(),
             handle_flags: Mutex::new(HashMap::new()),
+            mounted: AtomicBool::new(false),
         })
     }
 
@@ -189,10 +198,13 @@ impl FileSystem for ConfinedFs {
                 | FsOptions::ZERO_MESSAGE_OPEN
                 | FsOptions::ZERO_MESSAGE_OPENDIR
                 | FsOptions::HANDLE_KILLPRIV_V2);
-        self.inner.init(capable)
+        let options = self.inner.init(capable)?;
+        self.mounted.store(true, Ordering::Release);
+        Ok(options)
     }
 
     fn destroy(&self) {
+        self.mounted.store(false, Ordering::Release);
         self.inner.destroy();
         self.handle_flags().clear();
     }

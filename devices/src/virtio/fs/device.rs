@@ -20,7 +20,8 @@ use super::{
 };
 use crate::spawn::{DeviceThread, ThreadSpawner};
 use crate::virtio::{
-    ActivateError, ActiveQueue, IrqTrigger, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
+    ActivateError, ActiveQueue, IrqTrigger, QueueProgress, VirtioDevice, TYPE_FS,
+    VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
@@ -180,6 +181,18 @@ impl VirtioDevice for Fs {
             })?;
         self.worker = Some(Worker { stop_evt, thread });
         Ok(())
+    }
+
+    /// Only before the guest mounts the share (a FUSE session's inodes and handles live in
+    /// this process) and with every request answered.
+    fn snapshot_ready(&self, progress: &[QueueProgress]) -> Result<(), String> {
+        if self.fs.is_mounted() {
+            return Err("the guest has the share mounted".into());
+        }
+        match progress.iter().find(|p| p.avail_idx != p.used_idx) {
+            Some(p) => Err(format!("queue {} has requests in flight", p.index)),
+            None => Ok(()),
+        }
     }
 
     fn reset(&mut self) -> bool {

@@ -19,8 +19,8 @@ use super::muxer::Muxer;
 use super::packet;
 use super::{VsockError, MAX_PKT_BUF_SIZE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::{
-    ActivateError, ActiveQueue, GuestErrorLog, InterruptKind, IrqTrigger, VirtioDevice, TYPE_VSOCK,
-    VIRTIO_F_VERSION_1,
+    ActivateError, ActiveQueue, GuestErrorLog, InterruptKind, IrqTrigger, QueueProgress,
+    VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
 /// The queues and memory the driver handed over at activation.
@@ -331,6 +331,28 @@ impl VirtioDevice for Vsock {
             broken: false,
         });
         Ok(())
+    }
+
+    /// Only with no connection (a restored VM's host sockets are new ones) and every packet
+    /// the guest sent taken: the rx queue's buffers are taken only to deliver a packet, so it
+    /// resumes at its used index too.
+    fn snapshot_ready(&self, progress: &[QueueProgress]) -> Result<(), String> {
+        if self.active.as_ref().is_some_and(|a| a.broken) {
+            return Err("the guest broke a queue".into());
+        }
+        let open = self.muxer.connection_count();
+        if open > 0 {
+            return Err(format!("{open} connections are open"));
+        }
+        if self.muxer.has_rx() {
+            return Err("packets for the guest are waiting".into());
+        }
+        match progress.iter().find(|p| p.index == TX_QUEUE) {
+            Some(tx) if tx.avail_idx != tx.used_idx => {
+                Err("packets from the guest are not all taken yet".into())
+            }
+            _ => Ok(()),
+        }
     }
 
     fn reset(&mut self) -> bool {
