@@ -68,6 +68,9 @@ pub enum CreateReport {
     Created,
     /// It could not be; the text says why.
     Failed(String),
+    /// The snapshot it was to be restored from is unusable (corrupt, truncated, from another
+    /// hull-vmm, host boot or VM shape); the text says why. The caller may rebuild it.
+    BadSnapshot(String),
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ mod power;
 mod ready;
 mod reaper;
 mod relay;
+mod seed;
 mod server;
 mod signals;
 mod sys;

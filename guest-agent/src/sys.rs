@@ -205,6 +205,50 @@ pub fn set_window_size(fd: std::os::fd::BorrowedFd<'_>, rows: u16, cols: u16) ->
 }
 
 /// `ioctl(fd, TIOCGWINSZ)`: a terminal's window size as (rows, columns).
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+/// The most entropy [`add_entropy`] credits at once.
+pub const MAX_ENTROPY: usize = 512;
+
+/// `struct rand_pool_info` with its buffer.
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: libc::c_int,
+    buf_size: libc::c_int,
+    buf: [u8; MAX_ENTROPY],
+}
+
+/// Credits `entropy` (at most [`MAX_ENTROPY`] bytes are taken) to the kernel's pool through
+/// `random` (`/dev/urandom` opened for writing), then has the kernel reseed its generator.
+pub fn add_entropy(random: std::os::fd::BorrowedFd<'_>, entropy: &[u8]) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = entropy.len().min(MAX_ENTROPY);
+    let mut info = RandPoolInfo {
+        entropy_count: (len * 8) as libc::c_int,
+        buf_size: len as libc::c_int,
+        buf: [0; MAX_ENTROPY],
+    };
+    info.buf[..len].copy_from_slice(&entropy[..len]);
+    // SAFETY: RNDADDENTROPY reads a `rand_pool_info` whose buffer holds `buf_size` bytes; `info`
+    // is one, alive across the call.
+    Errno::result(unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, &info) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    Errno::result(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) })?;
+    Ok(())
+}
+
+/// Sets `CLOCK_REALTIME` to `ns` nanoseconds since the epoch.
+pub fn set_realtime(ns: u64) -> nix::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec, alive across the call.
+    Errno::result(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
+}
+
 #[cfg(test)]
 pub fn window_size(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<(u16, u16)> {
     use std::os::fd::AsRawFd;

@@ -151,7 +151,13 @@ pub fn host_handshake<S: Read + Write + ?Sized>(
     stream: &mut S,
     host_version: &str,
 ) -> Result<AgentHello, HandshakeError> {
-    let hello = HostHello::new(host_version);
+    let mut hello = HostHello::new(host_version);
+    // Without the host's entropy the guest still has its own; a restored guest would then
+    // share its random state with its siblings, so this is only a warning.
+    match crate::hello::Seed::from_host() {
+        Ok(seed) => hello.seed = Some(seed),
+        Err(e) => eprintln!("hull: warning: no entropy for the guest: {e}"),
+    }
     write_frame(stream, &HostMessage::Hello(hello.clone()))?;
     let answer =
         read_frame::<_, AgentMessage>(stream)?.ok_or(HandshakeError::Closed { peer: "agent" })?;
@@ -215,6 +221,7 @@ mod tests {
             protocol_version: max,
             min_protocol_version: min,
             host_version: "9.9.9".into(),
+            seed: None,
         }
     }
 
@@ -318,7 +325,8 @@ mod tests {
             HostHello {
                 protocol_version: 5,
                 min_protocol_version: 4,
-                host_version: "2.0".into()
+                host_version: "2.0".into(),
+                seed: None,
             }
         );
     }
@@ -333,6 +341,20 @@ mod tests {
         let (seen, version) = agent_side.join().unwrap().unwrap();
         assert_eq!(seen.host_version, "host-1");
         assert_eq!(version, PROTOCOL_VERSION);
+        // The host seeds the guest: fresh entropy each time, and its clock.
+        let seed = seen.seed.expect("a seed");
+        assert_eq!(seed.entropy.len(), crate::SEED_ENTROPY_BYTES);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert!(now - seed.realtime_ns < 10_000_000_000, "{seed:?}");
+        assert!(!format!("{seed:?}").contains(&format!("{:?}", seed.entropy)));
+        let (mut host, mut agent) = UnixStream::pair().unwrap();
+        let agent_side = thread::spawn(move || agent_handshake(&mut agent, "0.1.0", "6.12.0"));
+        host_handshake(&mut host, "host-1").unwrap();
+        let again = agent_side.join().unwrap().unwrap().0.seed.unwrap();
+        assert_ne!(again.entropy, seed.entropy);
     }
 
     #[test]

@@ -34,7 +34,10 @@ pub use handshake::{
     agent_handshake, answer_hello, check_answer, host_handshake, negotiate, HandshakeError,
     VersionMismatch,
 };
-pub use hello::{AgentHello, HelloRejected, HostHello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+pub use hello::{
+    AgentHello, HelloRejected, HostHello, Seed, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    SEED_ENTROPY_BYTES,
+};
 pub use message::{
     request_id_of, AgentMessage, CreateContainer, ErrorKind, ErrorResponse, Event, Exec,
     ExitStatus, HostMessage, ProcessInfo, ProcessRef, Request, RequestBody, Response, ResponseBody,

@@ -22,6 +22,7 @@ mod paths;
 mod signal_name;
 mod spec;
 mod state;
+mod template;
 #[cfg(test)]
 mod testutil;
 mod tty;

@@ -339,6 +339,17 @@ fn main() -> ExitCode {
     };
     let mut vmm = match built {
         Ok(vmm) => vmm,
+        Err(err @ vmm::VmmError::Snapshot(_)) if restore_dir.is_some() => {
+            let message = error_chain(&err);
+            log::error!("{message}");
+            if let Some(sync) = &mut sync {
+                let report = vmm::container::CreateReport::BadSnapshot(message);
+                let mut line = serde_json::to_vec(&report).expect("a CreateReport serializes");
+                line.push(b'\n');
+                let _ = sync.write_all(&line);
+            }
+            return ExitCode::from(2);
+        }
         Err(err) => {
             let origin = config_path
                 .map(|p| format!("config file {}: ", p.display()))

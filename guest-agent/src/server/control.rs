@@ -62,13 +62,25 @@ fn serve(id: ConnectionId, mut conn: File, owner: &Sender<Event>) {
     if owner.send(connected).is_err() {
         return;
     }
-    if let Err(e) = agent_handshake(&mut conn, env!("CARGO_PKG_VERSION"), &release) {
-        console::log(&format!(
-            "control: handshake failed: {}",
-            crate::error_chain(&e)
-        ));
-        let _ = owner.send(Event::Disconnected { id });
-        return;
+    match agent_handshake(&mut conn, env!("CARGO_PKG_VERSION"), &release) {
+        Ok((hello, _)) => {
+            // Only in the guest: in test mode (the host's tests) the clock and entropy pool are
+            // the host's own.
+            let in_guest = std::env::var_os(crate::mode::ENV_TEST_ROOT).is_none();
+            if let Some(seed) = hello.seed.as_ref().filter(|_| in_guest) {
+                if let Err(e) = crate::seed::apply(seed) {
+                    console::log(&format!("control: cannot apply the host's seed: {e}"));
+                }
+            }
+        }
+        Err(e) => {
+            console::log(&format!(
+                "control: handshake failed: {}",
+                crate::error_chain(&e)
+            ));
+            let _ = owner.send(Event::Disconnected { id });
+            return;
+        }
     }
     if let Err(e) = std::thread::Builder::new()
         .name("control-writer".into())

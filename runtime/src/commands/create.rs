@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use hull_contract::vm::VmConfig;
 use hull_contract::{ContainerConfig, CreateReport};
 use hull_protocol::{CreateContainer, Rootfs};
 
@@ -51,6 +52,10 @@ pub struct CreateArgs {
     /// Accepted for runc compatibility.
     #[arg(long = "no-new-keyring")]
     no_new_keyring: bool,
+    /// Boot the guest kernel instead of restoring the VM from its template (also with
+    /// HULL_COLD_BOOT=1).
+    #[arg(long = "cold-boot")]
+    cold_boot: bool,
     /// The container id, unique under --root.
     id: String,
 }
@@ -74,6 +79,7 @@ impl CreateArgs {
             preserve_fds: self.preserve_fds,
             debug: global.debug,
             attached,
+            cold_boot: self.cold_boot || crate::template::cold_by_environment(),
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct CreateOptions {
     pub debug: bool,
     /// `hull run` in the foreground: hull-vmm dies with hull.
     pub attached: bool,
+    /// Boot the kernel rather than restore the VM from its template.
+    pub cold_boot: bool,
 }
 
 /// A created container whose hull-vmm is hull's child.
@@ -126,9 +134,49 @@ pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Cre
         bail!("interrupted by signal {signal} before the container was created");
     }
     let state = make_state_dir(opts, &checked)?;
-    let container_path = write_vm_files(opts, &checked, &state)?;
-    let vmm = spawn_and_wait(opts, &checked, &state, &container_path, forwarder)?;
+    let (container_path, config) = write_vm_files(opts, &checked, &state)?;
+    let template = match opts.cold_boot {
+        true => None,
+        false => find_template(&config, &checked, None),
+    };
+    let spawn = |template: Option<&Path>| {
+        spawn_and_wait(opts, &checked, &state, &container_path, forwarder, template)
+    };
+    let vmm = match spawn(template.as_deref())? {
+        Ok(vmm) => vmm,
+        // hull-vmm refused the template: rebuilt once (or a cold boot if that fails).
+        Err(why) => {
+            let rebuilt = find_template(&config, &checked, Some(&why));
+            spawn(rebuilt.as_deref())?.map_err(|why| {
+                anyhow::anyhow!(
+                    "cannot create container {}: the rebuilt template: {why}",
+                    opts.id
+                )
+            })?
+        }
+    };
     record(opts, &checked, state, vmm)
+}
+
+/// The template to restore a VM like `config` from, built on first use; `stale` is why
+/// hull-vmm refused the one there. If it cannot be had, the VM boots cold and a warning says
+/// why (a cache that is not writable, a full disk).
+fn find_template(config: &VmConfig, checked: &Checked, stale: Option<&str>) -> Option<PathBuf> {
+    let cache = crate::template::cache_dir();
+    match crate::template::ensure(config, &checked.vmm_bin, &cache, stale) {
+        Ok(template) => {
+            log::debug!(
+                "restoring from VM template {}{}",
+                template.dir.display(),
+                if template.built { " (built now)" } else { "" }
+            );
+            Some(template.dir)
+        }
+        Err(err) => {
+            eprintln!("hull: warning: booting cold, no VM template: {err:#}");
+            None
+        }
+    }
 }
 
 /// What the bundle asks, checked, and where hull's own files are.
@@ -213,12 +261,13 @@ fn make_state_dir(opts: &CreateOptions, checked: &Checked) -> anyhow::Result<Sta
     Ok(state)
 }
 
-/// Step 3: `vm.json` and `container.json` in the state directory; returns the latter's path.
+/// Step 3: `vm.json` and `container.json` in the state directory; returns the latter's path
+/// and the VM's configuration.
 fn write_vm_files(
     opts: &CreateOptions,
     checked: &Checked,
     state: &StateDir,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<(PathBuf, VmConfig)> {
     let spec = &checked.spec;
     let paths = VmPaths {
         kernel: checked.kernel.clone(),
@@ -261,18 +310,20 @@ fn write_vm_files(
         spec.rootfs.display(),
         if spec.readonly { " (read-only)" } else { "" }
     );
-    Ok(container_path)
+    Ok((container_path, config))
 }
 
-/// Step 4: starts hull-vmm, points signal forwarding at it, and waits for its report that
-/// the container exists in the guest; kills it if the report says otherwise or never comes.
+/// Step 4: starts hull-vmm (restoring from `template` if given), points signal forwarding at
+/// it, and waits for its report that the container exists in the guest; kills it if the report
+/// says otherwise or never comes. `Ok(Err(why))`: hull-vmm could not use the template.
 fn spawn_and_wait(
     opts: &CreateOptions,
     checked: &Checked,
     state: &StateDir,
     container_path: &Path,
     forwarder: &Forwarder,
-) -> anyhow::Result<Child> {
+    template: Option<&Path>,
+) -> anyhow::Result<Result<Child, String>> {
     let t_spawn = Instant::now();
     let (sync_read, sync_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot make the sync pipe")?;
@@ -283,6 +334,7 @@ fn spawn_and_wait(
         sync_write,
         opts.debug,
         opts.attached,
+        template,
     )?;
     let pid = vmm.id() as i32;
     forwarder.set_target(Target::Vmm(pid));
@@ -291,6 +343,11 @@ fn spawn_and_wait(
     let t_created = Instant::now();
     match report {
         Some(CreateReport::Created) => {}
+        Some(CreateReport::BadSnapshot(why)) => {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+            return Ok(Err(why));
+        }
         Some(CreateReport::Failed(why)) => {
             let _ = vmm.kill();
             let _ = vmm.wait();
@@ -307,10 +364,15 @@ fn spawn_and_wait(
         }
     }
     log::debug!(
-        "timings (ms): hull-vmm start to container created {}",
-        t_created.duration_since(t_spawn).as_millis()
+        "timings (ms): hull-vmm start to container created {}{}",
+        t_created.duration_since(t_spawn).as_millis(),
+        if template.is_some() {
+            " (restored from the VM template)"
+        } else {
+            " (cold boot)"
+        }
     );
-    Ok(vmm)
+    Ok(Ok(vmm))
 }
 
 /// How a hull-vmm that gave no report ended, with the end of its log.
@@ -385,8 +447,12 @@ fn spawn_vmm(
     sync: OwnedFd,
     debug: bool,
     attached: bool,
+    template: Option<&Path>,
 ) -> anyhow::Result<Child> {
     let mut cmd = Command::new(vmm_bin);
+    if let Some(dir) = template {
+        cmd.arg("--restore").arg(dir);
+    }
     cmd.arg("--config")
         .arg(state.vm_config())
         .arg("--container")

@@ -425,7 +425,7 @@ fn detach(opts: &ExecArgs, root: &Path, process: &Value) -> anyhow::Result<i32> 
     let _ = std::fs::remove_file(&process_path);
     match report {
         Some(CreateReport::Created) => {}
-        Some(CreateReport::Failed(why)) => {
+        Some(CreateReport::Failed(why) | CreateReport::BadSnapshot(why)) => {
             let _ = child.wait();
             bail!("{why}");
         }
