@@ -6,8 +6,12 @@
 //! - real kernel and agent: process start to the agent's readiness line (and the guest's own
 //!   uptime at that point, which excludes VMM setup and early boot before timekeeping);
 //! - peak RSS of hull-vmm (the kernel's `ru_maxrss` for the child);
-//! - `hull run` of a busybox `/bin/true` bundle next to `runc run` of the same bundle, on the
-//!   same machine, in the same run, when runc is installed.
+//! - warm start: a snapshot of the real guest at the agent's idle point (boot, snapshot time,
+//!   memory written); process start to the restored vCPUs running and to the agent's answer;
+//!   the memory (RSS and PSS) of 10 idle VMs restored from one snapshot next to one booted;
+//! - `hull run` of a busybox `/bin/true` bundle, restored from its template (warm) and booted
+//!   (cold), next to `runc run` of the same bundle, on the same machine, in the same run, when
+//!   runc is installed.
 //!
 //! Times are wall-clock; the figures are printed, never asserted.
 
@@ -44,9 +48,16 @@ struct Args {
     /// Runs of runc for reference.
     #[arg(long, default_value_t = 30)]
     runc_runs: usize,
-    /// Runs of `hull run` on the same bundle (about a minute each on a PVM host).
+    /// Runs of `hull run` on the same bundle, each of warm and cold (a cold one is about a
+    /// minute on a PVM host).
     #[arg(long, default_value_t = 3)]
     hull_runs: usize,
+    /// Restores of the real guest's snapshot, timed one by one.
+    #[arg(long, default_value_t = 10)]
+    restore_runs: usize,
+    /// Idle VMs restored from one snapshot at once, for their memory.
+    #[arg(long, default_value_t = 10)]
+    idle_vms: usize,
     /// The test initramfs (with ymm-stress), for the context-switch measurement.
     #[arg(long)]
     test_initramfs: Option<PathBuf>,
@@ -184,6 +195,10 @@ struct Figures {
     runc_rss_kib: i64,
     hull_run: Option<Duration>,
     hull_rss_kib: i64,
+    hull_cold_run: Option<Duration>,
+    restore_to_answer: Option<Duration>,
+    booted_pss_kib: i64,
+    restored_pss_kib: i64,
 }
 
 impl Figures {
@@ -197,8 +212,20 @@ impl Figures {
             _ => "n/a".into(),
         };
         println!(
-            "  hull run / runc run (/bin/true):        {}",
+            "  hull run warm / runc run (/bin/true):   {}",
             ratio(self.hull_run, self.runc_run)
+        );
+        println!(
+            "  hull run cold / runc run (/bin/true):   {}",
+            ratio(self.hull_cold_run, self.runc_run)
+        );
+        println!(
+            "  hull run cold / hull run warm:          {}",
+            ratio(self.hull_cold_run, self.hull_run)
+        );
+        println!(
+            "  boot to agent ready / restore to agent: {}",
+            ratio(self.boot_to_ready, self.restore_to_answer)
         );
         println!(
             "  boot to agent ready / hull run:         {}",
@@ -216,6 +243,10 @@ impl Figures {
         println!(
             "  peak RSS hull run / runc run:           {}",
             rss_ratio(self.hull_rss_kib, self.runc_rss_kib)
+        );
+        println!(
+            "  PSS of a restored idle VM / a booted:   {}",
+            rss_ratio(self.restored_pss_kib, self.booted_pss_kib)
         );
     }
 }
@@ -422,21 +453,48 @@ fn bench_run(lane: &str, runc_runs: usize, hull_runs: usize, figures: &mut Figur
             return;
         }
     };
+    // A template cache of this run's own; its template is built by one run not timed here.
+    let templates = dir.path().join("templates");
+    let run_cmd = |binary: &Path, root: &Path, id: String, cold: bool| {
+        let mut cmd = Command::new(binary);
+        cmd.env("HULL_TEMPLATE_DIR", &templates)
+            .env("HULL_COLD_BOOT", if cold { "1" } else { "0" })
+            .arg("--root")
+            .arg(root)
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(id);
+        cmd
+    };
+    if hull_runs > 0 {
+        let first = measure(
+            run_cmd(
+                &workspace_bin("hull"),
+                &dir.path().join("first-root"),
+                format!("hull-bench-{}-first", std::process::id()),
+                false,
+            ),
+            |_| false,
+        );
+        assert_eq!(first.status, 0, "the first hull run failed");
+        println!(
+            "[{lane}] first hull run (builds the VM template): {} ms",
+            first.to_exit.as_millis()
+        );
+    }
     let runtimes = [
-        ("runc", PathBuf::from("runc"), runc_runs),
-        ("hull", workspace_bin("hull"), hull_runs),
+        ("runc", PathBuf::from("runc"), runc_runs, false),
+        ("hull (warm)", workspace_bin("hull"), hull_runs, false),
+        ("hull (cold)", workspace_bin("hull"), hull_runs, true),
     ];
-    for (name, binary, runs) in runtimes {
-        let root = dir.path().join(format!("{name}-root"));
+    for (name, binary, runs, cold) in runtimes {
+        let root = dir
+            .path()
+            .join(format!("{}-root", name.replace([' ', '(', ')'], "")));
         let samples: Vec<Sample> = (0..runs)
             .map(|i| {
-                let mut cmd = Command::new(&binary);
-                cmd.arg("--root")
-                    .arg(&root)
-                    .args(["run", "--bundle"])
-                    .arg(&bundle)
-                    .arg(format!("hull-bench-{}-{i}", std::process::id()));
-                measure(cmd, |_| false)
+                let id = format!("hull-bench-{}-{i}", std::process::id());
+                measure(run_cmd(&binary, &root, id, cold), |_| false)
             })
             .collect();
         if samples.is_empty() {
@@ -450,12 +508,222 @@ fn bench_run(lane: &str, runc_runs: usize, hull_runs: usize, figures: &mut Figur
         );
         println!("  peak RSS of {name}:            {}", max_rss(&samples));
         let to_exit = median(samples.iter().map(|s| s.to_exit).collect());
-        if name == "runc" {
-            (figures.runc_run, figures.runc_rss_kib) = (to_exit, max_rss_kib(&samples));
-        } else {
-            (figures.hull_run, figures.hull_rss_kib) = (to_exit, max_rss_kib(&samples));
+        match (name, cold) {
+            ("runc", _) => {
+                (figures.runc_run, figures.runc_rss_kib) = (to_exit, max_rss_kib(&samples))
+            }
+            (_, false) => {
+                (figures.hull_run, figures.hull_rss_kib) = (to_exit, max_rss_kib(&samples))
+            }
+            (_, true) => figures.hull_cold_run = to_exit,
         }
     }
+}
+
+/// A `hull-vmm` of the real guest serving the agent (`hull.serve`), with its vsock socket and
+/// an empty share in `dir`, named `name`.
+fn agent_vm(kernel: &Path, initramfs: &Path, dir: &Path, name: &str) -> Command {
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).expect("the share");
+    let mut cmd = Command::new(workspace_bin("hull-vmm"));
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .arg("--initramfs")
+        .arg(initramfs)
+        .args([
+            "--mem-size-mib",
+            "256",
+            "--cmdline",
+            "hull.serve",
+            "--vsock-uds",
+        ])
+        .arg(dir.join(format!("{name}.sock")))
+        .arg("--shared-dir")
+        .arg(format!("rootfs={}", share.display()))
+        .arg("--console")
+        .arg(format!(
+            "file:{}",
+            dir.join(format!("{name}.console")).display()
+        ))
+        .args(["--log-level", "info", "--log-file"])
+        .arg(dir.join(format!("{name}.log")));
+    cmd
+}
+
+/// Connects to the agent of the VM whose vsock socket is `uds` and completes the handshake,
+/// retrying until `deadline`.
+fn agent_answers(uds: &Path, deadline: Instant) -> bool {
+    let mut attempts = 0u32;
+    while Instant::now() < deadline {
+        attempts += 1;
+        if let Ok(mut conn) = hull_protocol::hybrid::connect(
+            uds,
+            hull_protocol::CONTROL_PORT,
+            Some(Duration::from_secs(60)),
+        ) {
+            return hull_protocol::host_handshake(&mut conn, "hull-bench").is_ok();
+        }
+        // Quick at first (a restore answers within milliseconds), then gentle (a boot takes
+        // long, and polling must not steal the guest's CPU).
+        let pause = if attempts < 200 { 200 } else { 20_000 };
+        std::thread::sleep(Duration::from_micros(pause));
+    }
+    false
+}
+
+/// `Rss` and `Pss` of a process, KiB (`/proc/PID/smaps_rollup`).
+fn rss_pss_kib(pid: u32) -> (i64, i64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Pss:"))
+}
+
+fn mean_mib(values: &[i64]) -> String {
+    let n = values.len().max(1) as f64;
+    format!("{:.1} MiB", values.iter().sum::<i64>() as f64 / n / 1024.0)
+}
+
+/// Snapshot of the real guest at the agent's idle point, restores of it, and the memory of
+/// restored VMs next to a booted one.
+fn bench_warm_start(
+    lane: &str,
+    kernel: &Path,
+    initramfs: &Path,
+    runs: usize,
+    idle_vms: usize,
+    figures: &mut Figures,
+) {
+    let dir = TempDir::new("bench-warm");
+    let snapshot = dir.path().join("snapshot");
+    let mut cmd = agent_vm(kernel, initramfs, dir.path(), "template");
+    cmd.arg("--snapshot-when-ready").arg(&snapshot);
+    let built = measure(cmd, |l| l.starts_with('{'));
+    let report: serde_json::Value = built
+        .marker_line
+        .as_deref()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
+    println!("[{lane}] warm start: snapshot of the real guest at the agent's idle point:");
+    if built.status != 0 || report.is_null() {
+        println!("  failed (exit {})", built.status);
+        return;
+    }
+    println!(
+        "  boot to agent ready {} ms; snapshot {} us; state {} bytes; memory {} of {} MiB written",
+        report["boot_ms"],
+        report["snapshot_us"],
+        report["state_bytes"],
+        report["memory_written_bytes"].as_u64().unwrap_or(0) >> 20,
+        report["memory_bytes"].as_u64().unwrap_or(0) >> 20
+    );
+
+    let mut to_running = Vec::new();
+    let mut to_answer = Vec::new();
+    for i in 0..runs {
+        let name = format!("restore-{i}");
+        let mut cmd = agent_vm(kernel, initramfs, dir.path(), &name);
+        cmd.arg("--restore").arg(&snapshot);
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start hull-vmm --restore");
+        let answered = agent_answers(
+            &dir.path().join(format!("{name}.sock")),
+            started + Duration::from_secs(120),
+        );
+        let elapsed = started.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        if !answered {
+            println!("  restore {i}: the agent did not answer");
+            return;
+        }
+        to_answer.push(elapsed);
+        let log =
+            std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        if let Some(us) = log
+            .lines()
+            .find_map(|l| l.split("restored: ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        {
+            to_running.push(Duration::from_micros(us));
+        }
+    }
+    println!(
+        "  hull-vmm main to the restored vCPUs running: {}",
+        summary_us(to_running)
+    );
+    println!(
+        "  process start to the agent's answer:          {}",
+        summary_ms(to_answer.clone())
+    );
+    figures.restore_to_answer = median(to_answer);
+
+    // Memory: idle VMs restored from one snapshot, and one booted.
+    let mut children = Vec::new();
+    for i in 0..idle_vms {
+        let name = format!("idle-{i}");
+        let mut cmd = agent_vm(kernel, initramfs, dir.path(), &name);
+        cmd.arg("--restore").arg(&snapshot);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start hull-vmm --restore");
+        children.push((name, child));
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let all_answered = children
+        .iter()
+        .all(|(name, _)| agent_answers(&dir.path().join(format!("{name}.sock")), deadline));
+    let (mut rss, mut pss) = (Vec::new(), Vec::new());
+    for (_, child) in &children {
+        let (r, p) = rss_pss_kib(child.id());
+        rss.push(r);
+        pss.push(p);
+    }
+    for (_, child) in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut booted = agent_vm(kernel, initramfs, dir.path(), "booted")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start hull-vmm");
+    let booted_answered = agent_answers(
+        &dir.path().join("booted.sock"),
+        Instant::now() + Duration::from_secs(600),
+    );
+    let (booted_rss, booted_pss) = rss_pss_kib(booted.id());
+    let _ = booted.kill();
+    let _ = booted.wait();
+    if !all_answered || !booted_answered {
+        println!("  memory: not measured (an agent did not answer)");
+        return;
+    }
+    println!(
+        "  {idle_vms} idle VMs restored from one snapshot: RSS {} each, PSS {} each (mean)",
+        mean_mib(&rss),
+        mean_mib(&pss)
+    );
+    println!(
+        "  1 idle VM booted:                             RSS {}, PSS {}",
+        mean_mib(&[booted_rss]),
+        mean_mib(&[booted_pss])
+    );
+    figures.booted_pss_kib = booted_pss;
+    figures.restored_pss_kib = pss.iter().sum::<i64>() / pss.len().max(1) as i64;
 }
 
 /// Guest system call and context switch cost: `ymm-stress 1 N` yields without switching,
@@ -523,6 +791,14 @@ fn main() {
     if let Some(test_initramfs) = &args.test_initramfs {
         bench_context_switches(&lane, &args.kernel, test_initramfs, args.yields);
     }
+    bench_warm_start(
+        &lane,
+        &args.kernel,
+        &args.initramfs,
+        args.restore_runs,
+        args.idle_vms,
+        &mut figures,
+    );
     bench_run(&lane, args.runc_runs, args.hull_runs, &mut figures);
     figures.print_ratios(&lane);
 }

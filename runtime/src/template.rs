@@ -166,8 +166,15 @@ pub fn ensure(
     if stale.is_none() && matches(&dir, &key) {
         return Ok(Template { dir, built: false });
     }
-    std::fs::create_dir_all(cache)
-        .with_context(|| format!("cannot make the template cache {}", cache.display()))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        // Only its owner reads the guests' memory.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(cache)
+            .with_context(|| format!("cannot make the template cache {}", cache.display()))?;
+    }
     let lock_path = cache.join(format!("{hash}.lock"));
     let lock = OpenOptions::new()
         .create(true)
