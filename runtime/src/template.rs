@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use hull_contract::vm::VmConfig;
@@ -152,13 +152,21 @@ struct BuildReport {
     snapshot_us: u64,
 }
 
-/// The template for a VM like `config`, built if there is none (or `stale` names one to
-/// replace: the reason hull-vmm gave for refusing it).
+/// A template hull-vmm refused: why, and when the caller chose it (a template built since is
+/// another one, and is used rather than rebuilt again).
+#[derive(Debug, Clone, Copy)]
+pub struct Stale<'a> {
+    pub why: &'a str,
+    pub chosen_at: SystemTime,
+}
+
+/// The template for a VM like `config`, built if there is none (or `stale` is why the one
+/// there must be replaced).
 pub fn ensure(
     config: &VmConfig,
     vmm: &Path,
     cache: &Path,
-    stale: Option<&str>,
+    stale: Option<Stale<'_>>,
 ) -> anyhow::Result<Template> {
     let key = Key::new(config, vmm)?;
     let hash = key.hash();
@@ -198,15 +206,17 @@ pub fn ensure(
                 .with_context(|| format!("cannot lock {}", lock_path.display()))?
         }
     };
-    if let Some(why) = stale {
-        if matches(&dir, &key) {
-            eprintln!(
-                "hull: warning: VM template {} is unusable ({why}); rebuilding it",
-                dir.display()
-            );
-            std::fs::remove_dir_all(&dir)
-                .with_context(|| format!("cannot remove template {}", dir.display()))?;
+    if let Some(stale) = stale {
+        let rebuilt_since = built_at(&dir).is_some_and(|t| t > stale.chosen_at);
+        if rebuilt_since && matches(&dir, &key) {
+            log::debug!("template {} was rebuilt by another hull", dir.display());
+            return Ok(Template { dir, built: false });
         }
+        eprintln!(
+            "hull: warning: VM template {} is unusable ({}); rebuilding it",
+            dir.display(),
+            stale.why
+        );
     } else if matches(&dir, &key) {
         // Built by the hull we waited for.
         log::debug!(
@@ -356,9 +366,13 @@ fn build_in(
     let report: BuildReport = serde_json::from_str(out.trim())
         .with_context(|| format!("hull-vmm's template report {out:?}"))?;
     write_key(&snapshot, key)?;
+    // Replaced by two renames, so that a hull-vmm restoring from the old one meanwhile keeps
+    // its files (they go when the last one closes them) and the name is missing for
+    // microseconds only.
+    let old = work.join("replaced");
     if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("cannot remove the old template {}", dir.display()))?;
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("cannot move the old template {} aside", dir.display()))?;
     }
     std::fs::rename(&snapshot, dir)
         .with_context(|| format!("cannot publish template {}", dir.display()))?;
@@ -386,7 +400,7 @@ fn write_key(dir: &Path, key: &Key) -> anyhow::Result<()> {
 }
 
 /// When the template was built, for `hull doctor`.
-pub fn built_at(dir: &Path) -> Option<std::time::SystemTime> {
+pub fn built_at(dir: &Path) -> Option<SystemTime> {
     std::fs::metadata(dir.join(KEY_FILE))
         .and_then(|m| m.modified())
         .ok()

@@ -135,6 +135,7 @@ pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Cre
     }
     let state = make_state_dir(opts, &checked)?;
     let (container_path, config) = write_vm_files(opts, &checked, &state)?;
+    let chosen_at = SystemTime::now();
     let template = match opts.cold_boot {
         true => None,
         false => find_template(&config, &checked, None),
@@ -144,15 +145,26 @@ pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Cre
     };
     let vmm = match spawn(template.as_deref())? {
         Ok(vmm) => vmm,
-        // hull-vmm refused the template: rebuilt once (or a cold boot if that fails).
+        // hull-vmm refused the template: rebuilt once; if it refuses that one too, the fault
+        // is not the template's, and the VM boots cold.
         Err(why) => {
-            let rebuilt = find_template(&config, &checked, Some(&why));
-            spawn(rebuilt.as_deref())?.map_err(|why| {
-                anyhow::anyhow!(
-                    "cannot create container {}: the rebuilt template: {why}",
-                    opts.id
-                )
-            })?
+            let stale = crate::template::Stale {
+                why: &why,
+                chosen_at,
+            };
+            let rebuilt = find_template(&config, &checked, Some(stale));
+            match spawn(rebuilt.as_deref())? {
+                Ok(vmm) => vmm,
+                Err(again) => {
+                    eprintln!(
+                        "hull: warning: booting cold: the rebuilt VM template cannot be \
+                         restored either: {again}"
+                    );
+                    spawn(None)?.map_err(|why| {
+                        anyhow::anyhow!("cannot create container {}: {why}", opts.id)
+                    })?
+                }
+            }
         }
     };
     record(opts, &checked, state, vmm)
@@ -161,7 +173,11 @@ pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Cre
 /// The template to restore a VM like `config` from, built on first use; `stale` is why
 /// hull-vmm refused the one there. If it cannot be had, the VM boots cold and a warning says
 /// why (a cache that is not writable, a full disk).
-fn find_template(config: &VmConfig, checked: &Checked, stale: Option<&str>) -> Option<PathBuf> {
+fn find_template(
+    config: &VmConfig,
+    checked: &Checked,
+    stale: Option<crate::template::Stale<'_>>,
+) -> Option<PathBuf> {
     let cache = crate::template::cache_dir();
     match crate::template::ensure(config, &checked.vmm_bin, &cache, stale) {
         Ok(template) => {

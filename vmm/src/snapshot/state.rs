@@ -228,7 +228,10 @@ impl VcpuState {
         // SAFETY: `kvm_xsave` is the 4 KiB layout KVM_SET_XSAVE reads, and `check_xsave_size`
         // has made sure that this host's state fits it (it was read by KVM_GET_XSAVE).
         unsafe { fd.set_xsave(&self.xsave) }.map_err(kvm("cannot set XSAVE state"))?;
-        fd.set_xcrs(&self.xcrs).map_err(kvm("cannot set XCRs"))?;
+        // A host without XSAVE reads no XCRs and refuses to set any (EINVAL).
+        if self.xcrs.nr_xcrs > 0 {
+            fd.set_xcrs(&self.xcrs).map_err(kvm("cannot set XCRs"))?;
+        }
         fd.set_debug_regs(&self.debugregs)
             .map_err(kvm("cannot set debug registers"))?;
         fd.set_lapic(&self.lapic)
