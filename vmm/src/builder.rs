@@ -342,23 +342,29 @@ pub fn build_with_devices(
 /// must describe the same VM (vCPUs, memory; no virtio devices yet). The VM is ready to
 /// [`Vmm::start`] or [`Vmm::run`], and continues exactly where the snapshot was taken.
 pub fn restore(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
+    let mut timeline = Timeline::new();
     let kvm = Kvm::new().map_err(VmmError::Kvm)?;
     config.validate(kvm.get_max_vcpus())?;
+    timeline.mark("open KVM");
     let (state_path, memory_path) = snapshot::paths(dir);
     let snap: Snapshot = snapshot::file::read(&state_path).map_err(SnapshotError::from)?;
     snap.check(&state_path, config.vcpus, config.mem_size_mib)?;
+    timeline.mark("read state");
     let memory = snapshot::memory::map(
         &memory_path,
         &snap.id,
         &boot::memory_ranges(u64::from(config.mem_size_mib) << 20),
     )
     .map_err(SnapshotError::from)?;
+    timeline.mark("map memory");
     let vm = Vm::new(&kvm, memory)?;
     snapshot_state::check_xsave_size(vm.fd()).map_err(SnapshotError::from)?;
+    timeline.mark("create VM");
     let serial = vm_superio::serial::SerialState::from(&snap.serial);
     let mut parts = Parts::new(&vm, config, Some(&serial))?;
     parts.attach_virtio(&vm, config, Vec::new())?;
     parts.device_manager.restore_virtio(&snap.virtio)?;
+    timeline.mark("devices");
     // The agent said it was ready before the snapshot; it is ready again at once.
     let _ = parts.reports_tx.send(AgentReport::Ready(Ready {
         at: Instant::now(),
@@ -370,8 +376,42 @@ pub fn restore(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError
         vcpu.restore_state(state).map_err(SnapshotError::from)?;
         vcpus.push(vcpu);
     }
+    timeline.mark("vCPUs");
     snap.vm.restore(vm.fd()).map_err(SnapshotError::from)?;
+    timeline.mark("VM state");
+    log::info!("restore timeline (us): {timeline}");
     Ok(parts.assemble(vm, vcpus, config, snap.cmdline.clone(), true))
+}
+
+/// Steps and how long each took, for a log line.
+struct Timeline {
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Timeline {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.steps.push((step, now.duration_since(self.last)));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Timeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (step, took)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {}", took.as_micros())?;
+        }
+        Ok(())
+    }
 }
 
 /// What a snapshot wrote.
