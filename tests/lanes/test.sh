@@ -24,7 +24,7 @@ cargo=${CARGO:-cargo}
 # The KVM and end-to-end test programs: every file of tests/tests/ (a new one runs in the
 # lanes without being listed here); and the subset that is about PVM.
 mapfile -t kvm_programs < <(cd tests/tests && ls -- *.rs | sed 's/\.rs$//')
-pvm_programs=(tiny_guest emulation_assist pause xstate boot
+pvm_programs=(tiny_guest emulation_assist pause snapshot xstate boot
     "run=echo_hello_exits_zero_with_exact_output,output_can_be_read_while_the_process_runs,the_seccomp_profile_is_enforced,bad_input_is_refused")
 # Programs that mean nothing without a CPU flag, and why (the nested lane skips them there).
 nested_requires=(--require xstate=xsave --reason
