@@ -165,6 +165,19 @@ fn a_corrupt_template_is_rebuilt_and_cold_boot_skips_the_cache() {
     left.sort();
     assert_eq!(left, [names[0].clone(), format!("{}.lock", names[0])]);
 
+    // A cache that cannot be made (here: a file is in the way) boots cold, with a warning.
+    let blocked = templates.path().join("not-a-directory");
+    std::fs::write(&blocked, b"").unwrap();
+    let out = hull_run(&blocked.join("cache"), bundle.path(), "no-cache", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", context(&out));
+    assert_eq!(stdout(&out), "ok\n");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("warning: booting cold, no VM template"),
+        "{}",
+        context(&out)
+    );
+    std::fs::remove_file(&blocked).unwrap();
+
     // `hull doctor` shows it.
     let doctor = Command::new(workspace_bin("hull"))
         .env("HULL_TEMPLATE_DIR", templates.path())
