@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -254,8 +254,11 @@ impl MmioTransport {
         let mut out = Vec::new();
         for (index, queue) in self.queues.iter().enumerate().filter(|(_, q)| q.ready()) {
             let idx = |ring: u64| {
+                let at = GuestAddress(ring)
+                    .checked_add(2)
+                    .ok_or_else(|| format!("queue {index}: ring at {ring:#x}"))?;
                 self.mem
-                    .read_obj::<u16>(GuestAddress(ring + 2))
+                    .read_obj::<u16>(at)
                     .map(u16::from_le)
                     .map_err(|e| format!("queue {index}: cannot read a ring index: {e}"))
             };
@@ -368,9 +371,15 @@ impl MmioTransport {
             let mut queues = self.active_queues().map_err(|e| fail(error_chain(&e)))?;
             for active in &mut queues {
                 let used_ring = active.queue.used_ring();
+                let at = GuestAddress(used_ring).checked_add(2).ok_or_else(|| {
+                    fail(format!(
+                        "queue {}: used ring at {used_ring:#x}",
+                        active.index
+                    ))
+                })?;
                 let used = self
                     .mem
-                    .read_obj::<u16>(GuestAddress(used_ring + 2))
+                    .read_obj::<u16>(at)
                     .map(u16::from_le)
                     .map_err(|e| fail(format!("queue {}: {e}", active.index)))?;
                 active.queue.set_next_avail(used);

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::mmap::{GuestRegionMmap, MmapRegion};
 use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 /// The first bytes of a memory file.
@@ -140,15 +141,16 @@ pub fn dump(
         let len = region.len() as usize;
         let pages = len / PAGE;
         let touched = touched_pages(&pagemap, host, pages)?;
-        // SAFETY: `host..host+len` is this region's mapping, owned by `memory` and alive for
-        // the borrow; the vCPUs are paused, so nothing writes it while it is read.
-        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        let mut data = [0u8; PAGE];
         for (page, _) in touched.iter().enumerate().filter(|(_, t)| **t) {
-            let data = &bytes[page * PAGE..(page + 1) * PAGE];
+            // Through vm-memory's volatile copy: a device could still write guest memory.
+            region
+                .read_slice(&mut data, MemoryRegionAddress((page * PAGE) as u64))
+                .map_err(|e| werr(std::io::Error::other(e.to_string())))?;
             if data.iter().all(|&b| b == 0) {
                 continue;
             }
-            file.write_all_at(data, file_offset + (page * PAGE) as u64)
+            file.write_all_at(&data, file_offset + (page * PAGE) as u64)
                 .map_err(werr)?;
             stats.written += PAGE as u64;
         }
