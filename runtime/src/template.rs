@@ -12,9 +12,9 @@
 //! concurrent first `create`s build it once: a cold boot of a VM like the container's (its
 //! share an empty directory, its vsock socket a private one) that hull-vmm snapshots as soon as
 //! the agent is ready (`--snapshot-when-ready`), in `<hash>.build-<pid>/`, renamed into place
-//! whole. Templates of another host boot or hull are removed when a new one is built. A
-//! template hull-vmm cannot restore (corrupt, truncated, of another shape) is removed and
-//! rebuilt by the caller, with a warning that says why.
+//! whole. Templates of another host boot, another hull, or files that changed since are
+//! removed when a new one is built. A template hull-vmm cannot restore (corrupt, truncated, of
+//! another shape) is replaced by the caller, with a warning that says why.
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
@@ -241,8 +241,16 @@ fn matches(dir: &Path, key: &Key) -> bool {
         && dir.join("memory").is_file()
 }
 
-/// Removes templates of another host boot or hull version, and builds left by a hull that
-/// died (none of them can be used again).
+/// Whether a file `key` depends on has changed or gone since (a rebuilt kernel, agent or
+/// hull-vmm): no configuration will ask for that template again.
+fn inputs_changed(key: &Key) -> bool {
+    let same = |f: &FileId| FileId::of(&f.path).is_ok_and(|now| now == *f);
+    !(same(&key.kernel) && key.initramfs.as_ref().is_none_or(same) && same(&key.vmm))
+}
+
+/// Removes templates of another host boot or hull version or of files that have changed since,
+/// and builds left by a hull that died: none of them can be used again, and each holds tens of
+/// MiB of disk.
 fn remove_stale(cache: &Path, key: &Key) {
     let Ok(entries) = std::fs::read_dir(cache) else {
         return;
@@ -265,10 +273,14 @@ fn remove_stale(cache: &Path, key: &Key) {
         let Ok(other) = serde_json::from_slice::<Key>(&text) else {
             continue;
         };
-        if other.boot_id != key.boot_id || other.hull_version != key.hull_version {
+        let other_boot = other.boot_id != key.boot_id || other.hull_version != key.hull_version;
+        if other_boot || inputs_changed(&other) {
             log::info!("removing stale VM template {}", path.display());
             let _ = std::fs::remove_dir_all(&path);
-            let _ = std::fs::remove_file(cache.join(format!("{name}.lock")));
+            // A lock of this boot may be held by a hull still waiting on it; it stays.
+            if other_boot {
+                let _ = std::fs::remove_file(cache.join(format!("{name}.lock")));
+            }
         }
     }
 }
@@ -479,6 +491,20 @@ mod tests {
     fn only_a_complete_directory_with_the_same_key_matches_and_stale_ones_go() {
         let cache = std::env::temp_dir().join(format!("hull-templates-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&cache);
+        let inputs = cache.join("inputs");
+        std::fs::create_dir_all(&inputs).unwrap();
+        let file = |name: &str| {
+            let path = inputs.join(name);
+            std::fs::write(&path, name).unwrap();
+            FileId::of(&path).unwrap()
+        };
+        let key = || Key {
+            kernel: FileId::of(&inputs.join("vmlinux")).unwrap(),
+            initramfs: Some(FileId::of(&inputs.join("initramfs")).unwrap()),
+            vmm: FileId::of(&inputs.join("hull-vmm")).unwrap(),
+            ..super::tests::key()
+        };
+        let _ = (file("vmlinux"), file("initramfs"), file("hull-vmm"));
         let dir = cache.join(key().hash());
         std::fs::create_dir_all(&dir).unwrap();
         write_key(&dir, &key()).unwrap();
@@ -490,6 +516,13 @@ mod tests {
         other.mem_size_mib = 512;
         assert!(!matches(&dir, &other));
 
+        // A template of a kernel that has been rebuilt since is removed.
+        let mut rebuilt = key();
+        rebuilt.kernel.size += 1;
+        let rebuilt_dir = cache.join(rebuilt.hash());
+        std::fs::create_dir_all(&rebuilt_dir).unwrap();
+        write_key(&rebuilt_dir, &rebuilt).unwrap();
+
         // Another boot's template and a dead build are removed; this boot's stays.
         let mut old = key();
         old.boot_id = "old boot".into();
@@ -500,7 +533,7 @@ mod tests {
         std::fs::create_dir_all(&dead).unwrap();
         remove_stale(&cache, &key());
         assert!(dir.exists());
-        assert!(!old_dir.exists() && !dead.exists());
+        assert!(!old_dir.exists() && !dead.exists() && !rebuilt_dir.exists());
         assert_eq!(list(&cache).len(), 1);
         std::fs::remove_dir_all(&cache).unwrap();
     }
