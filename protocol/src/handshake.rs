@@ -52,6 +52,9 @@ pub enum HandshakeError {
         min: u32,
         max: u32,
     },
+    /// The host's entropy for the guest could not be read (`/dev/urandom`).
+    #[error("cannot read the host's entropy for the guest")]
+    Seed(#[source] std::io::Error),
     #[error("expected a hello from the {peer}, got {got}")]
     Unexpected {
         peer: &'static str,
@@ -152,12 +155,9 @@ pub fn host_handshake<S: Read + Write + ?Sized>(
     host_version: &str,
 ) -> Result<AgentHello, HandshakeError> {
     let mut hello = HostHello::new(host_version);
-    // Without the host's entropy the guest still has its own; a restored guest would then
-    // share its random state with its siblings, so this is only a warning.
-    match crate::hello::Seed::from_host() {
-        Ok(seed) => hello.seed = Some(seed),
-        Err(e) => eprintln!("hull: warning: no entropy for the guest: {e}"),
-    }
+    // Not optional: a guest restored from a template shares its random state with every
+    // sibling until it gets the host's entropy.
+    hello.seed = Some(crate::hello::Seed::from_host().map_err(HandshakeError::Seed)?);
     write_frame(stream, &HostMessage::Hello(hello.clone()))?;
     let answer =
         read_frame::<_, AgentMessage>(stream)?.ok_or(HandshakeError::Closed { peer: "agent" })?;
