@@ -360,8 +360,7 @@ pub fn restore(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError
     let vm = Vm::new(&kvm, memory)?;
     snapshot_state::check_xsave_size(vm.fd()).map_err(SnapshotError::from)?;
     timeline.mark("create VM");
-    let serial = vm_superio::serial::SerialState::from(&snap.serial);
-    let mut parts = Parts::new(&vm, config, Some(&serial))?;
+    let mut parts = Parts::new(&vm, config, Some(&snap.serial))?;
     parts.attach_virtio(&vm, config, Vec::new())?;
     parts.device_manager.restore_virtio(&snap.virtio)?;
     timeline.mark("devices");
@@ -691,7 +690,6 @@ impl Vmm {
         let serial = self
             .device_manager
             .serial_state()
-            .map(|s| snapshot::SerialSnapshot::from(&s))
             .ok_or(SnapshotError::Unsupported("the VM has no serial port"))?;
         let (state_path, memory_path) = snapshot::paths(dir);
         let memory_tmp = memory_path.with_extension("tmp");
