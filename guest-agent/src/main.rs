@@ -39,6 +39,7 @@ use nix::sched::{unshare, CloneFlags};
 
 use crate::boot_command::{BootCommand, BootCommandState};
 use crate::cmdline::{Cmdline, BOOT_COMMAND_PARAM, POWEROFF_PARAM, SERVE_PARAM};
+use crate::container::{Zygote, ZygotePaths};
 use crate::listener::Listener;
 use crate::mode::{Facts, Mode, TestConfig};
 use crate::ready::Ready;
@@ -99,6 +100,9 @@ fn run(mode: Mode) -> ! {
         _ => Cmdline::read(&mode.root().join("proc/cmdline"))
             .unwrap_or_else(|e| power::fatal(&error_chain(&e))),
     };
+    // The container's init is made before the readiness line, so that a template's snapshot
+    // holds it (container/zygote.rs), and before the listeners, so that it holds none of them.
+    let zygote = cmdline.serve().then(|| spawn_zygote(&mode)).flatten();
     // Listening before the readiness line, so the host may connect as soon as it reads it.
     let listeners = cmdline
         .serve()
@@ -124,7 +128,7 @@ fn run(mode: Mode) -> ! {
         run_test_hooks(config);
     }
     let server = listeners.map(|(control, stdio)| {
-        Server::start(server_paths(&mode), control, stdio)
+        Server::start(server_paths(&mode), zygote, control, stdio)
             .unwrap_or_else(|e| power::fatal(&format!("cannot start the server threads: {e}")))
     });
 
@@ -188,6 +192,25 @@ fn server_paths(mode: &Mode) -> Paths {
         rootfs_override,
         no_pivot,
     }
+}
+
+/// The zygote (`container/zygote.rs`); without one (logged), containers are set up the usual
+/// way.
+fn spawn_zygote(mode: &Mode) -> Option<Zygote> {
+    let paths = server_paths(mode);
+    Zygote::spawn(ZygotePaths {
+        proc_dir: paths.proc_dir,
+        rootfs_dir: paths.rootfs_dir,
+        agent_root: paths.agent_root,
+        no_pivot: paths.no_pivot,
+    })
+    .map_err(|e| {
+        console::log(&format!(
+            "warning: no pre-made container init: {}",
+            e.message
+        ))
+    })
+    .ok()
 }
 
 /// Starts the `hull.exec` command, or powers off with a fatal error.

@@ -557,6 +557,14 @@ fn run_with(
     env: &[(&str, &str)],
 ) -> Outcome {
     let mut vm = Vm::boot(env);
+    let outcome = run_on(&mut vm, spec, stdin, readonly);
+    vm.shutdown();
+    outcome
+}
+
+/// Creates and starts a container with `spec` in `vm`, feeds `stdin` (if any) and waits for
+/// its exit.
+fn run_on(vm: &mut Vm, spec: ContainerSpec, stdin: Option<Vec<u8>>, readonly: bool) -> Outcome {
     let stdin_conn = stdin.as_ref().map(|_| vm.attach(StreamKind::Stdin));
     let stdout = reader(vm.attach(StreamKind::Stdout));
     let stderr = reader(vm.attach(StreamKind::Stderr));
@@ -592,7 +600,6 @@ fn run_with(
         }),
         Ok(ResponseBody::Exited { status })
     );
-    vm.shutdown();
     outcome
 }
 
@@ -692,6 +699,126 @@ fn the_container_sees_its_own_namespaces_and_mounts() {
             out.stderr()
         );
     }
+}
+
+/// The agent makes the container's init ahead in new namespaces of every kind
+/// (`container/zygote.rs`). Those a spec shares with the agent (absent, or joined by a host
+/// `path`) are the agent's in the container, the others are new; a spec without a PID
+/// namespace of its own is set up the usual way, in the agent's.
+#[test]
+fn namespaces_a_spec_shares_with_the_agent_are_the_agent_s() {
+    if !can_run() {
+        return;
+    }
+    const KINDS: [(&str, Option<NamespaceKind>); 6] = [
+        ("net", Some(NamespaceKind::Network)),
+        ("uts", Some(NamespaceKind::Uts)),
+        ("ipc", Some(NamespaceKind::Ipc)),
+        ("cgroup", Some(NamespaceKind::Cgroup)),
+        ("pid", Some(NamespaceKind::Pid)),
+        ("mnt", None),
+    ];
+    let script = KINDS
+        .iter()
+        .map(|(name, _)| format!("echo {name}=$(readlink /proc/self/ns/{name});"))
+        .collect::<String>()
+        + "echo self=$$";
+    let cases: [(&str, &[NamespaceKind], &[NamespaceKind]); 3] = [
+        ("every namespace its own", &[], &[]),
+        (
+            "network by path, no UTS",
+            &[NamespaceKind::Network],
+            &[NamespaceKind::Uts],
+        ),
+        (
+            "no PID namespace, IPC by path",
+            &[NamespaceKind::Ipc],
+            &[NamespaceKind::Pid],
+        ),
+    ];
+    for (case, by_path, absent) in cases {
+        let mut spec = spec(&["sh", "-c", &script]);
+        spec.hostname = None;
+        spec.namespaces.retain(|ns| !absent.contains(&ns.kind));
+        for ns in &mut spec.namespaces {
+            if by_path.contains(&ns.kind) {
+                ns.path = Some("/proc/1/ns/whatever-the-host-joined".into());
+            }
+        }
+        let mut vm = Vm::boot(&[]);
+        let agent = descendants(vm.unshare.id() as i32)[0];
+        let agent_ns: Vec<String> = KINDS
+            .iter()
+            .map(|(name, _)| {
+                std::fs::read_link(format!("/proc/{agent}/ns/{name}"))
+                    .expect("the agent's namespace")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let out = run_on(&mut vm, spec.clone(), None, false);
+        vm.shutdown();
+        assert_eq!(out.status, ExitStatus::Code(0), "{case}: {out:?}");
+        let stdout = out.stdout();
+        for ((name, kind), agent_ns) in KINDS.into_iter().zip(agent_ns) {
+            let line = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{case}: no {name} in {stdout:?}"));
+            let shared = kind.is_some_and(|kind| !spec.unshares(kind));
+            assert_eq!(
+                line == agent_ns,
+                shared,
+                "{case}: {name} is {line}, the agent's {agent_ns}"
+            );
+        }
+        let own_pidns = spec.unshares(NamespaceKind::Pid);
+        assert_eq!(
+            stdout.contains("self=1\n"),
+            own_pidns,
+            "{case}: the init is PID 1 exactly when it has a PID namespace: {stdout:?}"
+        );
+    }
+}
+
+/// A pre-made init that is gone before its container comes (killed here) is not waited for:
+/// the agent says so and sets the container up the usual way.
+#[test]
+fn a_pre_made_init_that_died_is_replaced() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let agent = descendants(vm.unshare.id() as i32)[0];
+    let waiting = descendants(agent);
+    assert_eq!(waiting.len(), 1, "one pre-made init: {waiting:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(waiting[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the pre-made init");
+    let deadline = Instant::now() + DEADLINE;
+    while !descendants(agent).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the pre-made init was not reaped"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let out = run_on(&mut vm, spec(&["sh", "-c", "echo pid=$$"]), None, false);
+    assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+    assert_eq!(out.stdout(), "pid=1\n");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let line = vm
+            .console
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the agent says why it did not use the pre-made init");
+        if line.contains("could not take the container") {
+            break;
+        }
+    }
+    vm.shutdown();
 }
 
 #[test]

@@ -17,13 +17,18 @@
 //! means `execve` succeeded; a `Failed` report means it did not. Errors carry the message the
 //! host sees, naming the spec field and value at fault. A terminal's master comes back on a Unix
 //! socket pair, before `Ready`.
+//!
+//! The init of a container with its own PID namespace is made ahead, at boot, by a zygote
+//! (`zygote.rs`): the forks and namespaces above, done before the bundle is known.
 
 mod caps;
+mod fdpass;
 mod process;
 mod seccomp;
 mod setup;
 mod syscalls;
 mod terminal;
+mod zygote;
 
 use std::fs::File;
 use std::io::Write;
@@ -43,9 +48,10 @@ use crate::sys;
 pub use caps::CapPlan;
 pub use seccomp::SeccompPlan;
 pub use setup::{exec_namespaces, open_init_namespaces};
+pub use zygote::{Handover, Zygote, ZygotePaths};
 
 /// Where the container's root file system comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RootfsSource {
     /// A virtio-fs share with this tag (the guest).
     Virtiofs { tag: String },
@@ -110,6 +116,8 @@ pub struct Validated {
 enum Report {
     /// From the intermediate child: the init's pid in the agent's PID namespace.
     Pid(i32),
+    /// From the zygote's init (`zygote.rs`): in its namespaces, waiting for its container.
+    Waiting,
     /// From the init: set up, waiting for the start byte.
     Ready,
     /// From either: what failed.
@@ -293,22 +301,10 @@ fn launch<S: Stages>(stages: S) -> Result<Created, ErrorResponse> {
     let mut pid = None;
     let mut ready = false;
     while pid.is_none() || !ready {
-        match read_frame::<_, Report>(&mut reports) {
-            Ok(Some(Report::Pid(p))) => pid = Some(Pid::from_raw(p)),
-            Ok(Some(Report::Ready)) => ready = true,
-            Ok(Some(Report::Failed(err))) => return Err(err),
-            Ok(None) => {
-                return Err(ErrorResponse::new(
-                    ErrorKind::Internal,
-                    "container setup ended without a report",
-                ))
-            }
-            Err(e) => {
-                return Err(ErrorResponse::new(
-                    ErrorKind::Internal,
-                    format!("reading the container setup report: {e}"),
-                ))
-            }
+        match next_report(&mut reports)? {
+            Report::Pid(p) => pid = Some(Pid::from_raw(p)),
+            Report::Ready => ready = true,
+            other => return Err(unexpected(other)),
         }
     }
     // The process sent its terminal's master before `Ready`.
@@ -342,6 +338,25 @@ impl Created {
             )),
         }
     }
+}
+
+/// The next report; `Failed`, the pipe's end without a report and an unreadable report are
+/// errors.
+fn next_report(reports: &mut File) -> Result<Report, ErrorResponse> {
+    let internal = |m: String| ErrorResponse::new(ErrorKind::Internal, m);
+    match read_frame::<_, Report>(reports) {
+        Ok(Some(Report::Failed(err))) => Err(err),
+        Ok(Some(report)) => Ok(report),
+        Ok(None) => Err(internal("container setup ended without a report".into())),
+        Err(e) => Err(internal(format!("reading the container setup report: {e}"))),
+    }
+}
+
+fn unexpected(report: Report) -> ErrorResponse {
+    ErrorResponse::new(
+        ErrorKind::Internal,
+        format!("unexpected container setup report: {report:?}"),
+    )
 }
 
 /// Writes one report; a message too long for one atomic pipe write is cut.

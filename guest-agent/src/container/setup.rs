@@ -133,9 +133,14 @@ pub fn enter_init_root(root: &OwnedFd) -> Result<(), ErrorResponse> {
 
 /// Everything from the mount tree to the hostname, in the container's init.
 pub fn prepare(config: &Config) -> Result<(), ErrorResponse> {
-    let spec = &config.spec;
-    umask(Mode::empty());
-    let propagation = match spec.rootfs_propagation {
+    set_propagation(config.spec.rootfs_propagation)?;
+    mount_and_enter(config)
+}
+
+/// Gives every mount of the (new) mount namespace the propagation of `rootfsPropagation`, so
+/// that nothing the container mounts reaches the agent's namespace.
+pub fn set_propagation(propagation: Propagation) -> Result<(), ErrorResponse> {
+    let flags = match propagation {
         Propagation::Private => MsFlags::MS_PRIVATE,
         Propagation::Slave => MsFlags::MS_SLAVE,
         Propagation::Shared => MsFlags::MS_SHARED,
@@ -145,11 +150,24 @@ pub fn prepare(config: &Config) -> Result<(), ErrorResponse> {
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | propagation,
+        MsFlags::MS_REC | flags,
         None::<&str>,
     )
-    .map_err(|e| io("making the mount tree private", e))?;
+    .map_err(|e| {
+        io(
+            format!(
+                "setting the mount tree's propagation to {propagation:?} (linux.rootfsPropagation)"
+            ),
+            e,
+        )
+    })
+}
 
+/// The rootfs, the spec's mounts and devices, the switch of root, sysctls, masked and
+/// read-only paths, the hostname: after [`set_propagation`].
+pub fn mount_and_enter(config: &Config) -> Result<(), ErrorResponse> {
+    let spec = &config.spec;
+    umask(Mode::empty());
     let root = &config.rootfs_dir;
     std::fs::create_dir_all(root).map_err(|e| io(format!("creating {}", root.display()), e))?;
     match &config.rootfs {

@@ -8,15 +8,14 @@
 //! (runc's `fixStdioPermissions`). The master goes to the agent over a Unix socket
 //! (`SCM_RIGHTS`); the agent relays it to the host (`relay.rs`).
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use hull_protocol::{ErrorKind, ErrorResponse};
 use nix::fcntl::{open, OFlag};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use nix::sys::stat::Mode;
 use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fchown, setsid, Uid};
 
+use super::fdpass;
 use crate::sys;
 
 /// Where the container's pty multiplexer is, inside the container.
@@ -50,88 +49,28 @@ pub fn take(rows: u16, cols: u16, uid: u32) -> Result<OwnedFd, ErrorResponse> {
     Ok(master)
 }
 
-/// Sends `fd` over the Unix socket `channel` (one byte with `SCM_RIGHTS`).
+/// Sends `fd`, the pty master, to the agent over the Unix socket `channel`.
 pub fn send_fd(channel: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Result<(), ErrorResponse> {
-    let fds = [fd.as_raw_fd()];
-    sendmsg::<()>(
-        channel.as_raw_fd(),
-        &[IoSlice::new(b"m")],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(|e| io("passing the pty master to the agent", e))
-    .map(drop)
+    fdpass::send(channel, &[fd]).map_err(|e| io("passing the pty master to the agent", e))
 }
 
-/// Receives the descriptor [`send_fd`] sent, close-on-exec (it must not leak into the
-/// container's later processes).
+/// Receives the pty master [`send_fd`] sent, close-on-exec.
 pub fn recv_fd(channel: BorrowedFd<'_>) -> Result<OwnedFd, ErrorResponse> {
-    let internal = |m: String| ErrorResponse::new(ErrorKind::Internal, m);
-    let mut byte = [0u8; 1];
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = loop {
-        match recvmsg::<()>(
-            channel.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(msg) => break msg,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(internal(format!("receiving the pty master: {e}"))),
-        }
-    };
-    let mut received = Vec::new();
-    for cmsg in msg
-        .cmsgs()
-        .map_err(|e| internal(format!("receiving the pty master: {e}")))?
-    {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            received.extend(fds.into_iter().map(sys::owned_fd));
-        }
-    }
-    let mut received = received.into_iter();
-    match (received.next(), received.next()) {
+    let internal = |m: &str| ErrorResponse::new(ErrorKind::Internal, m.to_owned());
+    let fds = fdpass::recv(channel)
+        .map_err(|e| internal(&format!("receiving the pty master: {e}")))?
+        .unwrap_or_default();
+    let mut fds = fds.into_iter();
+    match (fds.next(), fds.next()) {
         (Some(fd), None) => Ok(fd),
-        (None, _) => Err(internal("the pty master did not arrive".into())),
-        (Some(_), Some(_)) => Err(internal("more than one pty master arrived".into())),
+        (None, _) => Err(internal("the pty master did not arrive")),
+        (Some(_), Some(_)) => Err(internal("more than one pty master arrived")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-
-    #[test]
-    fn a_descriptor_crosses_a_socket_pair_close_on_exec() {
-        let (a, b) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        let (r, w) = nix::unistd::pipe().unwrap();
-        send_fd(a.as_fd(), w.as_fd()).unwrap();
-        drop(w);
-        let got = recv_fd(b.as_fd()).unwrap();
-        let flags = nix::fcntl::fcntl(&got, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-        assert_ne!(
-            flags & libc::FD_CLOEXEC,
-            0,
-            "received descriptor leaks into exec"
-        );
-        nix::unistd::write(&got, b"x").unwrap();
-        let mut buf = [0u8; 1];
-        assert_eq!(nix::unistd::read(&r, &mut buf).unwrap(), 1);
-        assert_eq!(&buf, b"x");
-        // Nothing more: the peer closing gives an error, not a descriptor.
-        drop(a);
-        assert!(recv_fd(b.as_fd()).is_err());
-    }
 
     #[test]
     fn window_size_round_trips_on_a_pty() {

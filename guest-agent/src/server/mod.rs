@@ -45,6 +45,7 @@ use std::sync::mpsc::{self, Sender};
 
 use hull_protocol::stdio::{StreamHello, StreamReply};
 
+use crate::container::Zygote;
 use crate::listener::Listener;
 use crate::reaper::Reaped;
 
@@ -105,9 +106,14 @@ pub struct Server {
 impl Server {
     /// Starts the owner, the control and the stdio threads, on listeners that are already
     /// listening.
-    pub fn start(paths: Paths, control: Listener, stdio: Listener) -> std::io::Result<Self> {
+    pub fn start(
+        paths: Paths,
+        zygote: Option<Zygote>,
+        control: Listener,
+        stdio: Listener,
+    ) -> std::io::Result<Self> {
         let (events, inbox) = mpsc::channel();
-        let system = system::RealSystem::new(paths.clone());
+        let system = system::RealSystem::new(paths.clone(), zygote);
         let owner = owner::Owner::new(paths, system);
         std::thread::Builder::new()
             .name("server".into())

@@ -14,8 +14,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::Paths;
-use crate::container::{self, CapPlan, Config, Created, ExecConfig, SeccompPlan, StdioSetup};
-use crate::power;
+use crate::container::{
+    self, CapPlan, Config, Created, ExecConfig, Handover, SeccompPlan, StdioSetup, Zygote,
+};
+use crate::{console, power};
 
 /// A process of the container, set up and waiting for its start.
 pub trait Waiting: Debug + Send {
@@ -75,16 +77,35 @@ impl Waiting for Created {
 #[derive(Debug)]
 pub struct RealSystem {
     paths: Paths,
+    /// The container's init made at boot (`container/zygote.rs`), until a container takes it.
+    zygote: Option<Zygote>,
 }
 
 impl RealSystem {
-    pub fn new(paths: Paths) -> Self {
-        Self { paths }
+    pub fn new(paths: Paths, zygote: Option<Zygote>) -> Self {
+        Self { paths, zygote }
     }
 }
 
 impl System for RealSystem {
-    fn create(&mut self, config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
+    fn create(&mut self, mut config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
+        // One container per VM: the zygote serves the first create or none. Dropping it
+        // dismisses its init.
+        if let Some(zygote) = self.zygote.take().filter(|_| Zygote::fits(&config.spec)) {
+            let pid = zygote.pid();
+            match zygote.create(config) {
+                Handover::Taken(created) => {
+                    return created.map(|created| Box::new(created) as Box<dyn Waiting>)
+                }
+                Handover::Refused(back, why) => {
+                    console::log(&format!(
+                        "the pre-made init (pid {pid}) could not take the container ({why}); \
+                         setting it up the usual way"
+                    ));
+                    config = *back;
+                }
+            }
+        }
         container::create(config).map(|created| Box::new(created) as Box<dyn Waiting>)
     }
 
