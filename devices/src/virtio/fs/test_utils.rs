@@ -293,13 +293,23 @@ impl FuseGuest {
         self.open_op(Opcode::Opendir, nodeid, libc::O_RDONLY)
     }
 
+    /// OPEN; returns the handle and the open flags (`FOPEN_*`).
+    pub fn open_with_flags(&mut self, nodeid: u64, flags: i32) -> Result<(u64, u32), i32> {
+        self.open_out(Opcode::Open, nodeid, flags)
+            .map(|out| (out.fh, out.open_flags))
+    }
+
     fn open_op(&mut self, opcode: Opcode, nodeid: u64, flags: i32) -> Result<u64, i32> {
+        self.open_out(opcode, nodeid, flags).map(|out| out.fh)
+    }
+
+    fn open_out(&mut self, opcode: Opcode, nodeid: u64, flags: i32) -> Result<OpenOut, i32> {
         let body = OpenIn {
             flags: flags as u32,
             fuse_flags: 0,
         };
         self.call(opcode, nodeid, &[body.as_slice()], 64)
-            .map(|reply| obj::<OpenOut>(&reply).fh)
+            .map(|reply| obj::<OpenOut>(&reply))
     }
 
     /// RELEASE.
