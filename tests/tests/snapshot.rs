@@ -127,11 +127,14 @@ fn a_restored_vm_continues_from_the_snapshot_and_two_restores_share_one_file() {
     wait_past(&original, count);
     finish(original, &setup.console);
 
-    // Two VMs restored from the one snapshot, side by side.
+    // Two VMs restored from the one snapshot, side by side; the second into a VM prepared
+    // before (`hull-vmm --standby`), its RAM replaced by the snapshot's.
     let mut restored = Vec::new();
     for name in ["first", "second"] {
         let (config, console) = setup.restored_config(name);
-        let vmm = vmm::restore(&config, &setup.snapshot_dir()).unwrap();
+        let prepared =
+            (name == "second").then(|| vmm::PreparedVm::new(config.mem_size_mib).unwrap());
+        let vmm = vmm::restore(&config, &setup.snapshot_dir(), prepared).unwrap();
         // Before it runs, the restored VM is exactly the snapshot.
         assert_eq!(counter(&vmm), count, "{name}");
         restored.push((name, vmm, console));
@@ -170,8 +173,9 @@ fn a_restored_vm_continues_from_the_snapshot_and_two_restores_share_one_file() {
     );
 }
 
+/// The error restoring `dir` gives, the same with and without a prepared VM.
 fn restore_error(config: &VmConfig, dir: &Path) -> String {
-    match vmm::restore(config, dir) {
+    let error = |prepared: Option<vmm::PreparedVm>| match vmm::restore(config, dir, prepared) {
         Ok(_) => panic!("restoring {} worked", dir.display()),
         Err(err) => {
             let mut text = err.to_string();
@@ -182,7 +186,11 @@ fn restore_error(config: &VmConfig, dir: &Path) -> String {
             }
             text
         }
-    }
+    };
+    let plain = error(None);
+    let prepared = vmm::PreparedVm::new(config.mem_size_mib).unwrap();
+    assert_eq!(error(Some(prepared)), plain, "with a prepared VM");
+    plain
 }
 
 #[test]

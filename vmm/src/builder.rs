@@ -341,25 +341,47 @@ pub fn build_with_devices(
 /// Restores the VM snapshotted in `dir` ([`Vmm::snapshot`]): `config` gives its console and
 /// must describe the same VM (vCPUs, memory; no virtio devices yet). The VM is ready to
 /// [`Vmm::start`] or [`Vmm::run`], and continues exactly where the snapshot was taken.
-pub fn restore(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
+///
+/// `prepared`, if it has `config`'s memory size, is the VM the restore uses: the snapshot's
+/// memory is mapped over its RAM, and what it took to make it is off the restore's path.
+pub fn restore(
+    config: &VmConfig,
+    dir: &std::path::Path,
+    prepared: Option<PreparedVm>,
+) -> Result<Vmm, VmmError> {
     let mut timeline = Timeline::new();
-    let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+    let prepared = prepared.filter(|p| p.mem_size_mib == config.mem_size_mib);
+    let (kvm, prepared_vm) = match prepared {
+        Some(PreparedVm { kvm, vm, .. }) => (kvm, Some(vm)),
+        None => (Kvm::new().map_err(VmmError::Kvm)?, None),
+    };
     config.validate(kvm.get_max_vcpus())?;
     timeline.mark("open KVM");
     let (state_path, memory_path) = snapshot::paths(dir);
     let snap: Snapshot = snapshot::file::read(&state_path).map_err(SnapshotError::from)?;
     snap.check(&state_path, config.vcpus, config.mem_size_mib)?;
     timeline.mark("read state");
-    let memory = snapshot::memory::map(
-        &memory_path,
-        &snap.id,
-        &boot::memory_ranges(u64::from(config.mem_size_mib) << 20),
-    )
-    .map_err(SnapshotError::from)?;
-    timeline.mark("map memory");
-    let vm = Vm::new(&kvm, memory)?;
+    let vm = match prepared_vm {
+        Some(vm) => {
+            snapshot::memory::map_over(&memory_path, &snap.id, vm.memory())
+                .map_err(SnapshotError::from)?;
+            timeline.mark("map memory over the prepared VM's");
+            vm
+        }
+        None => {
+            let memory = snapshot::memory::map(
+                &memory_path,
+                &snap.id,
+                &boot::memory_ranges(u64::from(config.mem_size_mib) << 20),
+            )
+            .map_err(SnapshotError::from)?;
+            timeline.mark("map memory");
+            let vm = Vm::new(&kvm, memory)?;
+            timeline.mark("create VM");
+            vm
+        }
+    };
     snapshot_state::check_xsave_size(vm.fd()).map_err(SnapshotError::from)?;
-    timeline.mark("create VM");
     let mut parts = Parts::new(&vm, config, Some(&snap.serial))?;
     parts.attach_virtio(&vm, config, Vec::new())?;
     parts.device_manager.restore_virtio(&snap.virtio)?;
@@ -380,6 +402,31 @@ pub fn restore(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError
     timeline.mark("VM state");
     log::info!("restore timeline (us): {timeline}");
     Ok(parts.assemble(vm, vcpus, config, snap.cmdline.clone(), true))
+}
+
+/// A VM made before the snapshot it will run is known: KVM opened, the VM with its TSS,
+/// interrupt controllers and PIT, and anonymous RAM registered as its memory slots. Making it
+/// is most of a restore's time on a PVM host (the first memory slot alone is 6-11 ms), so
+/// `hull` starts hull-vmm to make it while it reads the bundle (`hull-vmm --standby`), and
+/// [`restore`] maps the snapshot's memory over its RAM.
+pub struct PreparedVm {
+    kvm: Kvm,
+    vm: Vm,
+    mem_size_mib: u32,
+}
+
+impl PreparedVm {
+    /// Makes a VM with `mem_size_mib` of RAM.
+    pub fn new(mem_size_mib: u32) -> Result<Self, VmmError> {
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let memory = boot::create_memory(u64::from(mem_size_mib))?;
+        let vm = Vm::new(&kvm, memory)?;
+        Ok(Self {
+            kvm,
+            vm,
+            mem_size_mib,
+        })
+    }
 }
 
 /// Steps and how long each took, for a log line.

@@ -18,7 +18,8 @@ pub mod thread;
 pub mod vstate;
 
 pub use builder::{
-    build, build_with_devices, restore, RunOutcome, SnapshotReport, Stopper, Vmm, VmmError,
+    build, build_with_devices, restore, PreparedVm, RunOutcome, SnapshotReport, Stopper, Vmm,
+    VmmError,
 };
 pub use config::{ConsoleConfig, VmConfig};
 pub use host::KvmKind;

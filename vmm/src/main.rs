@@ -78,6 +78,60 @@ struct Args {
     /// (`hull doctor` shows this).
     #[arg(long = "check-host", exclusive = true)]
     check_host: bool,
+    /// Make a VM of the default memory size now, then wait for one line on descriptor FD, a
+    /// JSON object: `{"restore": DIR}` restores from DIR into that VM (if its memory size is
+    /// the configuration's), `{"restore": null}` boots cold. Nothing else is read or written
+    /// before that line; FD's end without one ends hull-vmm quietly with 0. `hull create`
+    /// starts hull-vmm this way before it reads the bundle, FD being its `--sync-fd`.
+    #[arg(long, value_name = "FD", conflicts_with_all = ["restore", "snapshot_when_ready"])]
+    standby: Option<RawFd>,
+}
+
+/// What `--standby` waits for.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StandbyGo {
+    restore: Option<PathBuf>,
+}
+
+/// `--standby`: makes a VM, then reads the line that says what to do with it from `fd`.
+/// `None`: the descriptor ended first. The VM is `None` if it could not be made (the restore
+/// then makes its own, and reports why if it cannot either).
+fn standby(
+    fd: RawFd,
+) -> Result<Option<(StandbyGo, Option<vmm::PreparedVm>, std::time::Duration)>, String> {
+    let started = std::time::Instant::now();
+    let prepared = vmm::PreparedVm::new(DEFAULT_MEM_SIZE_MIB).ok();
+    let prepared_in = started.elapsed();
+    // SAFETY: F_GETFD only reads the descriptor's flags; any integer is a valid argument.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("--standby {fd}: not an open descriptor above 2"));
+    }
+    // SAFETY: the descriptor is open (checked above) and is the parent's channel to this
+    // process; `ManuallyDrop` leaves it open (for `--sync-fd`, which may take it after).
+    let channel = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd) });
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match std::io::Read::read(&mut &*channel, &mut byte) {
+            Ok(0) if line.is_empty() => return Ok(None),
+            Ok(0) => return Err("--standby: the line has no end".into()),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("--standby: reading the line: {e}")),
+        }
+        if line.len() > 64 * 1024 {
+            return Err("--standby: the line is longer than 64 KiB".into());
+        }
+    }
+    let go = serde_json::from_slice(&line).map_err(|e| {
+        format!(
+            "--standby: {:?} is not {{\"restore\": DIR or null}}: {e}",
+            String::from_utf8_lossy(&line)
+        )
+    })?;
+    Ok(Some((go, prepared, prepared_in)))
 }
 
 /// `--check-host`: the KVM lines of `hull doctor`.
@@ -273,8 +327,26 @@ fn snapshot_when_ready(mut vmm: vmm::Vmm, dir: &std::path::Path) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let entered = std::time::Instant::now();
-    let args = Args::parse();
+    let mut entered = std::time::Instant::now();
+    let mut args = Args::parse();
+    let mut prepared = None;
+    let mut prepared_in = None;
+    if let Some(fd) = args.standby {
+        match standby(fd) {
+            Ok(Some((go, vm, took))) => {
+                args.restore = go.restore;
+                prepared_in = vm.is_some().then_some(took);
+                prepared = vm;
+                // The snapshot is known from here on.
+                entered = std::time::Instant::now();
+            }
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("hull-vmm: error: {message}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     if args.check_host {
         return check_host();
     }
@@ -335,8 +407,11 @@ fn main() -> ExitCode {
         log::warn!("{warning}");
     }
     let built = match &restore_dir {
-        Some(dir) => vmm::restore(&config, dir),
-        None => vmm::build(&config, kind),
+        Some(dir) => vmm::restore(&config, dir, prepared),
+        None => {
+            drop(prepared);
+            vmm::build(&config, kind)
+        }
     };
     let mut vmm = match built {
         Ok(vmm) => vmm,
@@ -364,10 +439,18 @@ fn main() -> ExitCode {
             return fail(&mut sync, error_chain(&err));
         }
         // `make bench` reads this line.
-        log::info!(
-            "restored: {} us from main to the vCPUs running",
-            entered.elapsed().as_micros()
-        );
+        match prepared_in {
+            Some(took) => log::info!(
+                "restored: {} us from knowing the snapshot to the vCPUs running (the VM was \
+                 made before, in {} us)",
+                entered.elapsed().as_micros(),
+                took.as_micros()
+            ),
+            None => log::info!(
+                "restored: {} us from main to the vCPUs running",
+                entered.elapsed().as_micros()
+            ),
+        }
     }
     if let Some(dir) = snapshot_dir {
         return snapshot_when_ready(vmm, &dir);

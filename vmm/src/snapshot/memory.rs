@@ -161,13 +161,13 @@ pub fn dump(
     Ok(stats)
 }
 
-/// Maps the memory file `path` of snapshot `id` as guest RAM laid out as `ranges`, each
-/// region `MAP_PRIVATE`.
-pub fn map(
+/// Opens the memory file `path` of snapshot `id` and checks its header against guest RAM laid
+/// out as `ranges`.
+fn open_checked(
     path: &Path,
     id: &[u8; 16],
     ranges: &[(GuestAddress, usize)],
-) -> Result<GuestMemoryMmap, MemoryFileError> {
+) -> Result<File, MemoryFileError> {
     let rerr = |source| MemoryFileError::Read {
         path: path.to_owned(),
         source,
@@ -210,6 +210,21 @@ pub fn map(
             ram,
         });
     }
+    Ok(file)
+}
+
+/// Maps the memory file `path` of snapshot `id` as guest RAM laid out as `ranges`, each
+/// region `MAP_PRIVATE`.
+pub fn map(
+    path: &Path,
+    id: &[u8; 16],
+    ranges: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let rerr = |source| MemoryFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = open_checked(path, id, ranges)?;
     let mut regions = Vec::with_capacity(ranges.len());
     let mut offset = DATA_OFFSET;
     for &(guest_addr, size) in ranges {
@@ -236,6 +251,55 @@ pub fn map(
         guest_addr: 0,
         reason: e.to_string(),
     })
+}
+
+/// Maps the memory file `path` of snapshot `id` over `memory`, region by region, in place
+/// (`MAP_FIXED | MAP_PRIVATE`): the guest RAM of a VM made before its snapshot was known,
+/// whose memory slots stay as they are (KVM follows the new mapping through its MMU notifier).
+/// Nothing may have used `memory` yet: what was in it is gone.
+pub fn map_over(
+    path: &Path,
+    id: &[u8; 16],
+    memory: &GuestMemoryMmap,
+) -> Result<(), MemoryFileError> {
+    let ranges: Vec<(GuestAddress, usize)> = memory
+        .iter()
+        .map(|region| (region.start_addr(), region.len() as usize))
+        .collect();
+    let file = open_checked(path, id, &ranges)?;
+    let mut offset = DATA_OFFSET;
+    for (guest_addr, size) in ranges {
+        let map_err = |reason: String| MemoryFileError::Map {
+            path: path.to_owned(),
+            guest_addr: guest_addr.raw_value(),
+            reason,
+        };
+        let host = memory
+            .get_host_address(guest_addr)
+            .map_err(|e| map_err(e.to_string()))?;
+        let file_offset =
+            libc::off_t::try_from(offset).map_err(|_| map_err("offset out of range".into()))?;
+        // SAFETY: `host..host + size` is exactly one region of `memory`, which owns that
+        // mapping and unmaps it when dropped; MAP_FIXED replaces it in place with a private
+        // mapping of the file of the same size, so the region stays valid memory of the same
+        // extent. Nothing holds a reference into it (the caller's contract: no vCPU has run and
+        // no device has touched the memory).
+        let mapped = unsafe {
+            libc::mmap(
+                host.cast(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                file_offset,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(map_err(std::io::Error::last_os_error().to_string()));
+        }
+        offset += size as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
