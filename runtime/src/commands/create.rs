@@ -129,6 +129,11 @@ impl Drop for Created {
 
 /// Creates the container (see the module comment for the steps).
 pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Created> {
+    // Makes its VM while the bundle is read (killed if anything below fails).
+    let mut standby = match opts.cold_boot {
+        true => None,
+        false => Standby::start(&opts.root.join(&opts.id), opts.debug, opts.attached),
+    };
     let checked = check(opts)?;
     if let Some(signal) = forwarder.interrupted() {
         bail!("interrupted by signal {signal} before the container was created");
@@ -140,8 +145,16 @@ pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Cre
         true => None,
         false => find_template(&config, &checked, None),
     };
-    let spawn = |template: Option<&Path>| {
-        spawn_and_wait(opts, &checked, &state, &container_path, forwarder, template)
+    let mut spawn = |template: Option<&Path>| {
+        spawn_and_wait(
+            opts,
+            &checked,
+            &state,
+            &container_path,
+            forwarder,
+            template,
+            standby.take(),
+        )
     };
     let vmm = match spawn(template.as_deref())? {
         Ok(vmm) => vmm,
@@ -339,19 +352,26 @@ fn spawn_and_wait(
     container_path: &Path,
     forwarder: &Forwarder,
     template: Option<&Path>,
+    standby: Option<Standby>,
 ) -> anyhow::Result<Result<Child, String>> {
     let t_spawn = Instant::now();
-    let (sync_read, sync_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot make the sync pipe")?;
-    let mut vmm = spawn_vmm(
-        &checked.vmm_bin,
-        state,
-        container_path,
-        sync_write,
-        opts.debug,
-        opts.attached,
-        template,
-    )?;
+    let args = vmm_args(state.path(), opts.debug);
+    debug_assert_eq!(state.path().join("container.json"), container_path);
+    let taken = standby.and_then(|standby| standby.go(&checked.vmm_bin, &args, template));
+    let (mut vmm, sync_read) = match taken {
+        Some(taken) => taken,
+        None => {
+            let (sync_read, sync_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .context("cannot make the sync pipe")?;
+            let mut all = Vec::new();
+            if let Some(dir) = template {
+                all.extend(["--restore".into(), dir.into()]);
+            }
+            all.extend(args);
+            let vmm = spawn_vmm(&checked.vmm_bin, &all, sync_write, opts.attached)?;
+            (vmm, sync_read)
+        }
+    };
     let pid = vmm.id() as i32;
     forwarder.set_target(Target::Vmm(pid));
     log::debug!("started {} (pid {pid})", checked.vmm_bin.display());
@@ -453,33 +473,37 @@ fn record(
     Ok(created)
 }
 
-/// Starts `hull-vmm` in a session of its own (so that a terminal's signals reach `hull`, and
-/// a host pty can be its controlling terminal) with hull's standard streams, the sync pipe as
-/// descriptor 3, and its log in the state directory.
+/// hull-vmm's arguments for the container whose state directory is `dir` (but `--restore`):
+/// the VM and container files, the sync descriptor 3, its log.
+fn vmm_args(dir: &Path, debug: bool) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--config".into(),
+        dir.join("vm.json").into(),
+        "--container".into(),
+        dir.join("container.json").into(),
+        "--sync-fd".into(),
+        "3".into(),
+        "--log-file".into(),
+        dir.join("vmm.log").into(),
+    ];
+    if debug {
+        args.extend(["--log-level".into(), "info".into()]);
+    }
+    args
+}
+
+/// Starts `hull-vmm` with `args` in a session of its own (so that a terminal's signals reach
+/// `hull`, and a host pty can be its controlling terminal) with hull's standard streams and
+/// `sync` as descriptor 3.
 fn spawn_vmm(
     vmm_bin: &Path,
-    state: &StateDir,
-    container: &Path,
+    args: &[std::ffi::OsString],
     sync: OwnedFd,
-    debug: bool,
     attached: bool,
-    template: Option<&Path>,
 ) -> anyhow::Result<Child> {
     let mut cmd = Command::new(vmm_bin);
-    if let Some(dir) = template {
-        cmd.arg("--restore").arg(dir);
-    }
-    cmd.arg("--config")
-        .arg(state.vm_config())
-        .arg("--container")
-        .arg(container)
-        .args(["--sync-fd", "3"])
-        .arg("--log-file")
-        .arg(state.vmm_log());
-    if debug {
-        cmd.args(["--log-level", "info"]);
-    }
-    cmd.stdin(Stdio::inherit())
+    cmd.args(args)
+        .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());
     let sync_fd = sync.as_raw_fd();
@@ -505,6 +529,83 @@ fn spawn_vmm(
         .with_context(|| format!("cannot start {}", vmm_bin.display()))?;
     drop(sync);
     Ok(child)
+}
+
+/// A hull-vmm started before the bundle is read (`hull-vmm --standby`, with the container's
+/// arguments but `--restore`, so that `ps` shows whose it is): it makes its VM (KVM,
+/// interrupt controllers, memory slots; 6-11 ms on a PVM host) while hull checks the bundle,
+/// then reads on descriptor 3 whether to restore and from where; descriptor 3 then carries its
+/// report, as the sync pipe does otherwise. Dropped unused, it is killed and reaped; it has
+/// touched nothing by then.
+struct Standby {
+    vmm: Option<Child>,
+    vmm_bin: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    channel: OwnedFd,
+}
+
+impl Standby {
+    /// For the container whose state directory will be `dir`. `None` (and the usual start
+    /// later) if hull-vmm is not found or cannot be started.
+    fn start(dir: &Path, debug: bool, attached: bool) -> Option<Self> {
+        let vmm_bin = crate::paths::vmm_binary().ok()?;
+        let (channel, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .ok()?;
+        let args = vmm_args(dir, debug);
+        let mut all = vec!["--standby".into(), "3".into()];
+        all.extend(args.iter().cloned());
+        let vmm = spawn_vmm(&vmm_bin, &all, theirs, attached)
+            .map_err(|e| log::debug!("no standby hull-vmm: {e:#}"))
+            .ok()?;
+        Some(Self {
+            vmm: Some(vmm),
+            vmm_bin,
+            args,
+            channel,
+        })
+    }
+
+    /// Tells the standby hull-vmm to restore from `template` (or boot cold); returns it and its
+    /// sync channel. `None` (and the standby killed) if it is not the hull-vmm or the
+    /// arguments hull would start now, if `template` is not UTF-8, or if it is gone.
+    fn go(
+        mut self,
+        vmm_bin: &Path,
+        args: &[std::ffi::OsString],
+        template: Option<&Path>,
+    ) -> Option<(Child, OwnedFd)> {
+        if self.vmm_bin != vmm_bin || self.args != args {
+            return None;
+        }
+        let restore = match template {
+            Some(dir) => Some(dir.to_str()?),
+            None => None,
+        };
+        let mut line = serde_json::to_vec(&serde_json::json!({ "restore": restore }))
+            .expect("a JSON value serializes");
+        line.push(b'\n');
+        let mut channel = File::from(self.channel.try_clone().ok()?);
+        if let Err(e) = std::io::Write::write_all(&mut channel, &line) {
+            log::debug!("the standby hull-vmm is gone ({e}); starting another");
+            return None;
+        }
+        let vmm = self.vmm.take()?;
+        Some((vmm, OwnedFd::from(channel)))
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if let Some(mut vmm) = self.vmm.take() {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+        }
+    }
 }
 
 /// Reads the one report line of hull-vmm (or of `exec --detach`'s background copy); `None` if
