@@ -136,14 +136,17 @@ impl Zygote {
         }
         drop((reports_w, start_r, init_end, shared));
         let mut reports = File::from(reports_r);
-        let pid = match next_report(&mut reports)? {
-            Report::Pid(pid) => Pid::from_raw(pid),
-            other => return Err(unexpected(other)),
-        };
-        match next_report(&mut reports)? {
-            Report::Waiting => {}
-            other => return Err(unexpected(other)),
+        // The intermediate's pid and the init's `Waiting`, in either order.
+        let mut pid = None;
+        let mut waiting = false;
+        while pid.is_none() || !waiting {
+            match next_report(&mut reports)? {
+                Report::Pid(p) => pid = Some(Pid::from_raw(p)),
+                Report::Waiting => waiting = true,
+                other => return Err(unexpected(other)),
+            }
         }
+        let pid = pid.expect("the loop ends only with a pid");
         Ok(Self {
             pid,
             channel: UnixStream::from(agent_end),
