@@ -316,11 +316,13 @@ pub enum ExitStatus {
 
 impl ExitStatus {
     /// The status a shell would report: the code, or 128 + the signal number. `hull-vmm` exits
-    /// with this.
+    /// with this. The numbers come from the guest: a signal that is no signal (outside 1-127)
+    /// gives 255 rather than an overflow or a status that names another signal.
     pub fn shell_status(&self) -> i32 {
         match *self {
             ExitStatus::Code(code) => code,
-            ExitStatus::Signal(signal) => 128 + signal,
+            ExitStatus::Signal(signal @ 1..=127) => 128 + signal,
+            ExitStatus::Signal(_) => 255,
         }
     }
 }
@@ -812,6 +814,11 @@ mod tests {
         assert_eq!(ExitStatus::Code(0).shell_status(), 0);
         assert_eq!(ExitStatus::Code(3).shell_status(), 3);
         assert_eq!(ExitStatus::Signal(9).shell_status(), 137);
+        assert_eq!(ExitStatus::Signal(127).shell_status(), 255);
+        // A guest that lies about the signal: no overflow, no other signal's status.
+        for lie in [i32::MAX, 128, 0, -1, i32::MIN] {
+            assert_eq!(ExitStatus::Signal(lie).shell_status(), 255, "{lie}");
+        }
     }
 
     #[test]
