@@ -306,9 +306,51 @@ pub fn proc_stat(pid: i32) -> Option<(char, u64)> {
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    // The temporary file is new, made beside `path` (the rename must not cross file systems),
+    // and never a name that is already there: a pid file may be asked for in a directory others
+    // can write, where a planted symlink must not make root write elsewhere.
+    let name = path
+        .file_name()
+        .with_context(|| format!("cannot write {}: not a file name", path.display()))?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    for attempt in 0..100u32 {
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}-{attempt}.tmp", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        let mut file = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => return Err(err).with_context(|| format!("cannot write {}", tmp.display())),
+        };
+        let written = file
+            .write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))
+            .and_then(|()| {
+                std::fs::rename(&tmp, path)
+                    .with_context(|| format!("cannot write {}", path.display()))
+            });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return written;
+    }
+    bail!(
+        "cannot write {}: no free temporary name beside it",
+        path.display()
+    )
 }
 
 #[cfg(test)]
@@ -323,6 +365,43 @@ mod tests {
         assert!(process_alive(pid, start));
         assert!(!process_alive(pid, start + 1));
         assert!(!process_alive(i32::MAX, start));
+    }
+
+    /// Symlinks planted where a temporary file could go (the names this and the old code use)
+    /// are neither followed nor replaced, and nothing else is left beside the file.
+    #[test]
+    fn write_atomic_never_writes_through_a_planted_symlink() {
+        let dir = crate::testutil::TempDir::new("write-atomic");
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        let planted = [
+            "container.tmp".to_owned(),
+            format!(".container.pid.{}-0.tmp", std::process::id()),
+        ];
+        for name in &planted {
+            std::os::unix::fs::symlink(&victim, dir.join(name)).unwrap();
+        }
+        write_atomic(&dir.join("container.pid"), b"123").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "secret");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("container.pid")).unwrap(),
+            "123"
+        );
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut expected = vec!["container.pid".to_owned(), "victim".to_owned()];
+        expected.extend(planted);
+        expected.sort();
+        assert_eq!(names, expected);
+        // Written again: replaced, not appended.
+        write_atomic(&dir.join("container.pid"), b"4").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("container.pid")).unwrap(),
+            "4"
+        );
     }
 
     #[test]
