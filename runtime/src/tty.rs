@@ -27,10 +27,12 @@ pub struct Foreground {
 }
 
 impl Foreground {
-    /// Listens on a fresh socket in `dir` and relays the master that arrives on it.
-    pub fn start(dir: &Path) -> anyhow::Result<Self> {
-        let socket = dir.join(format!("hull-console-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&socket);
+    /// Listens on a fresh socket in a new private directory (mode 0700) under `tmp`, so that
+    /// nobody else can connect and hand hull a terminal of theirs, and relays the master that
+    /// arrives on it.
+    pub fn start(tmp: &Path) -> anyhow::Result<Self> {
+        let dir = private_dir(tmp)?;
+        let socket = dir.join("console.sock");
         let listener = UnixListener::bind(&socket)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", socket.display()))?;
         let stdin = io::stdin();
@@ -104,7 +106,25 @@ impl Drop for Foreground {
             let _ = tcsetattr(io::stdin().as_fd(), SetArg::TCSANOW, attrs);
         }
         let _ = std::fs::remove_file(&self.socket);
+        if let Some(dir) = self.socket.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
+}
+
+/// A new directory `hull-console-<pid>-<n>` under `tmp`, mode 0700, made by this call (never
+/// one that was there: another user could own it, or hold a link in it).
+fn private_dir(tmp: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    for n in 0..100u32 {
+        let dir = tmp.join(format!("hull-console-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => anyhow::bail!("cannot make {}: {e}", dir.display()),
+        }
+    }
+    anyhow::bail!("cannot make a console directory in {}", tmp.display())
 }
 
 /// Gives the container's terminal our terminal's window size (at the start, and on
@@ -115,5 +135,32 @@ pub fn resize() {
         if rows > 0 && cols > 0 {
             let _ = console::set_window_size(master, rows, cols);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn the_console_socket_is_in_a_directory_of_its_own() {
+        let tmp = crate::testutil::TempDir::new("console");
+        // Planted where the socket or its directory could be expected.
+        let planted = tmp.join(format!("hull-console-{}-0", std::process::id()));
+        std::fs::create_dir(&planted).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let foreground = Foreground::start(tmp.path()).unwrap();
+        let socket = foreground.socket().to_owned();
+        let dir = socket.parent().unwrap().to_owned();
+        assert_ne!(dir, planted, "took a directory that was there");
+        assert_eq!(dir.parent(), Some(tmp.path()));
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(socket.exists());
+        drop(foreground);
+        assert!(!dir.exists(), "left behind");
+        assert!(planted.exists(), "removed what it did not make");
     }
 }
