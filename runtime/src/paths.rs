@@ -24,11 +24,52 @@ pub fn find_guest_dir(dirs: &[PathBuf]) -> Option<PathBuf> {
         .map(|d| d.canonicalize().unwrap_or_else(|_| d.clone()))
 }
 
+/// Checks that nobody but root and this user can have changed `path`: the file and each
+/// directory above it are owned by root or by the effective user, and writable by nobody else
+/// (a directory others may write to is allowed only with the sticky bit, like `/tmp`, where
+/// they cannot replace what is not theirs). hull runs what it finds there as root, so an
+/// environment variable or a checkout must not be a way to hand it another program or kernel.
+pub fn check_trusted(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let own = nix::unistd::geteuid().as_raw();
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut at = Some(canonical.as_path());
+    while let Some(p) = at {
+        let meta = std::fs::metadata(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+        let mode = meta.mode() & 0o7777;
+        let whose = meta.uid();
+        if whose != 0 && whose != own {
+            anyhow::bail!(
+                "{} is not trusted: {} belongs to uid {whose}, not root or uid {own}",
+                path.display(),
+                p.display()
+            );
+        }
+        let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+        if mode & 0o022 != 0 && !sticky_dir {
+            anyhow::bail!(
+                "{} is not trusted: {} is writable by others (mode {mode:04o})",
+                path.display(),
+                p.display()
+            );
+        }
+        at = p.parent();
+    }
+    Ok(())
+}
+
 /// The guest kernel and the production initramfs, or an error naming where hull looked.
 pub fn guest_files() -> anyhow::Result<(PathBuf, PathBuf)> {
     let dirs = guest_dirs();
     match find_guest_dir(&dirs) {
-        Some(dir) => Ok((dir.join("vmlinux"), dir.join("initramfs.cpio"))),
+        Some(dir) => {
+            let files = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+            check_trusted(&files.0)?;
+            check_trusted(&files.1)?;
+            Ok(files)
+        }
         None => {
             let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
             anyhow::bail!(
@@ -43,7 +84,9 @@ pub fn guest_files() -> anyhow::Result<(PathBuf, PathBuf)> {
 /// `hull-vmm`: `$HULL_VMM`, else next to the running `hull`.
 pub fn vmm_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("HULL_VMM") {
-        return Ok(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        check_trusted(&path).map_err(|e| anyhow::anyhow!("HULL_VMM: {e:#}"))?;
+        return Ok(path);
     }
     let dir =
         bin_dir().ok_or_else(|| anyhow::anyhow!("cannot find the hull binary's directory"))?;
@@ -54,6 +97,7 @@ pub fn vmm_binary() -> anyhow::Result<PathBuf> {
             vmm.display()
         );
     }
+    check_trusted(&vmm)?;
     Ok(vmm)
 }
 
@@ -77,5 +121,46 @@ mod tests {
         std::fs::write(dir.join("initramfs.cpio"), "").unwrap();
         assert_eq!(find_guest_dir(&dirs), Some(dir.canonicalize().unwrap()));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_files_nobody_else_can_change_are_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let top = crate::testutil::TempDir::new("trusted");
+        set(top.path(), 0o755);
+        let dir = top.join("bin");
+        std::fs::create_dir(&dir).unwrap();
+        set(&dir, 0o755);
+        let file = dir.join("hull-vmm");
+        std::fs::write(&file, "").unwrap();
+        set(&file, 0o755);
+        check_trusted(&file).unwrap();
+
+        set(&file, 0o757);
+        let err = check_trusted(&file).unwrap_err().to_string();
+        assert!(err.contains("writable by others (mode 0757)"), "{err}");
+        set(&file, 0o775);
+        assert!(check_trusted(&file).is_err(), "group-writable");
+        set(&file, 0o755);
+
+        set(&dir, 0o777);
+        let err = check_trusted(&file).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("{} is writable", dir.display())),
+            "{err}"
+        );
+        // Sticky, like /tmp: others cannot replace what is not theirs.
+        set(&dir, 0o1777);
+        check_trusted(&file).unwrap();
+        set(&dir, 0o755);
+
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let err = check_trusted(&file).unwrap_err().to_string();
+            assert!(err.contains("belongs to uid 65534"), "{err}");
+        }
     }
 }
