@@ -123,6 +123,17 @@ pub fn owned_fd(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
     unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
 }
 
+/// `close_range(3, ~0, CLOSE_RANGE_CLOEXEC)`: every descriptor above the standard streams
+/// closes at the next `execve`, whether or not it was opened close-on-exec (those still needed
+/// until then, like the report pipe, stay usable).
+pub fn cloexec_above_stdio() -> nix::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range takes plain integers and only sets descriptor flags; no memory is
+    // passed.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    Errno::result(rc).map(drop)
+}
+
 /// `_exit(2)`: ends a forked child without running the parent's exit handlers or flushing
 /// buffers it copied from the agent.
 pub fn exit_now(code: i32) -> ! {

@@ -821,6 +821,22 @@ fn a_pre_made_init_that_died_is_replaced() {
     vm.shutdown();
 }
 
+/// A descriptor the agent holds without close-on-exec (here one it inherited) never reaches
+/// the container's process: it has its stdio and nothing else.
+#[test]
+fn the_container_inherits_no_descriptor_but_its_stdio() {
+    if !can_run() {
+        return;
+    }
+    // Not close-on-exec: the agent inherits it through `unshare`.
+    let (leaked_r, leaked_w) = nix::unistd::pipe().expect("pipe");
+    let out = run(&["sh", "-c", "ls /proc/self/fd"]);
+    drop((leaked_r, leaked_w));
+    assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+    // 3 is `ls`'s own directory descriptor.
+    assert_eq!(out.stdout(), "0\n1\n2\n3\n", "{out:?}");
+}
+
 #[test]
 fn killed_by_a_signal() {
     if !can_run() {

@@ -70,6 +70,9 @@ fn prepare(
     caps: Option<&CapPlan>,
     seccomp: Option<&SeccompPlan>,
 ) -> Result<(), ErrorResponse> {
+    // Nothing of the agent's reaches the container but its stdio (or terminal); first, before
+    // a seccomp filter could refuse the call.
+    sys::cloexec_above_stdio().map_err(|e| io("close_range(3, ~0, CLOSE_RANGE_CLOEXEC)", e))?;
     for (i, r) in process.rlimits.iter().enumerate() {
         setrlimit(resource(r.kind), r.soft, r.hard)
             .map_err(|e| io(format!("process.rlimits[{i}] {}", r.kind.oci_name()), e))?;
