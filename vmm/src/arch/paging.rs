@@ -9,7 +9,9 @@
 //! points outside guest memory is a fault, never a panic.
 
 use kvm_bindings::kvm_sregs;
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, VolatileMemory};
 
 pub(crate) const CR0_PG: u64 = 1 << 31;
 const CR0_WP: u64 = 1 << 16;
@@ -79,23 +81,36 @@ pub fn translate(
     for level in (0..4u32).rev() {
         let shift = 12 + 9 * level;
         let entry_addr = GuestAddress(table + ((gva >> shift) & 0x1ff) * 8);
-        let entry: u64 = mem.read_obj(entry_addr).map_err(|_| fault(PF_RSVD))?;
-        if entry & PTE_PRESENT == 0 {
-            return Err(fault(0));
-        }
-        if (write && enforce_write && entry & PTE_WRITABLE == 0) || (user && entry & PTE_USER == 0)
-        {
-            return Err(fault(PF_PROT));
-        }
-        let leaf = level == 0 || (level < 3 && entry & PTE_HUGE != 0);
-        let mut updated = entry | PTE_ACCESSED;
-        if leaf && write {
-            updated |= PTE_DIRTY;
-        }
-        if updated != entry {
-            mem.write_obj(updated, entry_addr)
-                .map_err(|_| fault(PF_RSVD))?;
-        }
+        // The entry as one atomic word (it is 8-byte aligned): other vCPUs change page tables
+        // while this one walks them, and the CPU sets accessed and dirty bits atomically.
+        let slice = mem.get_slice(entry_addr, 8).map_err(|_| fault(PF_RSVD))?;
+        let atomic = slice
+            .get_atomic_ref::<AtomicU64>(0)
+            .map_err(|_| fault(PF_RSVD))?;
+        let mut entry = atomic.load(Ordering::SeqCst);
+        let leaf = loop {
+            if entry & PTE_PRESENT == 0 {
+                return Err(fault(0));
+            }
+            if (write && enforce_write && entry & PTE_WRITABLE == 0)
+                || (user && entry & PTE_USER == 0)
+            {
+                return Err(fault(PF_PROT));
+            }
+            let leaf = level == 0 || (level < 3 && entry & PTE_HUGE != 0);
+            let mut updated = entry | PTE_ACCESSED;
+            if leaf && write {
+                updated |= PTE_DIRTY;
+            }
+            if updated == entry {
+                break leaf;
+            }
+            // Changed since it was read: check the new entry instead of writing over it.
+            match atomic.compare_exchange(entry, updated, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => break leaf,
+                Err(now) => entry = now,
+            }
+        };
         if leaf {
             let page_mask = (1u64 << shift) - 1;
             return Ok((entry & PTE_ADDR_MASK & !page_mask) | (gva & page_mask));
@@ -218,6 +233,35 @@ mod tests {
             PTE_ACCESSED,
             "read: no dirty bit"
         );
+    }
+
+    /// Accessed bits are set without losing what another vCPU writes to the entry meanwhile:
+    /// here one thread keeps clearing the accessed bit and flipping an available bit (9) of a
+    /// PTE, while another walks through it; no flip may be lost.
+    #[test]
+    fn accessed_bits_never_overwrite_a_concurrent_change() {
+        const FLIPS: u32 = 200_000;
+        const AVAILABLE: u64 = 1 << 9;
+        let (mem, sregs) = setup();
+        let before: u64 = mem.read_obj(GuestAddress(PT)).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    let _ = translate(&mem, &sregs, 0x1000_0010, Access::Read, true);
+                }
+            });
+            let slice = mem.get_slice(GuestAddress(PT), 8).unwrap();
+            let pte = slice.get_atomic_ref::<AtomicU64>(0).unwrap();
+            for _ in 0..FLIPS {
+                pte.fetch_and(!PTE_ACCESSED, Ordering::SeqCst);
+                pte.fetch_xor(AVAILABLE, Ordering::SeqCst);
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        let after: u64 = mem.read_obj(GuestAddress(PT)).unwrap();
+        // An even number of flips: bit 9 is back where it was.
+        assert_eq!(after & AVAILABLE, before & AVAILABLE, "a flip was lost");
     }
 
     #[test]
