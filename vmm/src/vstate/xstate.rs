@@ -228,8 +228,27 @@ pub fn execute_xsave(
     }
 }
 
+/// The faults XSETBV and XGETBV raise before they touch anything (SDM Vol. 2, XSETBV and
+/// XGETBV): #UD without CR4.OSXSAVE, and for XSETBV #GP(0) outside ring 0, where it is
+/// privileged.
+fn xcr_access_fault(sregs: &kvm_sregs, set: bool) -> Option<Outcome> {
+    if sregs.cr4 & CR4_OSXSAVE == 0 {
+        return Some(fault(UD_VECTOR, None));
+    }
+    if set && sregs.cs.dpl != 0 {
+        return Some(fault(GP_VECTOR, Some(0)));
+    }
+    None
+}
+
 /// XSETBV: sets XCR[ECX] to EDX:EAX; KVM validates the value (#GP if it refuses).
 pub fn execute_xsetbv(fd: &VcpuFd, regs: &kvm_regs) -> Result<Outcome, XstateError> {
+    let sregs = fd
+        .get_sregs()
+        .map_err(kvm("cannot read special registers"))?;
+    if let Some(fault) = xcr_access_fault(&sregs, true) {
+        return Ok(fault);
+    }
     let mut xcrs = fd.get_xcrs().map_err(kvm("cannot read XCRs"))?;
     let index = (regs.rcx & 0xffff_ffff) as u32;
     let value = (regs.rdx << 32) | (regs.rax & 0xffff_ffff);
@@ -244,6 +263,12 @@ pub fn execute_xsetbv(fd: &VcpuFd, regs: &kvm_regs) -> Result<Outcome, XstateErr
 
 /// XGETBV: reads XCR[ECX] into EDX:EAX; only XCR0 exists here (#GP otherwise).
 pub fn execute_xgetbv(fd: &VcpuFd, regs: &mut kvm_regs) -> Result<Outcome, XstateError> {
+    let sregs = fd
+        .get_sregs()
+        .map_err(kvm("cannot read special registers"))?;
+    if let Some(fault) = xcr_access_fault(&sregs, false) {
+        return Ok(fault);
+    }
     if regs.rcx & 0xffff_ffff != 0 {
         return Ok(fault(GP_VECTOR, Some(0)));
     }
@@ -256,6 +281,29 @@ pub fn execute_xgetbv(fd: &VcpuFd, regs: &mut kvm_regs) -> Result<Outcome, Xstat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn xsetbv_is_privileged_and_both_need_osxsave() {
+        let mut sregs = kvm_sregs::default();
+        let is = |outcome: Option<Outcome>, vector: u8| matches!(outcome, Some(Outcome::Fault { vector: v, .. }) if v == vector);
+        // CR4.OSXSAVE clear: #UD for both, at any privilege.
+        assert!(is(xcr_access_fault(&sregs, true), UD_VECTOR));
+        assert!(is(xcr_access_fault(&sregs, false), UD_VECTOR));
+        sregs.cr4 |= CR4_OSXSAVE;
+        assert!(xcr_access_fault(&sregs, true).is_none());
+        assert!(xcr_access_fault(&sregs, false).is_none());
+        // Guest user mode: XSETBV is #GP(0), XGETBV is allowed.
+        sregs.cs.dpl = 3;
+        assert!(matches!(
+            xcr_access_fault(&sregs, true),
+            Some(Outcome::Fault {
+                vector: GP_VECTOR,
+                error_code: Some(0),
+                ..
+            })
+        ));
+        assert!(xcr_access_fault(&sregs, false).is_none());
+    }
 
     #[test]
     fn kvm_region_round_trips_as_little_endian_bytes() {
