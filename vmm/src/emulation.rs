@@ -164,6 +164,16 @@ pub fn memory_operand_address(
     sregs: &kvm_sregs,
 ) -> Option<u64> {
     let operand = (0..insn.op_count()).find(|&i| insn.op_kind(i) == OpKind::Memory)?;
+    if insn.is_ip_rel_memory_operand() {
+        // Decoded at IP 0 (`assist`): the target iced computed is the next instruction's
+        // offset plus the displacement, relative to the instruction's real RIP.
+        let segment = match insn.memory_segment() {
+            Register::FS => sregs.fs.base,
+            Register::GS => sregs.gs.base,
+            _ => 0,
+        };
+        return Some(segment.wrapping_add(regs.rip.wrapping_add(insn.ip_rel_memory_address())));
+    }
     insn.virtual_address(operand, 0, |reg, _, _| match reg {
         Register::FS => Some(sregs.fs.base),
         Register::GS => Some(sregs.gs.base),
@@ -206,7 +216,21 @@ mod tests {
             ..Default::default()
         };
         // (bytes, op, rex_w, operand address)
-        let cases: [(&[u8], XsaveOp, bool, u64); 6] = [
+        let cases: [(&[u8], XsaveOp, bool, u64); 8] = [
+            // xsave [rip+0x100]: relative to the instruction's end at its real RIP
+            (
+                &[0x0f, 0xae, 0x25, 0x00, 0x01, 0, 0],
+                XsaveOp::Xsave,
+                false,
+                regs.rip + 7 + 0x100,
+            ),
+            // xrstor [gs:rip-0x10]
+            (
+                &[0x65, 0x0f, 0xae, 0x2d, 0xf0, 0xff, 0xff, 0xff],
+                XsaveOp::Xrstor,
+                false,
+                sregs.gs.base.wrapping_add(regs.rip + 8 - 0x10),
+            ),
             (&[0x48, 0x0f, 0xae, 0x27], XsaveOp::Xsave, true, regs.rdi), // xsave64 [rdi]
             (&[0x48, 0x0f, 0xae, 0x2f], XsaveOp::Xrstor, true, regs.rdi), // xrstor64 [rdi]
             (&[0x48, 0x0f, 0xc7, 0x2f], XsaveOp::Xsaves, true, regs.rdi), // xsaves64 [rdi]
