@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hull_tests::harness::TempDir;
 use hull_tests::tiny_guest::counting_guest;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryRegion};
 use vmm::{ConsoleConfig, KvmKind, VmConfig, VmExit, Vmm};
 
 /// The guest's counter; the stop flag is the next quadword.
@@ -137,6 +137,15 @@ fn a_restored_vm_continues_from_the_snapshot_and_two_restores_share_one_file() {
         let vmm = vmm::restore(&config, &setup.snapshot_dir(), prepared).unwrap();
         // Before it runs, the restored VM is exactly the snapshot.
         assert_eq!(counter(&vmm), count, "{name}");
+        // Its RAM stays out of hull-vmm's core dumps, the prepared VM's too.
+        for region in vmm.memory().iter() {
+            let host = vmm.memory().get_host_address(region.start_addr()).unwrap();
+            assert_eq!(
+                vmm::vstate::vm::excluded_from_core_dumps(host),
+                Some(true),
+                "{name}"
+            );
+        }
         restored.push((name, vmm, console));
     }
     for (name, vmm, _) in &mut restored {

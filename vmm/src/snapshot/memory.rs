@@ -299,7 +299,12 @@ pub fn map_over(
         }
         offset += size as u64;
     }
-    Ok(())
+    // The new mappings do not inherit the old ones' flags.
+    crate::vstate::vm::exclude_from_core_dumps(memory).map_err(|e| MemoryFileError::Map {
+        path: path.to_owned(),
+        guest_addr: 0,
+        reason: format!("keeping it out of core dumps: {e}"),
+    })
 }
 
 #[cfg(test)]
