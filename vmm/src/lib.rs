@@ -13,6 +13,7 @@ pub mod container;
 pub mod device_manager;
 pub mod emulation;
 pub use hull_contract::host;
+pub mod log_limit;
 pub mod snapshot;
 pub mod thread;
 pub mod vstate;

@@ -16,6 +16,7 @@ use hull_protocol::{
     Request, RequestBody, Response, ResponseBody,
 };
 
+use crate::log_limit::{left_out, LogLimit};
 use crate::thread::{Spawner, ThreadKind};
 
 /// A client connection's writing half, shared by the threads that answer it.
@@ -63,15 +64,25 @@ pub fn serve<T: From<ClientRequest> + Send + 'static>(
     })?;
     let clients = threads.clone();
     threads.spawn(ThreadKind::ControlListener, move || {
+        let mut failed = LogLimit::new(LOG_PERIOD);
+        let mut refused = LogLimit::new(LOG_PERIOD);
         for conn in listener.incoming() {
             let conn = match conn {
                 Ok(conn) => conn,
                 Err(err) => {
-                    log::warn!("control socket: accept failed: {err}");
+                    if let Some(n) = failed.check() {
+                        log::warn!("control socket: accept failed: {err}{}", left_out(n));
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
             };
+            if let Err(who) = check_peer(&conn) {
+                if let Some(n) = refused.check() {
+                    log::warn!("control socket: refused {who}{}", left_out(n));
+                }
+                continue;
+            }
             let inbox = inbox.clone();
             let release = kernel_release.clone();
             let spawned = clients.spawn(ThreadKind::ControlClient, move || {
@@ -83,6 +94,25 @@ pub fn serve<T: From<ClientRequest> + Send + 'static>(
         }
     })?;
     Ok(())
+}
+
+/// How often a repeated control-socket problem is logged.
+const LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// Only root and hull-vmm's own user may control the container: the state directory keeps
+/// others out already (mode 0700), and this holds wherever the socket ends up.
+fn check_peer(conn: &UnixStream) -> Result<(), String> {
+    let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("a client whose credentials cannot be read ({e})"))?;
+    let own = nix::unistd::geteuid().as_raw();
+    match cred.uid() {
+        0 => Ok(()),
+        uid if uid == own => Ok(()),
+        uid => Err(format!(
+            "a client of uid {uid} (pid {}): only root and uid {own} may control the container",
+            cred.pid()
+        )),
+    }
 }
 
 fn serve_client<T: From<ClientRequest>>(mut conn: UnixStream, inbox: &Sender<T>, release: &str) {
@@ -158,6 +188,53 @@ mod tests {
             process: ProcessRef::Init
         })
         .is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A client of another uid is cut off at once; root waits for a hello as usual. Runs the
+    /// client with `setpriv` and Debian's `python3` (one under root's home would not run as
+    /// another user) as uid 65534.
+    #[test]
+    fn only_root_and_the_vmm_s_own_user_may_connect() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root, to run a client as another uid");
+            return;
+        }
+        let dir =
+            std::env::temp_dir().join(format!("hull-control-peer-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let (tx, _rx) = std::sync::mpsc::channel::<ClientRequest>();
+        serve(&Spawner::detached(), &path, tx, "6.12".into()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        const PYTHON: &str = "/usr/bin/python3";
+        let script = "import socket,sys\n\
+                      s=socket.socket(socket.AF_UNIX)\n\
+                      s.connect(sys.argv[1])\n\
+                      s.settimeout(2)\n\
+                      try:\n print('closed' if s.recv(1)==b'' else 'data')\n\
+                      except socket.timeout:\n print('open')\n";
+        let client = |uid: Option<&str>| {
+            let mut cmd = match uid {
+                Some(uid) => {
+                    let mut cmd = std::process::Command::new("setpriv");
+                    cmd.args(["--reuid", uid, "--regid", uid, "--clear-groups", PYTHON]);
+                    cmd
+                }
+                None => std::process::Command::new(PYTHON),
+            };
+            let out = cmd.args(["-c", script]).arg(&path).output();
+            out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        };
+        match client(Some("65534")) {
+            Ok(answer) if !answer.is_empty() => {
+                assert_eq!(answer, "closed", "uid 65534 was let in");
+                assert_eq!(client(None).unwrap(), "open", "root was cut off");
+            }
+            other => panic!("cannot run a client as uid 65534 (setpriv, python3): {other:?}"),
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
