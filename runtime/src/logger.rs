@@ -62,7 +62,8 @@ impl log::Log for Logger {
                     let _ = file.write_all(line.as_bytes());
                 }
             }
-            None => eprintln!("hull: {level}: {msg}"),
+            // Messages may quote the guest: nothing in them may drive the terminal.
+            None => eprintln!("hull: {level}: {}", hull_contract::printable(&msg)),
         }
     }
 

@@ -93,7 +93,7 @@ fn main() -> ExitCode {
             let msg = format!("{err:#}");
             log::error!("{msg}");
             if log_to_file {
-                eprintln!("hull: error: {msg}");
+                eprintln!("hull: error: {}", hull_contract::printable(&msg));
             }
             ExitCode::FAILURE
         }

@@ -140,8 +140,8 @@ fn open_console(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmErr
                 })?,
         )),
         ConsoleConfig::Null => Box::new(std::io::sink()),
-        ConsoleConfig::File(path) => Box::new(Capped {
-            inner: OpenOptions::new()
+        ConsoleConfig::File(path) => Box::new(hull_contract::Capped::new(
+            OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
@@ -149,42 +149,14 @@ fn open_console(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmErr
                     path: path.clone(),
                     source,
                 })?,
-            left: MAX_CONSOLE_FILE,
-        }),
+            MAX_CONSOLE_FILE,
+            "\n[hull-vmm: console file full; the rest is dropped]\n",
+        )),
     })
 }
 
 /// The most a console file receives: the guest writes it, and must not fill the host's disk.
 const MAX_CONSOLE_FILE: u64 = 16 << 20;
-
-/// A writer that takes everything but passes on only the first `left` bytes.
-struct Capped<W> {
-    inner: W,
-    left: u64,
-}
-
-impl<W: Write> Write for Capped<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.left == 0 {
-            return Ok(buf.len());
-        }
-        let take = buf
-            .len()
-            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
-        let n = self.inner.write(&buf[..take])?;
-        self.left -= n as u64;
-        if self.left == 0 {
-            let _ = self
-                .inner
-                .write_all(b"\n[hull-vmm: console file full; the rest is dropped]\n");
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
 
 /// Waits for the end of the VM: a reset from the i8042 or an exit reported by a vCPU.
 struct ExitHandler {
@@ -855,23 +827,6 @@ mod tests {
             .into_string()
             .unwrap();
         assert_eq!(line, BASE_CMDLINE);
-    }
-
-    #[test]
-    fn the_console_file_is_capped() {
-        let mut capped = Capped {
-            inner: Vec::new(),
-            left: 5,
-        };
-        capped.write_all(b"abc").unwrap();
-        capped.write_all(b"defgh").unwrap();
-        capped.write_all(b"ijk").unwrap();
-        let text = String::from_utf8(capped.inner).unwrap();
-        assert!(
-            text.starts_with("abcde\n[hull-vmm: console file full"),
-            "{text}"
-        );
-        assert!(!text.contains("fgh") && !text.contains("ijk"), "{text}");
     }
 
     #[test]

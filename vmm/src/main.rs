@@ -209,7 +209,11 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 }
 
 /// Where log messages go when `--log-file` is given.
-static LOG_FILE: OnceLock<Mutex<File>> = OnceLock::new();
+static LOG_FILE: OnceLock<Mutex<hull_contract::Capped<File>>> = OnceLock::new();
+
+/// The most `--log-file` receives from one hull-vmm: messages quote the guest (and
+/// fuse-backend-rs logs guest errors at debug level), which must not fill the host's disk.
+const MAX_LOG_FILE: u64 = 8 << 20;
 
 /// Logs to standard error, or to the `--log-file`.
 struct Logger;
@@ -227,10 +231,12 @@ impl log::Log for Logger {
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
+            // Messages quote the guest (its console, its agent's errors): printable only.
+            let message = record.args().to_string();
             let line = format!(
                 "hull-vmm: {}: {}\n",
                 record.level().as_str().to_lowercase(),
-                record.args()
+                hull_contract::printable(&message)
             );
             match LOG_FILE.get() {
                 Some(file) => {
@@ -370,7 +376,11 @@ fn main() -> ExitCode {
             .open(path)
         {
             Ok(file) => {
-                let _ = LOG_FILE.set(Mutex::new(file));
+                let _ = LOG_FILE.set(Mutex::new(hull_contract::Capped::new(
+                    file,
+                    MAX_LOG_FILE,
+                    "hull-vmm: warn: this log is full; later messages are dropped\n",
+                )));
             }
             Err(err) => {
                 eprintln!(

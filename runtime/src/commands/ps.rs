@@ -36,6 +36,8 @@ impl PsArgs {
                     } else {
                         p.args.join(" ")
                     };
+                    // The guest names its processes: one printable line each.
+                    let cmd = hull_contract::printable_line(&cmd);
                     out!("{:>7} {:>7} {:>6} {cmd}", p.pid, p.ppid, p.uid);
                 }
             }
