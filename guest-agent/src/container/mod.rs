@@ -298,21 +298,13 @@ fn launch<S: Stages>(stages: S) -> Result<Created, ErrorResponse> {
     drop(child_end);
     drop(stages);
     let mut reports = File::from(reports_r);
-    let mut pid = None;
-    let mut ready = false;
-    while pid.is_none() || !ready {
-        match next_report(&mut reports)? {
-            Report::Pid(p) => pid = Some(Pid::from_raw(p)),
-            Report::Ready => ready = true,
-            other => return Err(unexpected(other)),
-        }
-    }
+    let pid = pid_and(&mut reports, |r| matches!(r, Report::Ready))?;
     // The process sent its terminal's master before `Ready`.
     let terminal = agent_end
         .map(|channel| terminal::recv_fd(channel.as_fd()))
         .transpose()?;
     Ok(Created {
-        pid: pid.expect("the loop ends only with a pid"),
+        pid,
         terminal,
         start: File::from(start_w),
         reports,
@@ -350,6 +342,21 @@ fn next_report(reports: &mut File) -> Result<Report, ErrorResponse> {
         Ok(None) => Err(internal("container setup ended without a report".into())),
         Err(e) => Err(internal(format!("reading the container setup report: {e}"))),
     }
+}
+
+/// The intermediate's `Pid` report and the one `then` accepts from the process, in either
+/// order (the process may report before its parent does); returns the pid.
+fn pid_and(reports: &mut File, then: impl Fn(&Report) -> bool) -> Result<Pid, ErrorResponse> {
+    let mut pid = None;
+    let mut other = false;
+    while pid.is_none() || !other {
+        match next_report(reports)? {
+            Report::Pid(p) => pid = Some(Pid::from_raw(p)),
+            report if then(&report) => other = true,
+            report => return Err(unexpected(report)),
+        }
+    }
+    Ok(pid.expect("the loop ends only with a pid"))
 }
 
 fn unexpected(report: Report) -> ErrorResponse {

@@ -43,8 +43,8 @@ use nix::unistd::{pipe2, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    fdpass, next_report, process_stage, report, setup, unexpected, CapPlan, Config, Created,
-    Report, RootfsSource, SeccompPlan, Stages, StdioSetup,
+    fdpass, next_report, pid_and, process_stage, report, setup, unexpected, CapPlan, Config,
+    Created, Report, RootfsSource, SeccompPlan, Stages, StdioSetup,
 };
 use crate::sys;
 
@@ -136,17 +136,7 @@ impl Zygote {
         }
         drop((reports_w, start_r, init_end, shared));
         let mut reports = File::from(reports_r);
-        // The intermediate's pid and the init's `Waiting`, in either order.
-        let mut pid = None;
-        let mut waiting = false;
-        while pid.is_none() || !waiting {
-            match next_report(&mut reports)? {
-                Report::Pid(p) => pid = Some(Pid::from_raw(p)),
-                Report::Waiting => waiting = true,
-                other => return Err(unexpected(other)),
-            }
-        }
-        let pid = pid.expect("the loop ends only with a pid");
+        let pid = pid_and(&mut reports, |r| matches!(r, Report::Waiting))?;
         Ok(Self {
             pid,
             channel: UnixStream::from(agent_end),
