@@ -1,8 +1,8 @@
 //! The vsock device in the VMM thread's event loop.
 //!
-//! The VMM adds the device as a subscriber at build time. `init` watches three fds that live as
-//! long as the device: the wake eventfd, the listening socket and the connect timer. Everything
-//! else comes and goes: the device records what each should be watched for in its
+//! The VMM adds the device as a subscriber at build time. `init` watches two fds that live as
+//! long as the device: the wake eventfd and the connect timer. Everything else comes and goes
+//! (the listening socket too, which the muxer leaves out while `accept` keeps failing): the device records what each should be watched for in its
 //! [`FdWatch`](super::fd_watch::FdWatch), and `process` brings epoll in line at the end of each
 //! call. `activate` and `reset` run on a vCPU thread without access to the event loop; they
 //! record their changes and signal the wake eventfd, whose event is what gets the changes
@@ -18,13 +18,15 @@ impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         for (what, fd) in [
             ("wake eventfd", self.wake_evt.as_raw_fd()),
-            ("listening socket", self.muxer.listener().as_raw_fd()),
             ("connect timer", self.muxer.timer().as_raw_fd()),
         ] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("vsock: cannot watch the {what}: {e:?}");
             }
         }
+        // In the watch: the muxer leaves it out for a while when `accept` keeps failing.
+        self.watch
+            .set(self.muxer.listener().as_raw_fd(), Some(EventSet::IN));
         self.watch.apply(ops);
     }
 

@@ -52,6 +52,12 @@ impl FdWatch {
         self.graveyard.push(Box::new(file));
     }
 
+    /// What `fd` is to be watched for (before the next `apply`).
+    #[cfg(test)]
+    pub fn wants(&self, fd: RawFd) -> Option<EventSet> {
+        self.desired.get(&fd).copied()
+    }
+
     /// How many fds epoll watches for us (after the last `apply`).
     #[cfg(test)]
     pub fn registered_count(&self) -> usize {

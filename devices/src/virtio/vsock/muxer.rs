@@ -54,7 +54,18 @@ pub struct Muxer {
     timer_armed: bool,
     pub(super) connect_timeout: Duration,
     log: GuestErrorLog,
+    /// While `accept` keeps failing (no descriptors left): when the listener is watched again.
+    accept_resume: Option<Instant>,
+    /// `accept` failures in a row.
+    accept_failures: u64,
 }
+
+/// How long the listener is left out of the watch after `accept` failed: epoll reports it for
+/// as long as a client waits, and a retry at once would fail the same way.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// One log line per this many `accept` failures in a row (about a minute of pauses).
+const ACCEPT_FAILURES_PER_LOG: u64 = 600;
 
 impl Muxer {
     /// Listens on `uds_path` for host clients.
@@ -79,6 +90,8 @@ impl Muxer {
             timer_armed: false,
             connect_timeout: CONNECT_TIMEOUT,
             log: GuestErrorLog::new(),
+            accept_resume: None,
+            accept_failures: 0,
         })
     }
 
@@ -122,10 +135,18 @@ impl Muxer {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("vsock: cannot accept on {}: {e}", self.uds_path.display());
+                    self.pause_accepting(&e, watch);
                     return;
                 }
             };
+            if self.accept_failures > 0 {
+                log::info!(
+                    "vsock: accepting on {} again after {} failures",
+                    self.uds_path.display(),
+                    self.accept_failures
+                );
+                self.accept_failures = 0;
+            }
             if self.pending_hosts.len() >= MAX_PENDING_HOST_CONNECTIONS {
                 log::warn!("vsock: too many host clients without a CONNECT line; closing one");
                 continue;
@@ -142,6 +163,25 @@ impl Muxer {
             self.fd_owners.insert(fd, FdOwner::PendingHost);
             self.pending_hosts.insert(fd, pending);
         }
+    }
+
+    /// `accept` failed for a reason a retry at once would meet again (no descriptors left):
+    /// the listener leaves the watch for [`ACCEPT_PAUSE`] and comes back on the timer, so the
+    /// level-triggered event loop does not spin on it. Logged when it starts, then once per
+    /// [`ACCEPT_FAILURES_PER_LOG`] failures, with the count.
+    fn pause_accepting(&mut self, e: &std::io::Error, watch: &mut FdWatch) {
+        self.accept_failures += 1;
+        if self.accept_failures % ACCEPT_FAILURES_PER_LOG == 1 {
+            log::warn!(
+                "vsock: cannot accept on {}: {e} ({} failures in a row; retrying every {} ms)",
+                self.uds_path.display(),
+                self.accept_failures,
+                ACCEPT_PAUSE.as_millis()
+            );
+        }
+        watch.set(self.listener.as_raw_fd(), None);
+        self.accept_resume = Some(Instant::now() + ACCEPT_PAUSE);
+        self.arm_timer(ACCEPT_PAUSE);
     }
 
     /// Handles readiness of one of our host sockets. `active` says whether the guest driver
@@ -227,6 +267,14 @@ impl Muxer {
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut next: Option<Instant> = None;
+        match self.accept_resume {
+            Some(at) if at <= now => {
+                watch.set(self.listener.as_raw_fd(), Some(EventSet::IN));
+                self.accept_resume = None;
+            }
+            Some(at) => next = Some(at),
+            None => {}
+        }
         for (key, conn) in &self.conns {
             match conn.connect_deadline() {
                 Some(deadline) if deadline <= now => expired.push(*key),
@@ -514,5 +562,31 @@ impl Drop for Muxer {
     fn drop(&mut self) {
         // The socket file would make the next bind on this path fail.
         let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failing `accept` takes the listener out of the watch, and the timer brings it back.
+    #[test]
+    fn a_failing_accept_pauses_the_listener_until_the_timer() {
+        let dir = std::env::temp_dir().join(format!("hull-vsock-pause-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut muxer = Muxer::new(3, dir.join("v.sock")).unwrap();
+        let mut watch = FdWatch::default();
+        let fd = muxer.listener().as_raw_fd();
+        watch.set(fd, Some(EventSet::IN));
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        muxer.pause_accepting(&emfile, &mut watch);
+        muxer.pause_accepting(&emfile, &mut watch);
+        assert_eq!(watch.wants(fd), None);
+        assert_eq!(muxer.accept_failures, 2);
+        // `on_timer` waits for the timer to fire.
+        muxer.on_timer(&mut watch);
+        assert_eq!(watch.wants(fd), Some(EventSet::IN));
+        assert_eq!(muxer.accept_resume, None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
