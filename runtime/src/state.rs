@@ -52,6 +52,13 @@ pub fn validate_id(id: &str) -> Result<(), StateError> {
     Ok(())
 }
 
+/// The VM's configuration in a state directory (hull-vmm's `--config`).
+pub const VM_CONFIG: &str = "vm.json";
+/// The container's configuration in a state directory (hull-vmm's `--container`).
+pub const CONTAINER_CONFIG: &str = "container.json";
+/// hull-vmm's log in a state directory.
+pub const VMM_LOG: &str = "vmm.log";
+
 /// `<root>/<id>/`, removed with everything in it on drop unless kept.
 #[derive(Debug)]
 pub struct StateDir {
@@ -96,7 +103,7 @@ impl StateDir {
 
     /// `vm.json`.
     pub fn vm_config(&self) -> PathBuf {
-        self.path.join("vm.json")
+        self.path.join(VM_CONFIG)
     }
 
     /// `vsock.sock`.
@@ -111,7 +118,7 @@ impl StateDir {
 
     /// `vmm.log`: hull-vmm's standard error.
     pub fn vmm_log(&self) -> PathBuf {
-        self.path.join("vmm.log")
+        self.path.join(VMM_LOG)
     }
 }
 

@@ -311,14 +311,14 @@ fn build_in(
     for shared in &mut template.shared_dirs {
         shared.path = share.clone();
     }
-    let vm_json = work.join("vm.json");
+    let vm_json = work.join(crate::state::VM_CONFIG);
     std::fs::write(
         &vm_json,
         serde_json::to_vec_pretty(&template).expect("a VmConfig serializes"),
     )
     .with_context(|| format!("cannot write {}", vm_json.display()))?;
     let snapshot = work.join("snapshot");
-    let log = work.join("vmm.log");
+    let log = work.join(crate::state::VMM_LOG);
     let started = Instant::now();
     log::info!(
         "building the VM template {} (a cold boot, once per kernel and VM shape)",

@@ -139,22 +139,14 @@ pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Cre
         bail!("interrupted by signal {signal} before the container was created");
     }
     let state = make_state_dir(opts, &checked)?;
-    let (container_path, config) = write_vm_files(opts, &checked, &state)?;
+    let config = write_vm_files(opts, &checked, &state)?;
     let chosen_at = SystemTime::now();
     let template = match opts.cold_boot {
         true => None,
         false => find_template(&config, &checked, None),
     };
     let mut spawn = |template: Option<&Path>| {
-        spawn_and_wait(
-            opts,
-            &checked,
-            &state,
-            &container_path,
-            forwarder,
-            template,
-            standby.take(),
-        )
+        spawn_and_wait(opts, &checked, &state, forwarder, template, standby.take())
     };
     let vmm = match spawn(template.as_deref())? {
         Ok(vmm) => vmm,
@@ -290,13 +282,13 @@ fn make_state_dir(opts: &CreateOptions, checked: &Checked) -> anyhow::Result<Sta
     Ok(state)
 }
 
-/// Step 3: `vm.json` and `container.json` in the state directory; returns the latter's path
-/// and the VM's configuration.
+/// Step 3: `vm.json` and `container.json` in the state directory; returns the VM's
+/// configuration.
 fn write_vm_files(
     opts: &CreateOptions,
     checked: &Checked,
     state: &StateDir,
-) -> anyhow::Result<(PathBuf, VmConfig)> {
+) -> anyhow::Result<VmConfig> {
     let spec = &checked.spec;
     let paths = VmPaths {
         kernel: checked.kernel.clone(),
@@ -326,7 +318,7 @@ fn write_vm_files(
         control_socket: state.path().join("control.sock"),
         console_socket: checked.console_socket.clone(),
     };
-    let container_path = state.path().join("container.json");
+    let container_path = state.path().join(crate::state::CONTAINER_CONFIG);
     write_atomic(
         &container_path,
         &serde_json::to_vec_pretty(&container_config).expect("a ContainerConfig serializes"),
@@ -339,7 +331,7 @@ fn write_vm_files(
         spec.rootfs.display(),
         if spec.readonly { " (read-only)" } else { "" }
     );
-    Ok((container_path, config))
+    Ok(config)
 }
 
 /// Step 4: starts hull-vmm (restoring from `template` if given), points signal forwarding at
@@ -349,14 +341,12 @@ fn spawn_and_wait(
     opts: &CreateOptions,
     checked: &Checked,
     state: &StateDir,
-    container_path: &Path,
     forwarder: &Forwarder,
     template: Option<&Path>,
     standby: Option<Standby>,
 ) -> anyhow::Result<Result<Child, String>> {
     let t_spawn = Instant::now();
     let args = vmm_args(state.path(), opts.debug);
-    debug_assert_eq!(state.path().join("container.json"), container_path);
     let taken = standby.and_then(|standby| standby.go(&checked.vmm_bin, &args, template));
     let (mut vmm, sync_read) = match taken {
         Some(taken) => taken,
@@ -478,13 +468,13 @@ fn record(
 fn vmm_args(dir: &Path, debug: bool) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = vec![
         "--config".into(),
-        dir.join("vm.json").into(),
+        dir.join(crate::state::VM_CONFIG).into(),
         "--container".into(),
-        dir.join("container.json").into(),
+        dir.join(crate::state::CONTAINER_CONFIG).into(),
         "--sync-fd".into(),
         "3".into(),
         "--log-file".into(),
-        dir.join("vmm.log").into(),
+        dir.join(crate::state::VMM_LOG).into(),
     ];
     if debug {
         args.extend(["--log-level".into(), "info".into()]);

@@ -68,8 +68,8 @@ fn run(opts: &CreateOptions, detach: bool, forwarder: &Forwarder) -> anyhow::Res
     log::debug!("hull-vmm exited: {status}");
     if opts.debug {
         // hull-vmm's timeline (with --debug it logs each stage with its time since start).
-        let log =
-            std::fs::read_to_string(created.container.dir.join("vmm.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(created.container.dir.join(crate::state::VMM_LOG))
+            .unwrap_or_default();
         for line in log
             .lines()
             .filter(|l| l.contains(" ms)") || l.contains("restored: "))
