@@ -7,7 +7,7 @@
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,7 +52,7 @@ pub fn respond(writer: &ClientWriter, id: u64, result: Result<ResponseBody, Erro
 pub fn serve<T: From<ClientRequest> + Send + 'static>(
     threads: &Spawner,
     path: &Path,
-    inbox: Sender<T>,
+    inbox: SyncSender<T>,
     kernel_release: String,
 ) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
@@ -115,7 +115,18 @@ fn check_peer(conn: &UnixStream) -> Result<(), String> {
     }
 }
 
-fn serve_client<T: From<ClientRequest>>(mut conn: UnixStream, inbox: &Sender<T>, release: &str) {
+/// For one answer to a client to be written: the supervisor answers clients, and one that
+/// stops reading must not hold it up.
+const CLIENT_WRITE_DEADLINE: Duration = Duration::from_secs(5);
+
+fn serve_client<T: From<ClientRequest>>(
+    mut conn: UnixStream,
+    inbox: &SyncSender<T>,
+    release: &str,
+) {
+    if conn.set_write_timeout(Some(CLIENT_WRITE_DEADLINE)).is_err() {
+        return;
+    }
     let hello = match read_frame::<_, HostMessage>(&mut conn) {
         Ok(Some(HostMessage::Hello(hello))) => hello,
         Ok(_) | Err(_) => return,
@@ -162,7 +173,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hull-control-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("control.sock");
-        let (tx, rx) = std::sync::mpsc::channel::<ClientRequest>();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ClientRequest>(8);
         serve(&Spawner::detached(), &path, tx, "6.12".into()).unwrap();
 
         let answering = std::thread::spawn(move || {
@@ -204,7 +215,7 @@ mod tests {
             std::env::temp_dir().join(format!("hull-control-peer-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("control.sock");
-        let (tx, _rx) = std::sync::mpsc::channel::<ClientRequest>();
+        let (tx, _rx) = std::sync::mpsc::sync_channel::<ClientRequest>(8);
         serve(&Spawner::detached(), &path, tx, "6.12".into()).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -22,14 +22,15 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use hull_protocol::{
     attach_stream, host_handshake, hybrid, read_frame, write_frame, AgentMessage, Event,
-    HostMessage, ProcessRef, Request, RequestBody, Stdio, StreamKind, CONTROL_PORT, STDIO_PORT,
+    FrameError, HostMessage, ProcessRef, Request, RequestBody, Stdio, StreamKind, CONTROL_PORT,
+    STDIO_PORT,
 };
 use nix::sys::signal::{SigSet, Signal};
 
@@ -53,6 +54,12 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(10);
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 /// Bytes of the console quoted in an error.
 const TAIL_BYTES: u64 = 2048;
+/// Messages waiting for the supervisor. When it is full, the agent's reader stops reading, so
+/// a guest that floods the control connection fills its own vsock credit, not hull-vmm's heap.
+const INBOX_CAPACITY: usize = 64;
+/// For one frame to the agent to be written: a guest that stops reading its control
+/// connection (withholding vsock credit) ends the VM instead of blocking the supervisor.
+const AGENT_WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What the supervisor's loop waits for.
 enum Incoming {
@@ -91,7 +98,7 @@ pub fn start(
     let status: ExitCell = Arc::new(Mutex::new(None));
     let created = Arc::new(AtomicBool::new(false));
     let terminal = matches!(config.create.stdio, Stdio::Terminal { .. });
-    let (tx, rx) = channel();
+    let (tx, rx) = sync_channel(INBOX_CAPACITY);
     let threads = Spawner::new(stopper.clone());
     let supervisor = Supervisor {
         threads: threads.clone(),
@@ -142,7 +149,7 @@ struct Supervisor {
     status: ExitCell,
     created: Arc<AtomicBool>,
     stopper: Stopper,
-    tx: Sender<Incoming>,
+    tx: SyncSender<Incoming>,
     /// Requests sent to the agent and not answered yet: who gets the answer.
     pending: HashMap<u64, Route>,
     next_id: u64,
@@ -236,22 +243,11 @@ impl Supervisor {
             hello.protocol_version,
             hello.kernel_release
         );
-        let mut reader = control.try_clone()?;
+        control.set_write_timeout(Some(AGENT_WRITE_DEADLINE))?;
+        let reader = control.try_clone()?;
         let tx = self.tx.clone();
-        self.threads.spawn(ThreadKind::AgentReader, move || loop {
-            let gone = match read_frame::<_, AgentMessage>(&mut reader) {
-                Ok(Some(msg)) => {
-                    if tx.send(Incoming::Agent(msg)).is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                Ok(None) => "closed".to_owned(),
-                Err(err) => format!("{:#}", anyhow!(err)),
-            };
-            let _ = tx.send(Incoming::AgentGone(gone));
-            return;
-        })?;
+        self.threads
+            .spawn(ThreadKind::AgentReader, move || read_agent(reader, &tx))?;
 
         let stdio = self.config.create.stdio;
         let mut streams = Vec::new();
@@ -297,8 +293,11 @@ impl Supervisor {
     ) -> anyhow::Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
-        write_frame(control, &HostMessage::Request(Request { id, body }))
-            .context("cannot send a request to the guest agent")?;
+        send_to_agent(
+            control,
+            &HostMessage::Request(Request { id, body }),
+            &self.stopper,
+        )?;
         self.pending.insert(id, route);
         Ok(id)
     }
@@ -513,19 +512,11 @@ impl Supervisor {
                     });
                     if let Err(err) = drain {
                         log::warn!("cannot wait for the container's output ({err}); leaving it");
-                        let _ = self.tx.send(Incoming::Drained);
+                        self.shut_down(&mut running, &mut deadline);
                     }
                 }
                 Incoming::Agent(other) => log::debug!("from the agent: {other:?}"),
-                Incoming::Drained => {
-                    log::info!("output drained ({} ms)", self.since.elapsed().as_millis());
-                    self.send_or_warn(
-                        &mut running.control,
-                        RequestBody::Shutdown,
-                        Route::Own("shutdown"),
-                    );
-                    deadline = Some(Instant::now() + SHUTDOWN_DEADLINE);
-                }
+                Incoming::Drained => self.shut_down(&mut running, &mut deadline),
                 Incoming::AgentGone(why) => {
                     if exited {
                         // The power-off closes the connection; the VM ends by itself.
@@ -543,11 +534,66 @@ impl Supervisor {
         }
     }
 
+    /// The init's output has drained: the VM powers off.
+    fn shut_down(&mut self, running: &mut Running, deadline: &mut Option<Instant>) {
+        log::info!("output drained ({} ms)", self.since.elapsed().as_millis());
+        self.send_or_warn(
+            &mut running.control,
+            RequestBody::Shutdown,
+            Route::Own("shutdown"),
+        );
+        *deadline = Some(Instant::now() + SHUTDOWN_DEADLINE);
+    }
+
     fn send_or_warn(&mut self, control: &mut UnixStream, body: RequestBody, route: Route) {
         if let Err(err) = self.send(control, body, route) {
             log::warn!("{err:#}");
         }
     }
+}
+
+/// The agent reader's loop: every frame from the agent to the supervisor's inbox, waiting
+/// while the inbox is full (the guest's writes then wait on its vsock credit), then why the
+/// connection ended.
+fn read_agent(mut reader: UnixStream, inbox: &SyncSender<Incoming>) {
+    let gone = loop {
+        match read_frame::<_, AgentMessage>(&mut reader) {
+            Ok(Some(msg)) => {
+                if inbox.send(Incoming::Agent(msg)).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break "closed".to_owned(),
+            Err(err) => break format!("{:#}", anyhow!(err)),
+        }
+    };
+    let _ = inbox.send(Incoming::AgentGone(gone));
+}
+
+/// Writes one message on the agent's control connection, whose write timeout is set. If the
+/// deadline passes (the guest stopped reading), part of the frame may be written and the
+/// connection cannot be used again: the VM ends.
+fn send_to_agent(
+    control: &mut UnixStream,
+    message: &HostMessage,
+    stopper: &Stopper,
+) -> anyhow::Result<()> {
+    let Err(err) = write_frame(control, message) else {
+        return Ok(());
+    };
+    if let FrameError::Write(e) = &err {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            let deadline = control.write_timeout().ok().flatten().unwrap_or_default();
+            stopper.stop(format!(
+                "the guest agent has not read its control connection for {} s",
+                deadline.as_secs_f32()
+            ));
+        }
+    }
+    Err(anyhow!(err).context("cannot send a request to the guest agent"))
 }
 
 /// Copies `from` to `to` ([`pump`]) on a thread of its own (from `threads`, so that a panic
@@ -566,4 +612,88 @@ where
 {
     threads.spawn(ThreadKind::Relay(name), relay_body(name, from, to, done))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+    use std::sync::mpsc::channel;
+
+    use hull_protocol::{encode_frame, ExitStatus};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::vstate::vcpu::VmExit;
+
+    #[test]
+    fn an_agent_flooding_its_control_connection_is_held_back() {
+        let (mut agent, host) = UnixStream::pair().unwrap();
+        let (tx, rx) = sync_channel(INBOX_CAPACITY);
+        let reader = std::thread::spawn(move || read_agent(host, &tx));
+        let event = AgentMessage::Event(Event::Exited {
+            process: ProcessRef::Init,
+            pid: 7,
+            status: ExitStatus::Code(0),
+        });
+        let frame = encode_frame(&event).unwrap();
+        agent.set_nonblocking(true).unwrap();
+        // Nobody takes the supervisor's messages: once the inbox and the socket's buffers are
+        // full, the agent's writes must wait (an unbounded inbox would take all 64 MiB).
+        let (mut written, mut blocked) = (0usize, false);
+        while written < 64 << 20 {
+            match agent.write(&frame) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if agent.write(&frame).map_err(|e| e.kind()) == Err(ErrorKind::WouldBlock) {
+                        blocked = true;
+                        break;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(blocked, "{written} bytes taken without backpressure");
+        assert!(written < 8 << 20, "{written} bytes taken");
+        let mut held = 0;
+        while let Ok(Incoming::Agent(_)) = rx.try_recv() {
+            held += 1;
+        }
+        assert!(held <= INBOX_CAPACITY + 1, "{held} messages queued");
+        drop(rx);
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_to_an_agent_that_stopped_reading_ends_the_vm() {
+        let (_agent, mut host) = UnixStream::pair().unwrap();
+        host.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let (exits, exit) = channel();
+        let stopper = Stopper::new(exits, EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let request = HostMessage::Request(Request {
+            id: 1,
+            body: RequestBody::Signal {
+                process: ProcessRef::Init,
+                signal: 15,
+                all: false,
+            },
+        });
+        let since = Instant::now();
+        let err = loop {
+            if let Err(err) = send_to_agent(&mut host, &request, &stopper) {
+                break err;
+            }
+            assert!(since.elapsed() < Duration::from_secs(10), "never stalled");
+        };
+        assert!(since.elapsed() < Duration::from_secs(10));
+        assert!(
+            format!("{err:#}").contains("cannot send a request"),
+            "{err:#}"
+        );
+        assert_eq!(
+            exit.try_recv().unwrap(),
+            VmExit::Stopped("the guest agent has not read its control connection for 0.2 s".into())
+        );
+    }
 }
