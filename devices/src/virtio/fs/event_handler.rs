@@ -36,6 +36,10 @@ pub type FsServer = Server<Arc<ConfinedFs>>;
 
 /// Event data of the stop eventfd; queue notify events carry their queue index.
 const STOP_TOKEN: u32 = u32::MAX;
+/// Requests served per pass over a queue. A vCPU can refill a queue as fast as it is drained;
+/// after this many the worker re-arms the queue's eventfd and goes back to its event loop, so
+/// the stop eventfd and the other queue get their turn.
+pub(crate) const BATCH: usize = 256;
 
 /// Serves the queues of one activated virtio-fs device.
 pub struct FsHandler {
@@ -81,7 +85,8 @@ impl FsHandler {
         self.broken
     }
 
-    /// Serves every request waiting in the queue at position `slot` of the active queues.
+    /// Serves the requests waiting in the queue at position `slot` of the active queues, at
+    /// most [`BATCH`] of them; with more left, the queue's eventfd is signalled again.
     pub fn process_queue(&mut self, slot: usize) {
         if self.broken {
             return;
@@ -91,7 +96,15 @@ impl FsHandler {
         };
         let index = active.index;
         let mut used_any = false;
+        let mut served = 0;
         loop {
+            if served == BATCH {
+                // More may wait: come back after the event loop's other events.
+                if let Err(err) = active.notify.write(1) {
+                    log::error!("virtio-fs: cannot re-arm queue {index}: {err}");
+                }
+                break;
+            }
             let chain = match active.queue.iter(&self.mem) {
                 Ok(mut avail) => avail.next(),
                 Err(err) => {
@@ -124,6 +137,7 @@ impl FsHandler {
                 break;
             }
             used_any = true;
+            served += 1;
             if self.broken {
                 break;
             }
@@ -285,5 +299,68 @@ pub fn run_worker(mut handler: FsHandler) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+    use crate::virtio::fs::test_utils::{guest_memory, TempDir};
+    use crate::virtio::fs::{HIPRIO_QUEUE, QUEUE_SIZE, REQUEST_QUEUE};
+    use crate::virtio::test_utils::{Buffer, DriverQueue};
+
+    #[test]
+    fn a_full_queue_is_served_in_batches_between_other_events() {
+        let dir = TempDir::new("hull-devices-test");
+        let mem = guest_memory();
+        let hiprio = DriverQueue::new(&mem, GuestAddress(0), 16).unwrap();
+        let mut requests = DriverQueue::new(&mem, GuestAddress(0x40_0000), QUEUE_SIZE).unwrap();
+        let queues = vec![
+            ActiveQueue {
+                index: HIPRIO_QUEUE,
+                queue: hiprio.device_queue(QUEUE_SIZE).unwrap(),
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            },
+            ActiveQueue {
+                index: REQUEST_QUEUE,
+                queue: requests.device_queue(QUEUE_SIZE).unwrap(),
+                notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+            },
+        ];
+        let notify = queues[1].notify.try_clone().unwrap();
+        let fs = ConfinedFs::new(dir.path(), false).unwrap();
+        let server = Arc::new(Server::new(Arc::new(fs)));
+        let interrupt = Arc::new(IrqTrigger::new().unwrap());
+        let mut handler = FsHandler::new(
+            mem,
+            queues,
+            interrupt,
+            server,
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        );
+        let sent = BATCH * 2 + 10;
+        for _ in 0..sent {
+            // Too short for a FUSE header: the chain goes back with nothing written.
+            requests.add_chain(&[Buffer::Readable(&[0; 4])]).unwrap();
+        }
+        let mut served = Vec::new();
+        loop {
+            handler.process_queue(1);
+            let mut used = 0;
+            while requests.pop_used().unwrap().is_some() {
+                used += 1;
+            }
+            served.push(used);
+            // Re-armed while requests are left; the event loop would come back.
+            if notify.read().is_err() {
+                break;
+            }
+            assert!(served.len() < 10, "{served:?}");
+        }
+        assert_eq!(served, [BATCH, BATCH, 10]);
+        assert!(!handler.broken());
     }
 }

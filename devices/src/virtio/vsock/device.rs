@@ -23,6 +23,11 @@ use crate::virtio::{
     VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 
+/// Chains taken per pass over a queue: a vCPU can refill the tx queue as fast as it is drained,
+/// and a host peer can keep the rx side busy; after this many the event loop runs its other
+/// events first.
+pub(super) const BATCH: usize = 64;
+
 /// The queues and memory the driver handed over at activation.
 #[derive(Debug)]
 pub(super) struct ActiveState {
@@ -140,7 +145,9 @@ impl Vsock {
         }
     }
 
-    /// Takes every packet the guest put on the tx queue.
+    /// Takes the packets the guest put on the tx queue, at most [`BATCH`] of them; with more
+    /// left, the tx eventfd is signalled again so the event loop's other events (stop, accept,
+    /// the host sockets) get their turn before the rest.
     pub(super) fn process_tx(&mut self) {
         let Self {
             active,
@@ -152,8 +159,14 @@ impl Vsock {
         let Some(active) = active.as_mut().filter(|a| !a.broken) else {
             return;
         };
-        let mut used = false;
+        let mut used = 0;
         loop {
+            if used == BATCH {
+                if let Err(e) = active.tx_evt.write(1) {
+                    log::error!("vsock: cannot re-arm the tx queue: {e}");
+                }
+                break;
+            }
             let mem = &active.mem;
             let chain = match active.tx.iter(mem) {
                 Ok(mut iter) => iter.next(),
@@ -172,7 +185,7 @@ impl Vsock {
                 );
                 break;
             }
-            used = true;
+            used += 1;
             match result {
                 Ok(pkt) => muxer.on_guest_packet(&pkt, watch),
                 Err(bad) => {
@@ -183,12 +196,13 @@ impl Vsock {
                 }
             }
         }
-        if used {
+        if used > 0 {
             active.notify(TX_QUEUE);
         }
     }
 
-    /// Fills the guest's rx buffers with whatever waits for it.
+    /// Fills the guest's rx buffers with whatever waits for it, at most [`BATCH`] of them; with
+    /// more waiting, the wake eventfd brings the event loop back here after its other events.
     pub(super) fn process_rx(&mut self) {
         let Self {
             active,
@@ -196,13 +210,20 @@ impl Vsock {
             watch,
             log,
             scratch,
+            wake_evt,
             ..
         } = self;
         let Some(active) = active.as_mut().filter(|a| !a.broken) else {
             return;
         };
-        let mut used = false;
+        let mut used = 0;
         while muxer.has_rx() {
+            if used == BATCH {
+                if let Err(e) = wake_evt.write(1) {
+                    log::error!("vsock: cannot signal the wake eventfd: {e}");
+                }
+                break;
+            }
             let mem = &active.mem;
             let chain = match active.rx.iter(mem) {
                 Ok(mut iter) => iter.next(),
@@ -242,9 +263,9 @@ impl Vsock {
                 );
                 break;
             }
-            used = true;
+            used += 1;
         }
-        if used {
+        if used > 0 {
             active.notify(RX_QUEUE);
         }
     }

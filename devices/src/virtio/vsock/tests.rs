@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 
+use super::device::BATCH;
 use super::test_utils::{pattern, read_available, Packet, TestGuest, GUEST_BUF_ALLOC, GUEST_CID};
 use super::unix::port_socket_path;
 use super::*;
@@ -622,4 +623,30 @@ fn comes_up_through_the_mmio_transport() {
         0,
     );
     assert!(!g.device.lock().unwrap().is_active());
+}
+
+#[test]
+fn a_full_tx_queue_is_taken_in_batches_between_other_events() {
+    let mut g = TestGuest::new(8);
+    let packets = BATCH + BATCH / 2;
+    for port in 0..packets as u32 {
+        // Resets of connections that do not exist: taken and dropped.
+        let rst = g.hdr(VIRTIO_VSOCK_OP_RST, 5000 + port, 6000);
+        g.send(rst, &[]);
+    }
+    // One pass of the event loop takes one batch and leaves the tx eventfd signalled.
+    let _ = g.event_manager.run_with_timeout(0).expect("event loop");
+    let mut taken = 0;
+    while g.tx.pop_used().expect("tx used ring").is_some() {
+        taken += 1;
+    }
+    assert_eq!(taken, BATCH);
+    assert_eq!(g.tx_notify.read().expect("re-armed"), 1);
+    g.tx_notify.write(1).unwrap();
+    let _ = g.event_manager.run_with_timeout(0).expect("event loop");
+    let mut rest = 0;
+    while g.tx.pop_used().expect("tx used ring").is_some() {
+        rest += 1;
+    }
+    assert_eq!(rest, packets - BATCH);
 }
