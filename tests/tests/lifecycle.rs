@@ -318,6 +318,21 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     assert!(std::fs::read_to_string(format!("/proc/{pid_a}/cmdline"))
         .unwrap()
         .contains("hull-vmm"));
+    // hull-vmm bounds itself: no core dumps, a descriptor table sized for its file server.
+    let limits = std::fs::read_to_string(format!("/proc/{pid_a}/limits")).unwrap();
+    let limit = |name: &str| -> Vec<String> {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(limit("Max core file size"), ["0", "0"], "{limits}");
+    let files = limit("Max open files");
+    assert_eq!(files[0], files[1], "{limits}");
+    let files: u64 = files[0].parse().unwrap();
+    assert!(files <= vmm::limits::MAX_DESCRIPTORS, "{limits}");
     let list: Value = serde_json::from_str(&hull.ok(&["list", "--format", "json"])).unwrap();
     let ids: Vec<&str> = list
         .as_array()

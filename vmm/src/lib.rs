@@ -12,6 +12,7 @@ pub use hull_contract::vm as config;
 pub mod container;
 pub mod device_manager;
 pub mod emulation;
+pub mod limits;
 pub use hull_contract::host;
 pub mod log_limit;
 pub mod snapshot;

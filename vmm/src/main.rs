@@ -335,6 +335,10 @@ fn snapshot_when_ready(mut vmm: vmm::Vmm, dir: &std::path::Path) -> ExitCode {
 fn main() -> ExitCode {
     let mut entered = std::time::Instant::now();
     let mut args = Args::parse();
+    if let Err(err) = vmm::limits::apply() {
+        eprintln!("hull-vmm: error: cannot set its resource limits: {err}");
+        return ExitCode::from(2);
+    }
     let mut prepared = None;
     let mut prepared_in = None;
     if let Some(fd) = args.standby {

@@ -64,6 +64,11 @@ pub fn passthrough_config(shared_dir: &Path) -> Config {
         killpriv_v2: false,
         dax_file_size: None,
         cache_policy: CachePolicy::Auto,
+        // Node ids made of the host's inode numbers: the server then forgets an inode
+        // entirely when the guest does, instead of keeping every (device, inode) pair it ever
+        // saw. An id cannot be reused while the guest holds it: the server's descriptor keeps
+        // the host inode alive.
+        use_host_ino: true,
         ..Config::default()
     }
 }
@@ -80,6 +85,12 @@ pub struct ConfinedFs {
     mounted: AtomicBool,
     /// Each regular file's [`Stamp`] when the guest last opened it (see `open`).
     stamps: Mutex<HashMap<Inode, Stamp>>,
+    /// The inodes the guest holds and how many lookups of each (what its FORGETs take back):
+    /// each is a descriptor in this process, so at most [`MAX_INODES`].
+    held: Mutex<HashMap<Inode, u64>>,
+    /// [`MAX_INODES`] and [`MAX_HANDLES`] (smaller in tests).
+    max_inodes: usize,
+    max_handles: usize,
 }
 
 /// What changes when a file's data may have changed: modification and change times, size.
@@ -103,6 +114,13 @@ impl Stamp {
 /// The most files whose [`Stamp`] is kept; past it the record starts over (each file's next
 /// open then drops its page cache once, as an open without the record would).
 const MAX_STAMPS: usize = 65_536;
+/// The most inodes the guest may hold at once (each holds a descriptor in hull-vmm; at most
+/// three quarters of the process's descriptor limit); past it a lookup or a new file fails
+/// with `ENFILE`, as a full system file table would.
+pub const MAX_INODES: usize = 1 << 18;
+/// The most files and directories the guest may have open at once (each holds a descriptor;
+/// at most an eighth of the process's descriptor limit); past it an open fails with `ENFILE`.
+pub const MAX_HANDLES: usize = 1 << 16;
 
 impl ConfinedFs {
     /// Whether the guest has the share mounted (a FUSE session is open).
@@ -130,6 +148,9 @@ impl ConfinedFs {
             }
         })?;
         use std::os::unix::fs::MetadataExt;
+        // Each held inode and open handle is a descriptor: the caps stay inside what this
+        // process may open (hull-vmm raises its limit to fit them where it can).
+        let descriptors = usize::try_from(nofile_limit()).unwrap_or(usize::MAX);
         Ok(Self {
             inner,
             read_only,
@@ -138,7 +159,18 @@ impl ConfinedFs {
             handle_flags: Mutex::new(HashMap::new()),
             mounted: AtomicBool::new(false),
             stamps: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            max_inodes: MAX_INODES.min(descriptors / 4 * 3),
+            max_handles: MAX_HANDLES.min(descriptors / 8),
         })
+    }
+
+    /// The same with smaller caps on held inodes and open handles.
+    #[cfg(test)]
+    fn with_limits(mut self, inodes: usize, handles: usize) -> Self {
+        self.max_inodes = inodes;
+        self.max_handles = handles;
+        self
     }
 
     /// Whether every change is refused.
@@ -186,6 +218,71 @@ impl ConfinedFs {
         stamps.insert(inode, stamp) == Some(stamp)
     }
 
+    fn held(&self) -> MutexGuard<'_, HashMap<Inode, u64>> {
+        // A panic elsewhere leaves the map as consistent as any single insert or remove.
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// How many inodes the guest holds.
+    pub fn held_inodes(&self) -> usize {
+        self.held().len()
+    }
+
+    /// How many files and directories the guest has open.
+    pub fn open_handles(&self) -> usize {
+        self.handle_flags().len()
+    }
+
+    /// `ENFILE` if the guest holds as many inodes as it may: for a request that would make a
+    /// new one.
+    fn room_for_inode(&self) -> io::Result<()> {
+        if self.held().len() >= self.max_inodes {
+            return Err(errno(libc::ENFILE));
+        }
+        Ok(())
+    }
+
+    /// Records the lookup the guest takes with `entry`; a new inode past [`MAX_INODES`] is
+    /// handed back to the server and refused with `ENFILE`.
+    fn hold(&self, ctx: &Context, entry: Entry) -> io::Result<Entry> {
+        if entry.inode == 0 || entry.inode == ROOT_ID {
+            // A negative entry, or the root, which is never forgotten.
+            return Ok(entry);
+        }
+        let mut held = self.held();
+        if let Some(count) = held.get_mut(&entry.inode) {
+            *count += 1;
+            return Ok(entry);
+        }
+        if held.len() >= self.max_inodes {
+            drop(held);
+            self.inner.forget(ctx, entry.inode, 1);
+            return Err(errno(libc::ENFILE));
+        }
+        held.insert(entry.inode, 1);
+        Ok(entry)
+    }
+
+    /// The guest gave back `count` lookups of `inode`.
+    fn release_lookups(&self, held: &mut HashMap<Inode, u64>, inode: Inode, count: u64) {
+        if let Some(left) = held.get_mut(&inode) {
+            *left = left.saturating_sub(count);
+            if *left == 0 {
+                held.remove(&inode);
+            }
+        }
+    }
+
+    /// `ENFILE` if the guest has as many files open as it may.
+    fn room_for_handle(&self) -> io::Result<()> {
+        if self.handle_flags().len() >= self.max_handles {
+            return Err(errno(libc::ENFILE));
+        }
+        Ok(())
+    }
+
     fn remember_handle(&self, handle: Option<Handle>, flags: u32) {
         if let Some(handle) = handle {
             self.handle_flags().insert(handle, flags);
@@ -210,6 +307,19 @@ impl ConfinedFs {
         let (st, _) = self.inner.getattr(ctx, inode, None)?;
         Ok(st.st_dev == self.root_dev && st.st_ino == self.root_ino)
     }
+}
+
+/// This process's soft `RLIMIT_NOFILE`.
+fn nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `limit`, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    limit.rlim_cur
 }
 
 /// A name LOOKUP may use: one component, not empty; `.` and `..` allowed.
@@ -258,28 +368,34 @@ impl FileSystem for ConfinedFs {
         self.inner.destroy();
         self.handle_flags().clear();
         self.stamps().clear();
+        self.held().clear();
     }
 
     fn lookup(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<Entry> {
         check_lookup_name(name)?;
-        if name.to_bytes() == b".." && self.is_root(ctx, parent)? {
-            return self.inner.lookup(ctx, parent, c".");
-        }
-        self.inner.lookup(ctx, parent, name)
+        let entry = if name.to_bytes() == b".." && self.is_root(ctx, parent)? {
+            self.inner.lookup(ctx, parent, c".")?
+        } else {
+            self.inner.lookup(ctx, parent, name)?
+        };
+        self.hold(ctx, entry)
     }
 
     fn forget(&self, ctx: &Context, inode: Inode, count: u64) {
         // The guest dropped the inode and its page cache with it (or only some lookups: then
         // its next open drops the cache once more than it needs to).
         self.stamps().remove(&inode);
+        self.release_lookups(&mut self.held(), inode, count);
         self.inner.forget(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(Inode, u64)>) {
         {
             let mut stamps = self.stamps();
-            for (inode, _) in &requests {
-                stamps.remove(inode);
+            let mut held = self.held();
+            for &(inode, count) in &requests {
+                stamps.remove(&inode);
+                self.release_lookups(&mut held, inode, count);
             }
         }
         self.inner.batch_forget(ctx, requests)
@@ -319,8 +435,10 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         check_new_name(name)?;
+        self.room_for_inode()?;
         // The target is only text: the host never follows it.
-        self.inner.symlink(ctx, linkname, parent, name)
+        let entry = self.inner.symlink(ctx, linkname, parent, name)?;
+        self.hold(ctx, entry)
     }
 
     fn mknod(
@@ -338,7 +456,9 @@ impl FileSystem for ConfinedFs {
             libc::S_IFCHR | libc::S_IFBLK => return Err(errno(libc::EPERM)),
             _ => {}
         }
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        self.room_for_inode()?;
+        let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
+        self.hold(ctx, entry)
     }
 
     fn mkdir(
@@ -351,7 +471,9 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         check_new_name(name)?;
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        self.room_for_inode()?;
+        let entry = self.inner.mkdir(ctx, parent, name, mode, umask)?;
+        self.hold(ctx, entry)
     }
 
     fn unlink(&self, ctx: &Context, parent: Inode, name: &CStr) -> io::Result<()> {
@@ -391,8 +513,10 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<Entry> {
         self.check_writable()?;
         check_new_name(newname)?;
-        // `inode` must be one the guest reached through lookups, so it lies inside.
-        self.inner.link(ctx, inode, newparent, newname)
+        // `inode` must be one the guest reached through lookups, so it lies inside (and is
+        // held already: the new entry only adds a lookup).
+        let entry = self.inner.link(ctx, inode, newparent, newname)?;
+        self.hold(ctx, entry)
     }
 
     fn open(
@@ -405,6 +529,7 @@ impl FileSystem for ConfinedFs {
         if open_changes_file(flags) {
             self.check_writable()?;
         }
+        self.room_for_handle()?;
         let (handle, mut options, passthrough) = self.inner.open(ctx, inode, flags, fuse_flags)?;
         self.remember_handle(handle, flags);
         // With the `Auto` cache policy the guest kernel drops a file's page cache on every
@@ -426,8 +551,13 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
         check_new_name(name)?;
+        self.room_for_inode()?;
+        self.room_for_handle()?;
         let created = self.inner.create(ctx, parent, name, args)?;
         self.remember_handle(created.1, args.flags);
+        if created.0.inode != 0 {
+            *self.held().entry(created.0.inode).or_insert(0) += 1;
+        }
         Ok(created)
     }
 
@@ -551,6 +681,7 @@ impl FileSystem for ConfinedFs {
         inode: Inode,
         flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions)> {
+        self.room_for_handle()?;
         let opened = self.inner.opendir(ctx, inode, flags)?;
         // What `PassthroughFs::opendir` keeps for the handle.
         self.remember_handle(opened.0, flags | libc::O_DIRECTORY as u32);
@@ -579,8 +710,31 @@ impl FileSystem for ConfinedFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        // Each entry is a lookup the guest takes. At the cap, the entry goes back to the
+        // server; the listing ends here (as if the buffer were full) if entries were given,
+        // so their lookups reach the guest, else it fails with ENFILE.
+        let mut given = 0;
         self.inner
-            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+            .readdirplus(ctx, inode, handle, size, offset, &mut |dir_entry, entry| {
+                let node = entry.inode;
+                let new = node != ROOT_ID && !self.held().contains_key(&node);
+                if new && self.room_for_inode().is_err() {
+                    self.inner.forget(ctx, node, 1);
+                    return if given == 0 {
+                        Err(errno(libc::ENFILE))
+                    } else {
+                        Ok(0)
+                    };
+                }
+                let written = add_entry(dir_entry, entry)?;
+                if written > 0 {
+                    given += 1;
+                    if node != ROOT_ID {
+                        *self.held().entry(node).or_insert(0) += 1;
+                    }
+                }
+                Ok(written)
+            })
     }
 
     fn fsyncdir(
@@ -706,5 +860,117 @@ mod tests {
         assert!(!config.no_open);
         assert_eq!(config.dax_file_size, None);
         assert_eq!(config.root_dir, "/srv/rootfs");
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use std::ffi::CString;
+
+    use fuse_backend_rs::abi::fuse_abi::ROOT_ID;
+
+    use super::super::test_utils::Sandbox;
+    use super::*;
+
+    fn open_descriptors() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    fn name(i: usize) -> CString {
+        CString::new(format!("f{i}")).unwrap()
+    }
+
+    #[test]
+    fn held_inodes_and_open_handles_are_capped() {
+        let sandbox = Sandbox::new();
+        for i in 0..40 {
+            std::fs::write(sandbox.share().join(format!("f{i}")), b"x").unwrap();
+        }
+        let fs = ConfinedFs::new(&sandbox.share(), false)
+            .unwrap()
+            .with_limits(20, 5);
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+        let before = open_descriptors();
+        let mut nodes = Vec::new();
+        for i in 0..20 {
+            nodes.push(fs.lookup(&ctx, ROOT_ID, &name(i)).unwrap().inode);
+        }
+        // The guest holds 20 inodes: a new one is refused, one it holds is not.
+        for i in 20..40 {
+            let err = fs.lookup(&ctx, ROOT_ID, &name(i)).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ENFILE), "f{i}");
+        }
+        assert_eq!(fs.lookup(&ctx, ROOT_ID, &name(3)).unwrap().inode, nodes[3]);
+        assert_eq!(fs.held_inodes(), 20);
+        assert!(
+            open_descriptors() <= before + 20,
+            "{} descriptors for 20 inodes",
+            open_descriptors() - before
+        );
+        let err = fs.mkdir(&ctx, ROOT_ID, c"dir", 0o755, 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENFILE));
+        assert!(!sandbox.share().join("dir").exists());
+
+        // Forgetting both lookups of f3 makes room for one more.
+        fs.forget(&ctx, nodes[3], 2);
+        assert_eq!(fs.held_inodes(), 19);
+        fs.lookup(&ctx, ROOT_ID, &name(30)).unwrap();
+        assert_eq!(fs.held_inodes(), 20);
+
+        // A directory listing with entries cannot pass the cap either.
+        let (dir, _) = fs.opendir(&ctx, ROOT_ID, 0).unwrap();
+        let dir = dir.unwrap();
+        let err = fs
+            .readdirplus(&ctx, ROOT_ID, dir, 4096, 0, &mut |_, _| Ok(1))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENFILE));
+        assert_eq!(fs.held_inodes(), 20);
+        fs.releasedir(&ctx, ROOT_ID, 0, dir).unwrap();
+
+        // Five open files at most (f3 was forgotten above: these are held).
+        let mut handles = Vec::new();
+        for &node in &nodes[5..10] {
+            let (handle, _, _) = fs.open(&ctx, node, libc::O_RDONLY as u32, 0).unwrap();
+            handles.push(handle.unwrap());
+        }
+        let err = fs
+            .open(&ctx, nodes[10], libc::O_RDONLY as u32, 0)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENFILE));
+        assert_eq!(fs.open_handles(), 5);
+        fs.release(&ctx, nodes[5], 0, handles[0], false, false, None)
+            .unwrap();
+        fs.open(&ctx, nodes[10], libc::O_RDONLY as u32, 0).unwrap();
+
+        fs.destroy();
+        assert_eq!((fs.held_inodes(), fs.open_handles()), (0, 0));
+    }
+
+    #[test]
+    fn a_listing_at_the_cap_ends_where_the_cap_is() {
+        let sandbox = Sandbox::new();
+        for i in 0..10 {
+            std::fs::write(sandbox.share().join(format!("f{i}")), b"x").unwrap();
+        }
+        let fs = ConfinedFs::new(&sandbox.share(), false)
+            .unwrap()
+            .with_limits(4, 5);
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+        let (dir, _) = fs.opendir(&ctx, ROOT_ID, 0).unwrap();
+        let mut given = Vec::new();
+        fs.readdirplus(&ctx, ROOT_ID, dir.unwrap(), 4096, 0, &mut |_, entry| {
+            given.push(entry.inode);
+            Ok(1)
+        })
+        .unwrap();
+        // Four entries (each a lookup the guest now holds), then the listing stopped.
+        assert_eq!(given.len(), 4);
+        assert_eq!(fs.held_inodes(), 4);
+        for inode in given {
+            fs.forget(&ctx, inode, 1);
+        }
+        assert_eq!(fs.held_inodes(), 0);
     }
 }

@@ -62,8 +62,9 @@
 //!   virtiofsd does), so with a privileged VMM the guest's root owns what it creates.
 //! - Defense in depth: the VMM is later jailed (pivot_root into a directory holding only the
 //!   rootfs, no capabilities, seccomp), so even a confused lookup has nowhere to go.
-//! - Resource use: the guest decides how many inodes and open files the server holds (bounded
-//!   by the process's `RLIMIT_NOFILE`).
+//! - Resource use: the guest decides how many inodes and open files the server holds, up to
+//!   `confine::MAX_INODES` and `MAX_HANDLES` (within the process's `RLIMIT_NOFILE`); past them
+//!   it gets `ENFILE`. Disk space and host inodes are bounded by the host's file system.
 //!
 //! Guest mistakes (malformed chains, FUSE headers with lying lengths, unknown opcodes) are
 //! answered with an error (or a zero-length used buffer when nothing can be parsed) and logged
