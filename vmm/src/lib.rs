@@ -15,6 +15,7 @@ pub mod emulation;
 pub mod limits;
 pub use hull_contract::host;
 pub mod log_limit;
+pub mod seccomp;
 pub mod snapshot;
 pub mod thread;
 pub mod vstate;

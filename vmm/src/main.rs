@@ -339,6 +339,11 @@ fn main() -> ExitCode {
         eprintln!("hull-vmm: error: cannot set its resource limits: {err}");
         return ExitCode::from(2);
     }
+    // Before any other thread exists: from here on threads are started by the spawner thread.
+    if let Err(err) = vmm::seccomp::Mode::from_env().and_then(vmm::seccomp::enable) {
+        eprintln!("hull-vmm: error: {err}");
+        return ExitCode::from(2);
+    }
     let mut prepared = None;
     let mut prepared_in = None;
     if let Some(fd) = args.standby {
@@ -498,6 +503,12 @@ fn main() -> ExitCode {
         }
         _ => None,
     };
+    // The event loop runs under its own filter. (A template's run above, `--snapshot-when-ready`,
+    // runs only hull's own guest, and writes the snapshot files.)
+    if let Err(err) = vmm::seccomp::Filter::Vmm.install() {
+        log::error!("{err}");
+        return ExitCode::from(1);
+    }
     // This thread is the vmm thread: a panic in its event loop (a device's bug) ends hull-vmm
     // with the same status as a panic in any other thread (`vmm::thread`), not Rust's 101.
     let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vmm.run())) {

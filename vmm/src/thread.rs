@@ -3,8 +3,9 @@
 //! Every thread is named after its kind. If one panics, the VM ends with
 //! [`VmExit::ThreadPanicked`] naming the thread and the panic's message, and hull-vmm exits 1,
 //! instead of running on without it (a dead relay or supervisor would leave a VM that never
-//! exits). [`ThreadKind::enter`], run first on every new thread, is where each kind's seccomp
-//! filter will be installed.
+//! exits). [`ThreadKind::enter`], run first on every new thread, installs the kind's seccomp
+//! filter (`seccomp`); with filters on, the threads are created by the spawner thread, so
+//! that none inherits the narrower filter of the thread that asked for it.
 //!
 //! The main thread is the vmm thread (the event loop) and is not started here; `main` turns a
 //! panic there into the same exit status.
@@ -12,12 +13,14 @@
 use std::any::Any;
 use std::io;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use devices::{DeviceThread, ThreadSpawner};
 
 use crate::builder::Stopper;
+use crate::seccomp::Filter;
 use crate::vstate::vcpu::VmExit;
 
 /// What a thread of hull-vmm does; each kind will get a seccomp filter of its own.
@@ -59,9 +62,84 @@ impl ThreadKind {
         }
     }
 
-    /// Runs first on every new thread of this kind, before its body: the place where the
-    /// kind's seccomp filter goes once the VMM is jailed (DESIGN.md, Security). Nothing yet.
-    fn enter(self) {}
+    /// The seccomp filter threads of this kind run under.
+    pub fn filter(self) -> Filter {
+        match self {
+            ThreadKind::Vcpu(_) => Filter::Vcpu,
+            ThreadKind::Device(DeviceThread::FsWorker) => Filter::FsWorker,
+            ThreadKind::Signals => Filter::Signals,
+            ThreadKind::Supervisor => Filter::Supervisor,
+            ThreadKind::AgentReader => Filter::AgentReader,
+            ThreadKind::ControlListener => Filter::ControlListener,
+            ThreadKind::ControlClient => Filter::ControlClient,
+            ThreadKind::Relay(_) => Filter::Relay,
+            ThreadKind::OutputDrain => Filter::OutputDrain,
+        }
+    }
+
+    /// Runs first on every new thread of this kind, before its body: installs the kind's
+    /// seccomp filter (when filters are on). A thread that cannot have its filter does not
+    /// run: the panic ends the VM.
+    fn enter(self) {
+        if let Err(err) = self.filter().install() {
+            panic!("{err}");
+        }
+    }
+}
+
+/// Work for the spawner thread: start one thread.
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// The spawner thread's inbox, once it runs.
+static SPAWNER: OnceLock<Mutex<Sender<SpawnJob>>> = OnceLock::new();
+
+/// Starts the thread that creates every later thread (`seccomp::enable` calls this before
+/// any other thread exists). It runs under [`Filter::Spawner`], the union of every kind's
+/// list, so each new thread starts from that and narrows it to its own.
+pub(crate) fn start_spawner_thread() -> io::Result<()> {
+    let (tx, rx) = channel::<SpawnJob>();
+    let (ready_tx, ready) = channel();
+    std::thread::Builder::new()
+        .name("spawner".to_owned())
+        .spawn(move || {
+            let installed = Filter::Spawner.install();
+            let ok = installed.is_ok();
+            let _ = ready_tx.send(installed);
+            if ok {
+                for job in rx {
+                    job();
+                }
+            }
+        })?;
+    match ready.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(io::Error::other(err)),
+        Err(_) => return Err(io::Error::other("the spawner thread ended")),
+    }
+    SPAWNER
+        .set(Mutex::new(tx))
+        .map_err(|_| io::Error::other("the spawner thread runs already"))
+}
+
+/// Runs `spawn` (which starts a thread) on the spawner thread if there is one, else here.
+fn on_spawner_thread<T: Send + 'static>(
+    spawn: impl FnOnce() -> io::Result<JoinHandle<T>> + Send + 'static,
+) -> io::Result<JoinHandle<T>> {
+    let Some(spawner) = SPAWNER.get() else {
+        return spawn();
+    };
+    let (reply, answer) = channel();
+    let job: SpawnJob = Box::new(move || {
+        let _ = reply.send(spawn());
+    });
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| io::Error::other("the spawner thread did not answer"))?
 }
 
 /// Starts hull-vmm's threads. In a VMM ([`Spawner::new`]) a panic in any of them ends the VM;
@@ -98,13 +176,15 @@ impl Spawner {
     {
         let name = kind.name();
         let on_panic = self.on_panic.clone();
-        std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                kind.enter();
+        let builder = std::thread::Builder::new().name(name.clone());
+        on_spawner_thread(move || {
+            builder.spawn(move || {
                 // Unwind safety: nothing of `body` is used after its panic, which goes on
                 // unwinding once the VM has been told.
-                match catch_unwind(AssertUnwindSafe(body)) {
+                match catch_unwind(AssertUnwindSafe(move || {
+                    kind.enter();
+                    body()
+                })) {
                     Ok(value) => value,
                     Err(payload) => {
                         let message = panic_message(&*payload);
@@ -119,6 +199,7 @@ impl Spawner {
                     }
                 }
             })
+        })
     }
 }
 
