@@ -43,6 +43,9 @@ pub struct Saved {
     /// The spec's `hooks` object (poststop runs at `delete`).
     #[serde(default)]
     pub hooks: serde_json::Value,
+    /// hull-vmm's host cgroup (removed at `delete`).
+    #[serde(default)]
+    pub cgroup: Option<crate::cgroup::VmCgroup>,
 }
 
 /// A container's status, as runc reports it.
@@ -279,6 +282,9 @@ impl Container {
             crate::hooks::run_hooks("poststop", &poststop, &self.hook_state(Status::Stopped))
         {
             log::warn!("{err:#}");
+        }
+        if let Some(cgroup) = &self.saved.cgroup {
+            cgroup.remove();
         }
         std::fs::remove_dir_all(&self.dir)
             .with_context(|| format!("cannot remove {}", self.dir.display()))

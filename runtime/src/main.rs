@@ -12,6 +12,7 @@ macro_rules! out {
     }};
 }
 
+mod cgroup;
 mod commands;
 mod container;
 mod forward;
@@ -50,7 +51,8 @@ struct Cli {
     /// Log debug messages, including the timings of each stage.
     #[arg(long, global = true)]
     debug: bool,
-    /// Accepted for runc compatibility: hull's containers are VMs, not cgroups of the host.
+    /// `linux.cgroupsPath` is systemd's `slice:prefix:name`: hull-vmm's cgroup is made where
+    /// systemd keeps that unit (through the cgroup file system, not systemd's D-Bus).
     #[arg(long = "systemd-cgroup", global = true)]
     systemd_cgroup: bool,
     /// runc's rootless mode: with `spec`, write a spec for a rootless container; otherwise
@@ -63,12 +65,10 @@ struct Cli {
 
 /// Runs the command; `Ok(status)` is the status to exit with.
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
-    if cli.systemd_cgroup {
-        log::debug!("--systemd-cgroup: hull's containers are VMs; no host cgroup is made");
-    }
     let global = Global {
         root: cli.root,
         debug: cli.debug,
+        systemd_cgroup: cli.systemd_cgroup,
         rootless: cli.rootless,
     };
     cli.command.run(&global)

@@ -285,3 +285,31 @@ pub fn cpu_vendor() -> String {
 pub fn cpu_has_flag(flag: &str) -> bool {
     cpuinfo_field("flags").split_whitespace().any(|f| f == flag)
 }
+
+/// The cgroup directories process `pid` is in: the unified one on cgroup v2; on a v1 (or
+/// hybrid) host, those of the memory, pids and cpu hierarchies.
+pub fn cgroup_dirs(pid: i32) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let root = Path::new("/sys/fs/cgroup");
+    let v2 = root.join("cgroup.controllers").is_file();
+    let mut dirs = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let relative = path.trim_start_matches('/');
+        if v2 && controllers.is_empty() {
+            dirs.push(root.join(relative));
+        } else if !v2
+            && controllers
+                .split(',')
+                .any(|c| ["memory", "pids", "cpu"].contains(&c))
+        {
+            dirs.push(root.join(controllers).join(relative));
+        }
+    }
+    dirs
+}

@@ -333,6 +333,24 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     assert_eq!(files[0], files[1], "{limits}");
     let files: u64 = files[0].parse().unwrap();
     assert!(files <= vmm::limits::MAX_DESCRIPTORS, "{limits}");
+    // ... and runs in a cgroup of its own (hull/<id>), with its memory bounded.
+    let cgroups = hull_tests::harness::cgroup_dirs(pid_a);
+    assert!(
+        !cgroups.is_empty(),
+        "hull-vmm is in no cgroup hierarchy hull uses"
+    );
+    for dir in &cgroups {
+        assert!(dir.ends_with("hull/a"), "{}", dir.display());
+        for (file, bound) in [
+            ("memory.max", 4u64 << 30),
+            ("memory.limit_in_bytes", 4 << 30),
+        ] {
+            if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+                let bytes: u64 = text.trim().parse().unwrap();
+                assert!(bytes > 64 << 20 && bytes < bound, "{file}: {bytes}");
+            }
+        }
+    }
     let list: Value = serde_json::from_str(&hull.ok(&["list", "--format", "json"])).unwrap();
     let ids: Vec<&str> = list
         .as_array()
@@ -439,6 +457,9 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     hull.fails(&["kill", "a", "KILL"], "not running");
     hull.fails(&["start", "a"], "has stopped");
     hull.ok(&["delete", "a"]);
+    for dir in &cgroups {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
     assert_eq!(hook_state("poststop")["status"], "stopped");
     hull.fails(&["state", "a"], "does not exist");
     assert!(

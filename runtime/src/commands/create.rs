@@ -22,6 +22,7 @@ use hull_contract::{ContainerConfig, CreateReport};
 use hull_protocol::{CreateContainer, Rootfs};
 
 use super::Global;
+use crate::cgroup::{Limits, VmCgroup};
 use crate::container::{proc_stat, write_atomic, Container, Saved, Status};
 use crate::forward::{Forwarder, Target};
 use crate::hooks::Hooks;
@@ -78,6 +79,7 @@ impl CreateArgs {
             console_socket: self.console_socket.clone(),
             preserve_fds: self.preserve_fds,
             debug: global.debug,
+            systemd_cgroup: global.systemd_cgroup,
             attached,
             cold_boot: self.cold_boot || crate::template::cold_by_environment(),
         }
@@ -94,6 +96,8 @@ pub struct CreateOptions {
     pub console_socket: Option<PathBuf>,
     pub preserve_fds: u32,
     pub debug: bool,
+    /// `--systemd-cgroup`.
+    pub systemd_cgroup: bool,
     /// `hull run` in the foreground: hull-vmm dies with hull.
     pub attached: bool,
     /// Boot the kernel rather than restore the VM from its template.
@@ -106,6 +110,25 @@ pub struct Created {
     pub vmm: Child,
     /// Removes the state if dropped before [`Created::keep`].
     state: Option<StateDir>,
+    /// Removes hull-vmm's cgroup if dropped before [`Created::keep`].
+    cgroup: CgroupGuard,
+}
+
+/// A VM's host cgroup, removed when dropped unless kept (a failed `create` leaves none).
+struct CgroupGuard(Option<VmCgroup>);
+
+impl CgroupGuard {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if let Some(cgroup) = self.0.take() {
+            cgroup.remove();
+        }
+    }
 }
 
 impl Created {
@@ -114,15 +137,19 @@ impl Created {
         if let Some(state) = self.state.take() {
             state.keep();
         }
+        std::mem::replace(&mut self.cgroup, CgroupGuard(None)).keep();
     }
 }
 
 impl Drop for Created {
     fn drop(&mut self) {
         if self.state.is_some() {
-            // Not kept: the container must not outlive the failure.
+            // Not kept: the container must not outlive the failure (its cgroup goes after it).
             let _ = self.vmm.kill();
             let _ = self.vmm.wait();
+            if let Some(cgroup) = self.cgroup.0.take() {
+                cgroup.remove();
+            }
         }
     }
 }
@@ -140,13 +167,28 @@ pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Cre
     }
     let state = make_state_dir(opts, &checked)?;
     let config = write_vm_files(opts, &checked, &state)?;
+    let limits = Limits::for_vm(
+        &checked.spec.spec,
+        &checked.spec.config_path,
+        u64::from(config.mem_size_mib),
+        u64::from(config.vcpus),
+    )?;
+    let cgroup = CgroupGuard(VmCgroup::create(&checked.cgroup_path, &limits)?);
     let chosen_at = SystemTime::now();
     let template = match opts.cold_boot {
         true => None,
         false => find_template(&config, &checked, None),
     };
     let mut spawn = |template: Option<&Path>| {
-        spawn_and_wait(opts, &checked, &state, forwarder, template, standby.take())
+        spawn_and_wait(
+            opts,
+            &checked,
+            &state,
+            cgroup.0.as_ref(),
+            forwarder,
+            template,
+            standby.take(),
+        )
     };
     let vmm = match spawn(template.as_deref())? {
         Ok(vmm) => vmm,
@@ -172,7 +214,7 @@ pub fn create(opts: &CreateOptions, forwarder: &Forwarder) -> anyhow::Result<Cre
             }
         }
     };
-    record(opts, &checked, state, vmm)
+    record(opts, &checked, state, cgroup, vmm)
 }
 
 /// The template to restore a VM like `config` from, built on first use; `stale` is why
@@ -209,6 +251,8 @@ struct Checked {
     kernel: PathBuf,
     initramfs: PathBuf,
     vmm_bin: PathBuf,
+    /// hull-vmm's cgroup, below the cgroup root.
+    cgroup_path: PathBuf,
 }
 
 /// Step 1: reads and checks the bundle and the flags; finds the guest and hull-vmm.
@@ -250,9 +294,12 @@ fn check(opts: &CreateOptions) -> anyhow::Result<Checked> {
         }
         (false, None) => None,
     };
+    let cgroup_path =
+        crate::cgroup::relative_path(&spec.spec, &spec.config_path, &opts.id, opts.systemd_cgroup)?;
     let (kernel, initramfs) = crate::paths::guest_files()?;
     let vmm_bin = crate::paths::vmm_binary()?;
     Ok(Checked {
+        cgroup_path,
         bundle,
         spec,
         hooks,
@@ -341,6 +388,7 @@ fn spawn_and_wait(
     opts: &CreateOptions,
     checked: &Checked,
     state: &StateDir,
+    cgroup: Option<&VmCgroup>,
     forwarder: &Forwarder,
     template: Option<&Path>,
     standby: Option<Standby>,
@@ -365,6 +413,13 @@ fn spawn_and_wait(
     let pid = vmm.id() as i32;
     forwarder.set_target(Target::Vmm(pid));
     log::debug!("started {} (pid {pid})", checked.vmm_bin.display());
+    if let Some(cgroup) = cgroup {
+        if let Err(err) = cgroup.add(pid) {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+            return Err(err.context(format!("cannot create container {}", opts.id)));
+        }
+    }
     let report = read_report(sync_read);
     let t_created = Instant::now();
     match report {
@@ -423,6 +478,7 @@ fn record(
     opts: &CreateOptions,
     checked: &Checked,
     state: StateDir,
+    cgroup: CgroupGuard,
     vmm: Child,
 ) -> anyhow::Result<Created> {
     let spec = &checked.spec;
@@ -445,12 +501,14 @@ fn record(
             started: false,
             annotations,
             hooks: spec.spec.get("hooks").cloned().unwrap_or_default(),
+            cgroup: cgroup.0.clone(),
         },
     };
     let created = Created {
         container,
         vmm,
         state: Some(state),
+        cgroup,
     };
     let state_doc = created.container.hook_state(Status::Created);
     crate::hooks::run_hooks("createRuntime", &checked.hooks.create_runtime, &state_doc)?;

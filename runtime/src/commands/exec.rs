@@ -469,6 +469,7 @@ mod tests {
                 started: true,
                 annotations: Default::default(),
                 hooks: Value::Null,
+                cgroup: None,
             },
         };
         (container, dir)

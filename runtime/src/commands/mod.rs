@@ -26,6 +26,8 @@ pub struct Global {
     pub root: PathBuf,
     /// `--debug`: hull-vmm logs the timings of each stage too.
     pub debug: bool,
+    /// `--systemd-cgroup`: `linux.cgroupsPath` is `slice:prefix:name`.
+    pub systemd_cgroup: bool,
     /// runc's `--rootless` (`spec` writes a rootless spec when it is "true").
     pub rootless: Option<String>,
 }
