@@ -12,6 +12,8 @@ pub use hull_contract::vm as config;
 pub mod container;
 pub mod device_manager;
 pub mod emulation;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod emulation_fuzz;
 pub mod limits;
 pub use hull_contract::host;
 pub mod log_limit;

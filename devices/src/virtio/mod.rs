@@ -16,6 +16,8 @@ pub mod fuzz_utils;
 pub mod interrupt;
 pub mod mmio;
 #[cfg(any(test, feature = "fuzzing"))]
+pub mod mmio_fuzz;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
 pub mod vsock;
 

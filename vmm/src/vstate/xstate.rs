@@ -83,11 +83,24 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> XstateError {
 }
 
 /// The memory operand as seen from the instruction's privilege level.
-struct GuestOperand<'a> {
+pub(crate) struct GuestOperand<'a> {
     memory: &'a GuestMemoryMmap,
     sregs: &'a kvm_sregs,
     base: u64,
     user: bool,
+}
+
+impl<'a> GuestOperand<'a> {
+    /// The operand at linear address `base`, reached through the page tables `sregs` name,
+    /// with user-mode permission checks when the instruction runs at CPL 3.
+    pub(crate) fn new(memory: &'a GuestMemoryMmap, sregs: &'a kvm_sregs, base: u64) -> Self {
+        Self {
+            memory,
+            sregs,
+            base,
+            user: sregs.cs.dpl == 3,
+        }
+    }
 }
 
 impl XsaveMemory for GuestOperand<'_> {
@@ -197,12 +210,7 @@ pub fn execute_xsave(
         .get_xsave()
         .map_err(kvm("cannot read the extended state"))?;
     let mut state = state_bytes(&kvm_state.region);
-    let mut operand = GuestOperand {
-        memory,
-        sregs: &sregs,
-        base: addr,
-        user: sregs.cs.dpl == 3,
-    };
+    let mut operand = GuestOperand::new(memory, &sregs, addr);
     match xsave::execute(op, &ctx, layout, &mut state, &mut operand) {
         Ok(()) => {
             if matches!(op, XsaveOp::Xrstor | XsaveOp::Xrstors) {
