@@ -181,11 +181,12 @@ fn listen(mode: &Mode) -> Result<(Listener, Listener), String> {
 
 fn server_paths(mode: &Mode) -> Paths {
     let root = mode.root();
-    let (rootfs_override, no_pivot) = match mode {
-        Mode::Guest => (None, false),
-        Mode::Test(config) => (config.rootfs.clone(), config.no_pivot),
+    let (rootfs_override, no_pivot, cgroup_root) = match mode {
+        Mode::Guest => (None, false, Some(root.join("sys/fs/cgroup"))),
+        Mode::Test(config) => (config.rootfs.clone(), config.no_pivot, None),
     };
     Paths {
+        cgroup_root,
         proc_dir: root.join("proc"),
         rootfs_dir: root.join("run/hull/rootfs"),
         agent_root: root,

@@ -51,6 +51,14 @@ pub struct ContainerSpec {
     /// `linux.devices`.
     #[serde(default)]
     pub devices: Vec<Device>,
+    /// `linux.resources.pids.limit`, if positive: the most tasks the container's cgroup in the
+    /// guest may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<u64>,
+    /// `linux.resources.memory.limit` in bytes, if positive: the container's cgroup's
+    /// `memory.max` in the guest (the VM has this plus headroom for the kernel and agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
 }
 
 impl ContainerSpec {

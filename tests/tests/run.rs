@@ -407,6 +407,26 @@ fn the_seccomp_profile_is_enforced_in_the_guest() {
 /// oci-spec, before any VM starts: in well under a boot's time, naming the file, the field and
 /// the value, and leaving nothing behind (`finish` checks).
 #[test]
+fn the_container_runs_in_a_cgroup_of_its_own_with_the_spec_s_limits() {
+    check_artifacts();
+    // The guest's cgroup v2 root is the container's cgroup namespace's root (the namespace
+    // is made before the init moves in), so its own cgroup shows as /container.
+    let builder = Bundle::builder().script(
+        "cat /proc/self/cgroup; cat /sys/fs/cgroup/container/pids.max; \
+         cat /sys/fs/cgroup/container/memory.max",
+    );
+    let bundle = builder.build();
+    let mut config: serde_json::Value = serde_json::from_str(&builder.config_json()).unwrap();
+    config["linux"]["resources"]["pids"] = serde_json::json!({"limit": 40});
+    config["linux"]["resources"]["memory"] = serde_json::json!({"limit": 100663296});
+    std::fs::write(bundle.config(), config.to_string()).unwrap();
+    let out = hull_run(bundle.path(), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert_eq!(out.stdout, b"0::/container\n40\n100663296\n", "{context}");
+}
+
+#[test]
 fn a_spec_hull_cannot_honour_is_refused_before_a_vm_starts() {
     let bundle = Bundle::builder().pid_namespace(true).build();
     let config = bundle.config();

@@ -22,6 +22,7 @@
 //! (`zygote.rs`): the forks and namespaces above, done before the bundle is known.
 
 mod caps;
+pub mod cgroup;
 mod fdpass;
 mod process;
 mod seccomp;

@@ -64,6 +64,9 @@ pub struct Paths {
     pub rootfs_override: Option<PathBuf>,
     /// Test mode: skip `pivot_root` (the guest's path, see `container/setup.rs`).
     pub no_pivot: bool,
+    /// The guest's cgroup v2 root, where the container's cgroup goes (`container/cgroup.rs`);
+    /// `None` in test mode, which runs on a host.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// Which control connection an event is about: a connection's events that arrive after the

@@ -824,6 +824,7 @@ mod tests {
             rootfs_dir: PathBuf::from("/nonexistent-hull/rootfs"),
             rootfs_override: Some(PathBuf::from("/nonexistent-hull/bundle")),
             no_pivot: true,
+            cgroup_root: None,
         };
         Owner::new(paths, FakeSystem::default())
     }

@@ -4,7 +4,7 @@
 
 use std::fmt::Debug;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hull_protocol::spec::Process;
 use hull_protocol::{ErrorResponse, ProcessInfo};
@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 
 use super::Paths;
 use crate::container::{
-    self, CapPlan, Config, Created, ExecConfig, Handover, SeccompPlan, StdioSetup, Zygote,
+    self, cgroup, CapPlan, Config, Created, ExecConfig, Handover, SeccompPlan, StdioSetup, Zygote,
 };
 use crate::{console, power};
 
@@ -79,16 +79,21 @@ pub struct RealSystem {
     paths: Paths,
     /// The container's init made at boot (`container/zygote.rs`), until a container takes it.
     zygote: Option<Zygote>,
+    /// The container's cgroup (`container/cgroup.rs`), once made.
+    cgroup: Option<PathBuf>,
 }
 
 impl RealSystem {
     pub fn new(paths: Paths, zygote: Option<Zygote>) -> Self {
-        Self { paths, zygote }
+        Self {
+            paths,
+            zygote,
+            cgroup: None,
+        }
     }
-}
 
-impl System for RealSystem {
-    fn create(&mut self, mut config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
+    /// Sets up the init: in the zygote's process if it fits, else the usual way.
+    fn create_unbounded(&mut self, mut config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
         // One container per VM: the zygote serves the first create or none. Dropping it
         // dismisses its init.
         if let Some(zygote) = self.zygote.take().filter(|_| Zygote::fits(&config.spec)) {
@@ -109,7 +114,7 @@ impl System for RealSystem {
         container::create(config).map(|created| Box::new(created) as Box<dyn Waiting>)
     }
 
-    fn exec(
+    fn exec_unbounded(
         &mut self,
         init: Pid,
         namespaces: &[(&'static str, CloneFlags)],
@@ -132,6 +137,43 @@ impl System for RealSystem {
             stdio,
         })
         .map(|created| Box::new(created) as Box<dyn Waiting>)
+    }
+
+    /// Puts a process that has not started yet in the container's cgroup. Without one (no
+    /// cgroup v2 with the memory and pids controllers) the container runs unbounded: logged.
+    fn bound(&self, waiting: Box<dyn Waiting>) -> Box<dyn Waiting> {
+        if let Some(dir) = &self.cgroup {
+            if let Err(err) = cgroup::enter(dir, waiting.pid()) {
+                console::log(&format!("warning: {err}"));
+            }
+        }
+        waiting
+    }
+}
+
+impl System for RealSystem {
+    fn create(&mut self, config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
+        if let Some(root) = &self.paths.cgroup_root {
+            let (memory, pids) = (config.spec.memory_limit, config.spec.pids_limit);
+            match cgroup::create(root, &self.paths.proc_dir, memory, pids) {
+                Ok(dir) => self.cgroup = Some(dir),
+                Err(err) => console::log(&format!(
+                    "warning: the container gets no cgroup of its own: {err}"
+                )),
+            }
+        }
+        let waiting = self.create_unbounded(config)?;
+        Ok(self.bound(waiting))
+    }
+
+    fn exec(
+        &mut self,
+        init: Pid,
+        namespaces: &[(&'static str, CloneFlags)],
+        plan: ExecPlan,
+    ) -> Result<Box<dyn Waiting>, ErrorResponse> {
+        let waiting = self.exec_unbounded(init, namespaces, plan)?;
+        Ok(self.bound(waiting))
     }
 
     fn kill(&mut self, pid: Pid, signal: Signal) -> Result<(), Errno> {

@@ -397,6 +397,17 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
             .collect(),
         seccomp,
         devices,
+        pids_limit: linux
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.pids().as_ref())
+            .and_then(|p| u64::try_from(p.limit()).ok())
+            .filter(|limit| *limit > 0),
+        memory_limit: linux
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit())
+            .and_then(|limit| u64::try_from(limit).ok())
+            .filter(|limit| *limit > 0),
     })
 }
 
@@ -626,6 +637,20 @@ mod tests {
             }
         );
         assert_eq!(s.syscalls[2].action, SeccompAction::KillThread);
+    }
+
+    #[test]
+    fn the_pids_and_memory_limits_reach_the_agent() {
+        let mut spec = base();
+        spec["linux"] =
+            json!({"resources": {"pids": {"limit": 40}, "memory": {"limit": 100663296}}});
+        let spec = check(spec).unwrap();
+        assert_eq!(
+            (spec.pids_limit, spec.memory_limit),
+            (Some(40), Some(100663296))
+        );
+        let spec = check(base()).unwrap();
+        assert_eq!((spec.pids_limit, spec.memory_limit), (None, None));
     }
 
     #[test]
