@@ -12,7 +12,7 @@
 //! and the initramfs holds nothing but the agent. Elsewhere (the host tests) `pivot_root` is
 //! used and the old root detached.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
@@ -296,7 +296,6 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
     if !dest.starts_with('/') {
         return Err(invalid(format!("{name}: destination is not absolute")));
     }
-    let target = root.join(dest.trim_start_matches('/'));
     let (flags, propagation, data) = parse_options(&m.options);
     if m.is_bind() {
         let Some(source) = m.source.as_deref() else {
@@ -309,7 +308,8 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
                 "{name}: bind source {source:?} does not exist in the guest"
             ))
         })?;
-        make_mount_point(&target, meta.is_dir()).map_err(|e| io(&name, e))?;
+        let point = open_mount_point(root, dest, meta.is_dir()).map_err(|e| io(&name, e))?;
+        let target = fd_path(&point);
         let bind = MsFlags::MS_BIND | (flags & MsFlags::MS_REC);
         mount(
             Some(&source_path),
@@ -338,12 +338,14 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
             other => other,
         };
         let source = m.source.as_deref().unwrap_or(fstype);
-        make_mount_point(&target, true).map_err(|e| io(&name, e))?;
+        let point = open_mount_point(root, dest, true).map_err(|e| io(&name, e))?;
         let data = (!data.is_empty()).then_some(data.as_str());
-        mount(Some(source), &target, Some(fstype), flags, data)
+        mount(Some(source), &fd_path(&point), Some(fstype), flags, data)
             .map_err(|e| io(format!("{name}: mount"), e))?;
     }
     if !propagation.is_empty() {
+        // The mount now sits on the mount point: its path, resolved inside the root again.
+        let target = fd_path(&open_mount_point(root, dest, true).map_err(|e| io(&name, e))?);
         mount(
             None::<&str>,
             &target,
@@ -356,17 +358,65 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
     Ok(())
 }
 
-fn make_mount_point(target: &Path, dir: bool) -> std::io::Result<()> {
-    if dir {
-        return std::fs::create_dir_all(target);
+/// Opens (`O_PATH`) the mount point `dest` below `root`, making what is missing (directories,
+/// and the last component as a directory or, for `dir` false, an empty file), with every
+/// symlink of the image resolved *inside* `root` (`openat2` with `RESOLVE_IN_ROOT`), as if
+/// `root` were `/`: a link to `/etc` or to `../../..` never leads out of the rootfs (runc's
+/// CVE-2021-30465 class). The mount then goes on `/proc/self/fd/N` of the descriptor.
+fn open_mount_point(root: &Path, dest: &str, dir: bool) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{openat2, OpenHow, ResolveFlag};
+    use nix::sys::stat::mkdirat;
+
+    let how = || {
+        OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
+    };
+    let root_fd = open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let parts: Vec<&str> = dest
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let mut so_far = PathBuf::from("/");
+    let mut parent = root_fd.try_clone()?;
+    for (i, part) in parts.iter().enumerate() {
+        so_far.push(part);
+        let last = i + 1 == parts.len();
+        match openat2(&root_fd, &so_far, how()) {
+            Ok(fd) => parent = fd,
+            Err(Errno::ENOENT) if *part != ".." => {
+                // `parent` is the real directory the previous components resolved to.
+                let made = if last && !dir {
+                    nix::fcntl::openat(
+                        &parent,
+                        *part,
+                        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW
+                            | OFlag::O_CLOEXEC,
+                        Mode::from_bits_truncate(0o644),
+                    )
+                    .map(drop)
+                } else {
+                    mkdirat(&parent, *part, Mode::from_bits_truncate(0o755))
+                };
+                match made {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                parent = openat2(&root_fd, &so_far, how())?;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if !target.exists() {
-        std::fs::File::create(target)?;
-    }
-    Ok(())
+    Ok(parent)
+}
+
+/// The path that names what `fd` is open on, for calls that take paths (`mount`).
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// The devices every container gets in a tmpfs `/dev`, as runc makes them.
@@ -538,6 +588,31 @@ mod tests {
             exec_namespaces(&ContainerSpec::default()),
             [("mnt", CloneFlags::CLONE_NEWNS)]
         );
+    }
+
+    #[test]
+    fn mount_points_are_made_with_the_image_s_symlinks_resolved_inside_the_rootfs() {
+        let base = std::env::temp_dir().join(format!("hull-mount-point-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root = base.join("rootfs");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        symlink("/", root.join("etc/evil")).unwrap();
+        symlink("../../../../..", root.join("up")).unwrap();
+        let name = format!("hull-escape-{}", std::process::id());
+        let inside = |fd: &OwnedFd| std::fs::read_link(fd_path(fd)).unwrap();
+
+        // /etc/evil is "/": inside the rootfs, not the agent's (or host's) root.
+        let dir = open_mount_point(&root, &format!("/etc/evil/{name}/sub"), true).unwrap();
+        assert_eq!(inside(&dir), root.join(&name).join("sub"));
+        assert!(!Path::new("/").join(&name).exists(), "made outside the rootfs");
+        // `..` past the top stays at the top, as it does at `/`.
+        let file = open_mount_point(&root, "/up/../x", false).unwrap();
+        assert_eq!(inside(&file), root.join("x"));
+        assert!(root.join("x").is_file());
+        // What exists is opened, not made again.
+        let again = open_mount_point(&root, "/etc", true).unwrap();
+        assert_eq!(inside(&again), root.join("etc"));
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
