@@ -114,6 +114,12 @@ impl Stamp {
 /// The most files whose [`Stamp`] is kept; past it the record starts over (each file's next
 /// open then drops its page cache once, as an open without the record would).
 const MAX_STAMPS: usize = 65_536;
+/// The set-user-ID and set-group-ID bits. The guest can never give them to a file in the
+/// share, nor change a file that has them without their being cleared (`drop_privileges`):
+/// a file the guest made could otherwise run as a privileged host user (its root is the
+/// host's root in the share) for anyone on the host who can reach the bundle.
+const SET_ID: u32 = libc::S_ISUID | libc::S_ISGID;
+
 /// The most inodes the guest may hold at once (each holds a descriptor in hull-vmm; at most
 /// three quarters of the process's descriptor limit); past it a lookup or a new file fails
 /// with `ENFILE`, as a full system file table would.
@@ -275,6 +281,20 @@ impl ConfinedFs {
         }
     }
 
+    /// Clears the set-user-ID and set-group-ID bits of `inode` if it is a regular file that
+    /// has them: before the guest changes its contents (an open for writing, a truncation), so
+    /// a privileged host program from the image never runs the guest's code.
+    fn drop_privileges(&self, ctx: &Context, inode: Inode) -> io::Result<()> {
+        let (mut st, _) = self.inner.getattr(ctx, inode, None)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_mode & SET_ID == 0 {
+            return Ok(());
+        }
+        st.st_mode &= !SET_ID & 0o7777;
+        self.inner
+            .setattr(ctx, inode, st, None, SetattrValid::MODE)
+            .map(drop)
+    }
+
     /// `ENFILE` if the guest has as many files open as it may.
     fn room_for_handle(&self) -> io::Result<()> {
         if self.handle_flags().len() >= self.max_handles {
@@ -419,6 +439,16 @@ impl FileSystem for ConfinedFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.check_writable()?;
+        let mut attr = attr;
+        if valid.contains(SetattrValid::MODE) {
+            let (st, _) = self.inner.getattr(ctx, inode, handle)?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                attr.st_mode &= !SET_ID;
+            }
+        }
+        if valid.contains(SetattrValid::SIZE) {
+            self.drop_privileges(ctx, inode)?;
+        }
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
 
@@ -457,7 +487,9 @@ impl FileSystem for ConfinedFs {
             _ => {}
         }
         self.room_for_inode()?;
-        let entry = self.inner.mknod(ctx, inode, name, mode, rdev, umask)?;
+        let entry = self
+            .inner
+            .mknod(ctx, inode, name, mode & !SET_ID, rdev, umask)?;
         self.hold(ctx, entry)
     }
 
@@ -528,6 +560,7 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
         if open_changes_file(flags) {
             self.check_writable()?;
+            self.drop_privileges(ctx, inode)?;
         }
         self.room_for_handle()?;
         let (handle, mut options, passthrough) = self.inner.open(ctx, inode, flags, fuse_flags)?;
@@ -553,6 +586,8 @@ impl FileSystem for ConfinedFs {
         check_new_name(name)?;
         self.room_for_inode()?;
         self.room_for_handle()?;
+        let mut args = args;
+        args.mode &= !SET_ID;
         let created = self.inner.create(ctx, parent, name, args)?;
         self.remember_handle(created.1, args.flags);
         if created.0.inode != 0 {
@@ -945,6 +980,75 @@ mod limit_tests {
 
         fs.destroy();
         assert_eq!((fs.held_inodes(), fs.open_handles()), (0, 0));
+    }
+
+    #[test]
+    fn the_guest_can_never_make_or_change_a_set_id_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let sandbox = Sandbox::new();
+        let share = sandbox.share();
+        let mode_of = |name: &str| {
+            std::fs::symlink_metadata(share.join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        let set_mode = |name: &str, mode: u32| {
+            std::fs::set_permissions(share.join(name), std::fs::Permissions::from_mode(mode))
+                .unwrap()
+        };
+        for name in ["from-image", "truncated"] {
+            std::fs::write(share.join(name), b"#!/bin/sh\n").unwrap();
+        }
+        set_mode("from-image", 0o4755);
+        set_mode("truncated", 0o6711);
+        let fs = ConfinedFs::new(&share, false).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+
+        // Made set-id: the bits are dropped.
+        let args = CreateIn {
+            flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+            mode: libc::S_IFREG | 0o4755,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        fs.create(&ctx, ROOT_ID, c"made", args).unwrap();
+        assert_eq!(mode_of("made"), 0o755);
+        let node = |name: &CStr| fs.lookup(&ctx, ROOT_ID, name).unwrap().inode;
+        let made = node(c"made");
+        let (mut st, _) = fs.getattr(&ctx, made, None).unwrap();
+        st.st_mode = libc::S_IFREG | 0o6755;
+        fs.setattr(&ctx, made, st, None, SetattrValid::MODE)
+            .unwrap();
+        assert_eq!(mode_of("made"), 0o755);
+        fs.mknod(&ctx, ROOT_ID, c"fifo", libc::S_IFIFO | 0o4644, 0, 0)
+            .unwrap();
+        assert_eq!(mode_of("fifo"), 0o644);
+
+        // The image's set-id file keeps its bits while read, loses them once written.
+        let image = node(c"from-image");
+        let (fh, _, _) = fs.open(&ctx, image, libc::O_RDONLY as u32, 0).unwrap();
+        fs.release(&ctx, image, 0, fh.unwrap(), false, false, None)
+            .unwrap();
+        assert_eq!(mode_of("from-image"), 0o4755);
+        fs.open(&ctx, image, libc::O_WRONLY as u32, 0).unwrap();
+        assert_eq!(mode_of("from-image"), 0o755);
+        let truncated = node(c"truncated");
+        let (mut st, _) = fs.getattr(&ctx, truncated, None).unwrap();
+        st.st_size = 0;
+        fs.setattr(&ctx, truncated, st, None, SetattrValid::SIZE)
+            .unwrap();
+        assert_eq!(mode_of("truncated"), 0o711);
+
+        // A set-group-ID directory (new files take its group) is no privilege: kept.
+        fs.mkdir(&ctx, ROOT_ID, c"dir", 0o2755, 0).unwrap();
+        let dir = node(c"dir");
+        let (mut st, _) = fs.getattr(&ctx, dir, None).unwrap();
+        st.st_mode = libc::S_IFDIR | 0o2775;
+        fs.setattr(&ctx, dir, st, None, SetattrValid::MODE).unwrap();
+        assert_eq!(mode_of("dir"), 0o2775);
     }
 
     #[test]
