@@ -427,6 +427,25 @@ fn the_container_runs_in_a_cgroup_of_its_own_with_the_spec_s_limits() {
 }
 
 #[test]
+fn a_file_the_container_makes_set_id_is_not_set_id_on_the_host() {
+    use std::os::unix::fs::PermissionsExt;
+    check_artifacts();
+    // The container's root is the host's root in the shared rootfs: a set-user-ID file it
+    // made would run as root for anyone on the host who can reach the bundle.
+    let builder = Bundle::builder().script("touch /made && chmod 6755 /made && echo done");
+    let bundle = builder.build();
+    let out = hull_run(bundle.path(), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert_eq!(out.stdout, b"done\n", "{context}");
+    let mode = std::fs::metadata(bundle.rootfs().join("made"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755, "{context}");
+}
+
+#[test]
 fn a_spec_hull_cannot_honour_is_refused_before_a_vm_starts() {
     let bundle = Bundle::builder().pid_namespace(true).build();
     let config = bundle.config();
