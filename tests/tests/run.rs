@@ -446,6 +446,30 @@ fn a_file_the_container_makes_set_id_is_not_set_id_on_the_host() {
 }
 
 #[test]
+fn the_spec_s_devices_are_made_with_their_owner() {
+    check_artifacts();
+    // (Their parent directories are resolved inside the rootfs like mount points; the agent's
+    // unit test `mount_points_are_made_with_the_image_s_symlinks_resolved_inside_the_rootfs`
+    // covers the links.)
+    let builder = Bundle::builder().script(
+        "echo x > /dev/hull-null && test -c /dev/hull-null && test -p /dev/sub/hull-fifo && \
+         busybox stat -c '%u %g %a' /dev/sub/hull-fifo",
+    );
+    let bundle = builder.build();
+    let mut config: serde_json::Value = serde_json::from_str(&builder.config_json()).unwrap();
+    config["linux"]["devices"] = serde_json::json!([
+        {"path": "/dev/hull-null", "type": "c", "major": 1, "minor": 3, "fileMode": 438},
+        {"path": "/dev/sub/hull-fifo", "type": "p", "major": 0, "minor": 0,
+         "fileMode": 416, "uid": 1000, "gid": 1001}
+    ]);
+    std::fs::write(bundle.config(), config.to_string()).unwrap();
+    let out = hull_run(bundle.path(), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert_eq!(out.stdout, b"1000 1001 640\n", "{context}");
+}
+
+#[test]
 fn a_spec_hull_cannot_honour_is_refused_before_a_vm_starts() {
     let bundle = Bundle::builder().pid_namespace(true).build();
     let config = bundle.config();

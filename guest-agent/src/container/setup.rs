@@ -394,7 +394,10 @@ fn open_mount_point(root: &Path, dest: &str, dir: bool) -> std::io::Result<Owned
                     nix::fcntl::openat(
                         &parent,
                         *part,
-                        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW
+                        OFlag::O_CREAT
+                            | OFlag::O_EXCL
+                            | OFlag::O_WRONLY
+                            | OFlag::O_NOFOLLOW
                             | OFlag::O_CLOEXEC,
                         Mode::from_bits_truncate(0o644),
                     )
@@ -468,19 +471,33 @@ fn spec_devices(config: &Config, root: &Path) -> Result<(), ErrorResponse> {
             DeviceKind::Block => SFlag::S_IFBLK,
             DeviceKind::Fifo => SFlag::S_IFIFO,
         };
-        let path: PathBuf = root.join(d.path.trim_start_matches('/'));
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io(&name, e))?;
-        }
-        let _ = std::fs::remove_file(&path);
+        // The parent directory resolved inside the rootfs (see `open_mount_point`); the node
+        // made and changed by its name there, never through a link of the image.
+        let (parent, file) = match d.path.rsplit_once('/') {
+            Some((parent, file)) if !file.is_empty() && file != "." && file != ".." => {
+                (parent, file)
+            }
+            _ => return Err(invalid(format!("{name}: not a file path"))),
+        };
+        let dir = open_mount_point(root, parent, true).map_err(|e| io(&name, e))?;
+        // A file left by the image (or `/dev`'s defaults) goes; a directory stays (and fails).
+        let _ = nix::unistd::unlinkat(&dir, file, nix::unistd::UnlinkatFlags::NoRemoveDir);
         let mode = Mode::from_bits_truncate(d.file_mode.unwrap_or(0o666));
-        mknod(&path, kind, mode, makedev(d.major as u64, d.minor as u64))
-            .map_err(|e| io(&name, e))?;
+        nix::sys::stat::mknodat(
+            &dir,
+            file,
+            kind,
+            mode,
+            makedev(d.major as u64, d.minor as u64),
+        )
+        .map_err(|e| io(&name, e))?;
         if d.uid.is_some() || d.gid.is_some() {
-            nix::unistd::chown(
-                &path,
+            nix::unistd::fchownat(
+                &dir,
+                file,
                 d.uid.map(nix::unistd::Uid::from_raw),
                 d.gid.map(nix::unistd::Gid::from_raw),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
             )
             .map_err(|e| io(&name, e))?;
         }
@@ -604,7 +621,10 @@ mod tests {
         // /etc/evil is "/": inside the rootfs, not the agent's (or host's) root.
         let dir = open_mount_point(&root, &format!("/etc/evil/{name}/sub"), true).unwrap();
         assert_eq!(inside(&dir), root.join(&name).join("sub"));
-        assert!(!Path::new("/").join(&name).exists(), "made outside the rootfs");
+        assert!(
+            !Path::new("/").join(&name).exists(),
+            "made outside the rootfs"
+        );
         // `..` past the top stays at the top, as it does at `/`.
         let file = open_mount_point(&root, "/up/../x", false).unwrap();
         assert_eq!(inside(&file), root.join("x"));
