@@ -5,6 +5,9 @@
 
 use std::io;
 
+use nix::sys::prctl::set_dumpable;
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
 use devices::virtio::fs::confine::{MAX_HANDLES, MAX_INODES};
 
 /// Descriptors hull-vmm may have open: the file server's inodes and handles at their caps,
@@ -14,42 +17,14 @@ pub const MAX_DESCRIPTORS: u64 = (MAX_INODES + MAX_HANDLES) as u64 + 8192;
 /// Sets `RLIMIT_NOFILE` to [`MAX_DESCRIPTORS`] (or the hard limit, if lower and it cannot be
 /// raised), `RLIMIT_CORE` to 0, and makes the process not dumpable.
 pub fn apply() -> io::Result<()> {
-    let (_, hard) = rlimit(libc::RLIMIT_NOFILE)?;
-    if set_rlimit(libc::RLIMIT_NOFILE, MAX_DESCRIPTORS, MAX_DESCRIPTORS).is_err() {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if setrlimit(Resource::RLIMIT_NOFILE, MAX_DESCRIPTORS, MAX_DESCRIPTORS).is_err() {
         // Without CAP_SYS_RESOURCE the hard limit cannot be raised: as many as it allows.
         let most = MAX_DESCRIPTORS.min(hard);
-        set_rlimit(libc::RLIMIT_NOFILE, most, most)?;
+        setrlimit(Resource::RLIMIT_NOFILE, most, most)?;
     }
-    set_rlimit(libc::RLIMIT_CORE, 0, 0)?;
-    // SAFETY: prctl with PR_SET_DUMPABLE takes an integer argument and touches no memory.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The soft and hard limits of `resource`.
-pub fn rlimit(resource: libc::__rlimit_resource_t) -> io::Result<(u64, u64)> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into `limit`, which lives for the call.
-    if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((limit.rlim_cur, limit.rlim_max))
-}
-
-fn set_rlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: soft,
-        rlim_max: hard,
-    };
-    // SAFETY: setrlimit reads one rlimit from `limit`, which lives for the call.
-    if unsafe { libc::setrlimit(resource, &limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+    set_dumpable(false)?;
     Ok(())
 }
 
@@ -60,7 +35,7 @@ mod tests {
     #[test]
     fn a_process_that_applied_them_has_them() {
         // Without CAP_SYS_RESOURCE (not even root has it on some hosts) the hard limit stays.
-        let (_, hard) = rlimit(libc::RLIMIT_NOFILE).unwrap();
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
         // In a child: the limits would otherwise stay on the test process.
         // SAFETY: the child makes only system calls (no allocation, no locks) and `_exit`s.
         let pid = unsafe { libc::fork() };
@@ -69,14 +44,14 @@ mod tests {
             let code = match apply() {
                 Err(_) => 1,
                 Ok(()) => {
-                    // SAFETY: as above.
-                    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
-                    match (rlimit(libc::RLIMIT_NOFILE), rlimit(libc::RLIMIT_CORE)) {
+                    let dumpable = nix::sys::prctl::get_dumpable();
+                    let nofile = getrlimit(Resource::RLIMIT_NOFILE);
+                    match (nofile, getrlimit(Resource::RLIMIT_CORE)) {
                         (Ok((soft, max)), Ok((0, 0)))
                             if soft == max
                                 && (soft == MAX_DESCRIPTORS
                                     || soft == hard.min(MAX_DESCRIPTORS))
-                                && dumpable == 0 =>
+                                && dumpable == Ok(false) =>
                         {
                             0
                         }

@@ -156,7 +156,9 @@ impl ConfinedFs {
         use std::os::unix::fs::MetadataExt;
         // Each held inode and open handle is a descriptor: the caps stay inside what this
         // process may open (hull-vmm raises its limit to fit them where it can).
-        let descriptors = usize::try_from(nofile_limit()).unwrap_or(usize::MAX);
+        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .unwrap_or((1024, 1024));
+        let descriptors = usize::try_from(soft).unwrap_or(usize::MAX);
         Ok(Self {
             inner,
             read_only,
@@ -327,19 +329,6 @@ impl ConfinedFs {
         let (st, _) = self.inner.getattr(ctx, inode, None)?;
         Ok(st.st_dev == self.root_dev && st.st_ino == self.root_ino)
     }
-}
-
-/// This process's soft `RLIMIT_NOFILE`.
-fn nofile_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into `limit`, which lives for the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 1024;
-    }
-    limit.rlim_cur
 }
 
 /// A name LOOKUP may use: one component, not empty; `.` and `..` allowed.
