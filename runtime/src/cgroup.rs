@@ -340,8 +340,8 @@ impl VmCgroup {
     fn leaves(&self) -> Vec<&Path> {
         self.dirs
             .iter()
-            .filter(|d| !self.dirs.iter().any(|o| o != *d && o.starts_with(d)))
             .map(PathBuf::as_path)
+            .filter(|d| dir_is_leaf(d, &self.dirs))
             .collect()
     }
 

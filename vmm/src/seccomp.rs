@@ -50,13 +50,8 @@ impl Mode {
     }
 }
 
-/// The filters of one process, compiled once.
-struct Filters {
-    mode: Mode,
-    programs: BTreeMap<Filter, BpfProgram>,
-}
-
-static FILTERS: OnceLock<Filters> = OnceLock::new();
+/// Every kind's filter, compiled once, when filters are on.
+static FILTERS: OnceLock<BTreeMap<Filter, BpfProgram>> = OnceLock::new();
 
 /// Which allow-list a thread gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -149,10 +144,7 @@ impl Filter {
 
     /// Installs this kind's filter on the calling thread (nothing unless [`enable`]d).
     pub fn install(self) -> Result<(), String> {
-        let Some(filters) = FILTERS.get() else {
-            return Ok(());
-        };
-        let Some(program) = filters.programs.get(&self) else {
+        let Some(program) = FILTERS.get().and_then(|programs| programs.get(&self)) else {
             return Ok(());
         };
         seccompiler::apply_filter(program).map_err(|e| format!("seccomp filter {self:?}: {e}"))
@@ -172,15 +164,10 @@ pub fn enable(mode: Mode) -> Result<(), String> {
         programs.insert(filter, filter.compile(mismatch.clone())?);
     }
     FILTERS
-        .set(Filters { mode, programs })
+        .set(programs)
         .map_err(|_| "seccomp: enabled twice".to_owned())?;
     crate::thread::start_spawner_thread()
         .map_err(|e| format!("cannot start the spawner thread: {e}"))
-}
-
-/// Whether filters are on (then threads are started by the spawner thread).
-pub fn enabled() -> bool {
-    FILTERS.get().is_some_and(|f| f.mode != Mode::Off)
 }
 
 use libc::{
