@@ -5,7 +5,8 @@
 //! It holds `state.json` (`container.rs`), `vm.json` (the VM's configuration),
 //! `container.json` (what hull-vmm creates in the guest), `vsock.sock` (the VMM's hybrid vsock
 //! socket), `control.sock` (hull-vmm's control socket), `console.log` (the guest's serial
-//! console) and `vmm.log` (hull-vmm's own messages).
+//! console), `vmm.log` (hull-vmm's own messages) and `jail/` (empty: hull-vmm's jail is
+//! mounted there in its own mount namespace).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,9 @@ pub const VM_CONFIG: &str = "vm.json";
 pub const CONTAINER_CONFIG: &str = "container.json";
 /// hull-vmm's log in a state directory.
 pub const VMM_LOG: &str = "vmm.log";
+/// Where hull-vmm jails itself (`--jail`): empty on the host, its jail in its own mount
+/// namespace.
+pub const JAIL: &str = "jail";
 
 /// `<root>/<id>/`, removed with everything in it on drop unless kept.
 #[derive(Debug)]

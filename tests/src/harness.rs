@@ -313,3 +313,94 @@ pub fn cgroup_dirs(pid: i32) -> Vec<PathBuf> {
     }
     dirs
 }
+
+/// Checks that the hull-vmm `pid` runs jailed (`vmm::jail`): namespaces of its own, a root
+/// that holds none of the host's files, only the file server's capabilities, no_new_privs, a
+/// seccomp filter, and its jail directory empty on the host. `kept` is the mask of
+/// `vmm::jail::KEPT_CAPABILITIES`.
+pub fn assert_jailed(pid: i32, kept: u64) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let jail = args
+        .iter()
+        .position(|a| a == "--jail")
+        .and_then(|i| args.get(i + 1))
+        .unwrap_or_else(|| panic!("hull-vmm {pid} has no --jail: {args:?}"));
+    for ns in ["mnt", "ipc", "uts", "net"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(
+            theirs, ours,
+            "hull-vmm {pid} shares the host's {ns} namespace"
+        );
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+            .trim()
+            .to_owned()
+    };
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let mask = u64::from_str_radix(&field(set), 16).unwrap();
+        assert_eq!(
+            mask, kept,
+            "hull-vmm {pid}'s {set} {mask:#x}, not {kept:#x}"
+        );
+    }
+    assert_eq!(field("CapInh:"), "0000000000000000");
+    assert_eq!(field("CapAmb:"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(
+        field("Seccomp:"),
+        "2",
+        "hull-vmm {pid} has no seccomp filter"
+    );
+    // Its root: only what it was given.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    for host_file in ["etc/passwd", "usr/bin", "bin/sh", "root", "home", "sys"] {
+        assert!(
+            !root.join(host_file).exists(),
+            "/{host_file} is in hull-vmm {pid}'s jail"
+        );
+    }
+    assert!(root.join("dev/kvm").exists());
+    // Its mounts: the jail's own, each bind, a procfs that shows only what it may trace.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let points: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .collect();
+    assert!(points.len() <= 16, "hull-vmm {pid}'s mounts: {points:?}");
+    for host_mount in ["/sys", "/etc", "/usr", "/dev/pts", "/dev/shm"] {
+        assert!(!points.contains(&host_mount), "{host_mount} in {points:?}");
+    }
+    let proc_line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/proc"))
+        .unwrap_or_else(|| panic!("no /proc in hull-vmm {pid}'s jail: {mountinfo}"));
+    assert!(
+        proc_line.contains("hidepid=ptraceable") || proc_line.contains("hidepid=4"),
+        "{proc_line}"
+    );
+    let jail = Path::new(jail.as_str());
+    let state = jail.parent().unwrap();
+    assert!(
+        root.join(state.strip_prefix("/").unwrap())
+            .join("vm.json")
+            .exists(),
+        "the state directory {} is not in the jail",
+        state.display()
+    );
+    assert_eq!(
+        std::fs::read_dir(jail).unwrap().count(),
+        0,
+        "the jail's directory {} is not empty on the host",
+        jail.display()
+    );
+}

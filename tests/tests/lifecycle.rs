@@ -333,14 +333,24 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     assert_eq!(files[0], files[1], "{limits}");
     let files: u64 = files[0].parse().unwrap();
     assert!(files <= vmm::limits::MAX_DESCRIPTORS, "{limits}");
-    // ... and runs in a cgroup of its own (hull/<id>), with its memory bounded.
+    // ... runs jailed ...
+    let kept = vmm::jail::KEPT_CAPABILITIES
+        .iter()
+        .fold(0, |mask, c| mask | 1u64 << c.index());
+    hull_tests::harness::assert_jailed(pid_a, kept);
+    // ... and in a cgroup of its own (hull/<id>), with its memory bounded.
     let cgroups = hull_tests::harness::cgroup_dirs(pid_a);
     assert!(
         !cgroups.is_empty(),
         "hull-vmm is in no cgroup hierarchy hull uses"
     );
     for dir in &cgroups {
-        assert!(dir.ends_with("hull/a"), "{}", dir.display());
+        assert!(
+            dir.ends_with("hull/a"),
+            "{}: {}",
+            dir.display(),
+            std::fs::read_to_string(format!("/proc/{pid_a}/cgroup")).unwrap_or_default()
+        );
         for file in ["memory.max", "memory.limit_in_bytes"] {
             if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
                 let bytes: u64 = text.trim().parse().unwrap();

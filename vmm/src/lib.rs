@@ -14,6 +14,7 @@ pub mod device_manager;
 pub mod emulation;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod emulation_fuzz;
+pub mod jail;
 pub mod limits;
 pub use hull_contract::host;
 pub mod log_limit;

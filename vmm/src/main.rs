@@ -85,6 +85,12 @@ struct Args {
     /// starts hull-vmm this way before it reads the bundle, FD being its `--sync-fd`.
     #[arg(long, value_name = "FD", conflicts_with_all = ["restore", "snapshot_when_ready"])]
     standby: Option<RawFd>,
+    /// Jail hull-vmm in this directory before it builds the VM (`vmm::jail`): a mount
+    /// namespace holding only the files the VM uses, and only the capabilities its file server
+    /// needs. The directory is made if missing and stays empty on the host.
+    /// `HULL_VMM_JAIL=off` leaves it out (for measuring what it costs).
+    #[arg(long, value_name = "DIR", conflicts_with = "snapshot_when_ready")]
+    jail: Option<PathBuf>,
 }
 
 /// What `--standby` waits for.
@@ -332,16 +338,55 @@ fn snapshot_when_ready(mut vmm: vmm::Vmm, dir: &std::path::Path) -> ExitCode {
     }
 }
 
+/// The host paths a container's hull-vmm uses after it has jailed itself, each at the same
+/// path in the jail: the directories of its files and sockets, the guest's kernel and
+/// initramfs, the shared directories, the snapshot it restores, `/dev/kvm` and `/dev/urandom`.
+fn jail_binds(
+    config: &VmConfig,
+    files: &[&std::path::Path],
+    restore: Option<&std::path::Path>,
+) -> std::io::Result<Vec<vmm::jail::Bind>> {
+    use vmm::jail::Bind;
+    // `/dev/urandom`: the seed the agent's handshake gives the guest.
+    let mut binds = vec![Bind::device("/dev/kvm"), Bind::device("/dev/urandom")];
+    let mut dirs: Vec<&std::path::Path> = files.to_vec();
+    if let ConsoleConfig::File(console) = &config.console {
+        dirs.push(console);
+    }
+    if let Some(vsock) = &config.vsock {
+        dirs.push(&vsock.uds_path);
+    }
+    for file in dirs {
+        let file = std::path::absolute(file)?;
+        if let Some(dir) = file.parent() {
+            binds.push(Bind::writable(dir));
+        }
+    }
+    binds.push(Bind::read_only(std::path::absolute(&config.kernel)?));
+    if let Some(initramfs) = &config.initramfs {
+        binds.push(Bind::read_only(std::path::absolute(initramfs)?));
+    }
+    for dir in &config.shared_dirs {
+        let path = std::path::absolute(&dir.path)?;
+        binds.push(Bind::tree(path, !dir.read_only));
+    }
+    if let Some(dir) = restore {
+        binds.push(Bind::read_only(std::path::absolute(dir)?));
+    }
+    Ok(binds)
+}
+
 fn main() -> ExitCode {
     let mut entered = std::time::Instant::now();
     let mut args = Args::parse();
-    if let Err(err) = vmm::limits::apply() {
-        eprintln!("hull-vmm: error: cannot set its resource limits: {err}");
+    // Nothing hull-vmm's parent left open reaches the guest's devices or the jail.
+    let keep: Vec<RawFd> = [args.standby, args.sync_fd].into_iter().flatten().collect();
+    if let Err(err) = vmm::jail::close_inherited(&keep) {
+        eprintln!("hull-vmm: error: cannot close the descriptors it inherited: {err}");
         return ExitCode::from(2);
     }
-    // Before any other thread exists: from here on threads are started by the spawner thread.
-    if let Err(err) = vmm::seccomp::Mode::from_env().and_then(vmm::seccomp::enable) {
-        eprintln!("hull-vmm: error: {err}");
+    if let Err(err) = vmm::limits::apply() {
+        eprintln!("hull-vmm: error: cannot set its resource limits: {err}");
         return ExitCode::from(2);
     }
     let mut prepared = None;
@@ -405,6 +450,9 @@ fn main() -> ExitCode {
         Err(message) => return fail(&mut None, message),
     };
     let config_path = args.config.clone();
+    let container_path = args.container.clone();
+    let log_path = args.log_file.clone();
+    let jail_dir = args.jail.clone();
     let snapshot_dir = args.snapshot_when_ready.clone();
     let restore_dir = args.restore.clone();
     let container = match args
@@ -424,6 +472,45 @@ fn main() -> ExitCode {
     let kind = KvmKind::detect();
     if let Some(warning) = kind.warning() {
         log::warn!("{warning}");
+    }
+    let host_tty = match container.as_ref().map(vmm::container::open_host_pty) {
+        Some(Ok(tty)) => tty,
+        Some(Err(err)) => return fail(&mut sync, format!("{err:#}")),
+        None => None,
+    };
+    if let Some(dir) = jail_dir {
+        if std::env::var_os("HULL_VMM_JAIL").is_some_and(|v| v == "off") {
+            log::warn!("HULL_VMM_JAIL=off: hull-vmm is not jailed");
+        } else {
+            // Read before the jail, which has no /proc/sys.
+            if restore_dir.is_some() {
+                let _ = vmm::snapshot::boot_id();
+            }
+            let files: Vec<&std::path::Path> = [&config_path, &container_path, &log_path]
+                .into_iter()
+                .flatten()
+                .map(PathBuf::as_path)
+                .collect();
+            let entered_jail = jail_binds(&config, &files, restore_dir.as_deref())
+                .map_err(|e| format!("cannot name the jail's paths: {e}"))
+                .and_then(|binds| {
+                    vmm::jail::enter(&dir, &binds).map_err(|e| {
+                        format!(
+                            "cannot jail hull-vmm in {}: {}",
+                            dir.display(),
+                            error_chain(&e)
+                        )
+                    })
+                });
+            if let Err(message) = entered_jail {
+                return fail(&mut sync, message);
+            }
+        }
+    }
+    // From here on threads are started by the spawner thread (and the jail, which needs one
+    // thread, is entered).
+    if let Err(err) = vmm::seccomp::Mode::from_env().and_then(vmm::seccomp::enable) {
+        return fail(&mut sync, err);
     }
     let built = match &restore_dir {
         Some(dir) => vmm::restore(&config, dir, prepared),
@@ -488,6 +575,7 @@ fn main() -> ExitCode {
             };
             let started = vmm::container::start(
                 container,
+                host_tty,
                 agent_reports,
                 console.clone(),
                 vsock.uds_path.clone(),

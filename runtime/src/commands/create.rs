@@ -522,7 +522,7 @@ fn record(
 }
 
 /// hull-vmm's arguments for the container whose state directory is `dir` (but `--restore`):
-/// the VM and container files, the sync descriptor 3, its log.
+/// the VM and container files, the sync descriptor 3, its log, its jail.
 fn vmm_args(dir: &Path, debug: bool) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = vec![
         "--config".into(),
@@ -533,6 +533,8 @@ fn vmm_args(dir: &Path, debug: bool) -> Vec<std::ffi::OsString> {
         "3".into(),
         "--log-file".into(),
         dir.join(crate::state::VMM_LOG).into(),
+        "--jail".into(),
+        dir.join(crate::state::JAIL).into(),
     ];
     if debug {
         args.extend(["--log-level".into(), "info".into()]);

@@ -82,12 +82,38 @@ impl From<ClientRequest> for Incoming {
 /// The exit status hull-vmm reports: the init's, once known.
 pub type ExitCell = Arc<Mutex<Option<i32>>>;
 
+/// For a container with a terminal: opens a host pty of the spec's size, makes it hull-vmm's
+/// controlling terminal, and sends its master to the console socket (the way runc does);
+/// returns the slave, for [`start`]. Done before hull-vmm jails itself: the jail holds neither
+/// `/dev/ptmx` nor the console socket.
+pub fn open_host_pty(config: &ContainerConfig) -> anyhow::Result<Option<OwnedFd>> {
+    let Stdio::Terminal { rows, cols } = config.create.stdio else {
+        return Ok(None);
+    };
+    let socket = config
+        .console_socket
+        .as_deref()
+        .context("a terminal needs a console socket")?;
+    let pty = console::HostPty::open(rows, cols).context("cannot open a host pty")?;
+    // As the controlling terminal, a resize of the master sends hull-vmm SIGWINCH, and the
+    // master's close SIGHUP (forwarded to the init, as a hang-up). Only possible when hull-vmm
+    // leads its session, which `hull create` arranges.
+    if let Err(err) = console::make_controlling(pty.slave.as_fd()) {
+        log::info!("the host pty is not hull-vmm's controlling terminal ({err}): no resizes");
+    }
+    console::send_master(socket, pty.master.as_fd())?;
+    Ok(Some(pty.slave))
+}
+
 /// Starts the supervisor threads. `agent_reports` brings the agent's readiness line from the
 /// console (`Vmm::agent_reports`); `console` is the console file (quoted in errors); `signals`
 /// were blocked by [`block_forwarded_signals`]; `sync` receives the [`CreateReport`];
-/// `stopper` ends the VM. Returns where the exit status will be.
+/// `stopper` ends the VM; `host_tty` is [`open_host_pty`]'s. Returns where the exit status
+/// will be.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     config: ContainerConfig,
+    host_tty: Option<OwnedFd>,
     agent_reports: Receiver<ready::AgentReport>,
     console: PathBuf,
     vsock: PathBuf,
@@ -113,7 +139,7 @@ pub fn start(
         tx: tx.clone(),
         pending: HashMap::new(),
         next_id: 1,
-        host_tty: None,
+        host_tty,
     };
     let early_stop = supervisor.stopper.clone();
     let early_status = status.clone();
@@ -270,7 +296,7 @@ impl Supervisor {
         let (done_tx, done) = channel();
         let outputs = match stdio {
             Stdio::Pipes { .. } => self.relay_pipes(streams, &done_tx)?,
-            Stdio::Terminal { rows, cols } => self.relay_terminal(streams, rows, cols, &done_tx)?,
+            Stdio::Terminal { .. } => self.relay_terminal(streams, &done_tx)?,
         };
         control::serve(
             &self.threads,
@@ -363,12 +389,10 @@ impl Supervisor {
         Ok(outputs)
     }
 
-    /// A host pty, its master sent to the console socket, its slave relayed to the guest's.
+    /// The host pty's slave (see [`open_host_pty`]) relayed to the guest's terminal.
     fn relay_terminal(
         &mut self,
         streams: Vec<(StreamKind, UnixStream)>,
-        rows: u16,
-        cols: u16,
         done: &Sender<()>,
     ) -> anyhow::Result<usize> {
         let Some((_, stream)) = streams
@@ -377,22 +401,12 @@ impl Supervisor {
         else {
             bail!("no terminal stream");
         };
-        let socket = self
-            .config
-            .console_socket
-            .clone()
-            .context("a terminal needs a console socket")?;
-        let pty = console::HostPty::open(rows, cols).context("cannot open a host pty")?;
-        // As the controlling terminal, a resize of the master sends hull-vmm SIGWINCH, and
-        // the master's close SIGHUP (forwarded to the init, as a hang-up). Only possible when
-        // hull-vmm leads its session, which `hull create` arranges.
-        if let Err(err) = console::make_controlling(pty.slave.as_fd()) {
-            log::info!("the host pty is not hull-vmm's controlling terminal ({err}): no resizes");
-        }
-        console::send_master(&socket, pty.master.as_fd())?;
-        drop(pty.master);
-        let slave_in = File::from(pty.slave.try_clone()?);
-        let slave_out = File::from(pty.slave.try_clone()?);
+        let slave = self
+            .host_tty
+            .as_ref()
+            .context("a terminal without a host pty")?;
+        let slave_in = File::from(slave.try_clone()?);
+        let slave_out = File::from(slave.try_clone()?);
         relay(
             &self.threads,
             "terminal input",
@@ -407,7 +421,6 @@ impl Supervisor {
             slave_out,
             Some(done.clone()),
         )?;
-        self.host_tty = Some(pty.slave);
         Ok(1)
     }
 

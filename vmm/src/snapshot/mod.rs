@@ -111,11 +111,16 @@ pub struct Snapshot {
     pub virtio: Vec<devices::virtio::MmioState>,
 }
 
-/// The host's boot id.
+/// The host's boot id, read once (a jailed hull-vmm has no `/proc/sys`: it reads it before).
 pub fn boot_id() -> Result<String, SnapshotError> {
-    std::fs::read_to_string(BOOT_ID)
+    static READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if let Some(id) = READ.get() {
+        return Ok(id.clone());
+    }
+    let id = std::fs::read_to_string(BOOT_ID)
         .map(|s| s.trim().to_owned())
-        .map_err(SnapshotError::BootId)
+        .map_err(SnapshotError::BootId)?;
+    Ok(READ.get_or_init(|| id).clone())
 }
 
 /// 16 random bytes.
