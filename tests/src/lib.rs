@@ -4,4 +4,5 @@
 pub mod bundle;
 pub mod harness;
 pub mod image;
+pub mod rng;
 pub mod tiny_guest;

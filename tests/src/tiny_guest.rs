@@ -112,6 +112,39 @@ impl Asm {
         self.emit(&[0x89, 0x03])
     }
 
+    /// A store of the low `width` bytes of rax (1, 2, 4 or 8) at `[rbx]`.
+    pub fn store_at_rbx(&mut self, width: u8) -> &mut Self {
+        match width {
+            1 => self.emit(&[0x88, 0x03]),
+            2 => self.emit(&[0x66, 0x89, 0x03]),
+            4 => self.emit(&[0x89, 0x03]),
+            8 => self.emit(&[0x48, 0x89, 0x03]),
+            _ => panic!("no {width}-byte store"),
+        }
+    }
+
+    /// A load of `width` bytes (1, 2, 4 or 8) from `[rbx]` into rax's low bytes.
+    pub fn load_from_rbx(&mut self, width: u8) -> &mut Self {
+        match width {
+            1 => self.emit(&[0x8a, 0x03]),
+            2 => self.emit(&[0x66, 0x8b, 0x03]),
+            4 => self.emit(&[0x8b, 0x03]),
+            8 => self.emit(&[0x48, 0x8b, 0x03]),
+            _ => panic!("no {width}-byte load"),
+        }
+    }
+
+    /// `mov rbx, addr; mov rax, value; mov [rbx], <width>`: one store of `width` bytes.
+    pub fn store(&mut self, addr: u64, value: u64, width: u8) -> &mut Self {
+        self.mov_rbx(addr).mov_rax(value).store_at_rbx(width)
+    }
+
+    /// `jmp rel32` back to `offset` in the code (a loop's start, from [`Asm::code`]'s length).
+    pub fn jmp_back_to(&mut self, offset: usize) -> &mut Self {
+        let rel = i32::try_from(offset as i64 - (self.code.len() as i64 + 5)).expect("a near jump");
+        self.emit(&[0xe9]).emit(&rel.to_le_bytes())
+    }
+
     /// `mov rax, cr3; mov cr3, rax`: flushes the TLB after changing page tables.
     pub fn flush_tlb(&mut self) -> &mut Self {
         self.emit(&[0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8])

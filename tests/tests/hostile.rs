@@ -1,0 +1,338 @@
+//! The hostile-guest suite, from the guest's machine code: tiny guests that attack hull-vmm's
+//! virtio devices (a virtio-fs share and a vsock device) through their MMIO windows and their
+//! queues, run by the real hull-vmm binary, jailed and under its seccomp filters. Each test
+//! checks what the host sees afterwards: hull-vmm ended as the guest asked (no panic, no
+//! seccomp kill, no hang), its log stayed small, the shared directory holds what it held, and
+//! nothing is left of the jail.
+//!
+//! The attacks from a guest kernel's user space (fork and memory bombs, a full disk, floods of
+//! lookups) are in `run.rs`, with a container.
+
+use std::process::Command;
+use std::time::Duration;
+
+use hull_tests::harness::{run, workspace_bin, Finished, TempDir};
+use hull_tests::rng::Rng;
+use hull_tests::tiny_guest::Asm;
+
+const COM1: u16 = 0x3f8;
+/// The device manager's first virtio-mmio window; each is 4 KiB.
+const MMIO_BASE: u64 = 0xd000_0000;
+const WINDOW: u64 = 0x1000;
+/// Windows attacked: the two devices' and two nobody claims.
+const WINDOWS: u64 = 4;
+/// Guest RAM the attacks point the devices at (32-48 MiB): away from the code (16 MiB) and
+/// the page tables, so that whatever a device writes there leaves the attacker running.
+const SCRATCH: u64 = 0x200_0000;
+const SCRATCH_LEN: u64 = 0x100_0000;
+const MEM_MIB: u64 = 64;
+/// The most hull-vmm may log in one of these runs.
+const MAX_LOG: u64 = 256 << 10;
+const DEADLINE: Duration = Duration::from_secs(300);
+
+// virtio-mmio registers (virtio 1.2, 4.2.2).
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC: u64 = 0x080;
+const QUEUE_DRIVER: u64 = 0x090;
+const QUEUE_DEVICE: u64 = 0x0a0;
+const CONFIG: u64 = 0x100;
+
+// Descriptor flags.
+const NEXT: u64 = 1;
+const WRITE: u64 = 2;
+const INDIRECT: u64 = 4;
+
+/// A guest address: in the scratch area, or anywhere at all (beyond RAM, unaligned, huge).
+fn guest_addr(rng: &mut Rng) -> u64 {
+    match rng.below(4) {
+        0 => rng.bits(),
+        1 => (MEM_MIB << 20) - rng.below(0x1000),
+        _ => SCRATCH + rng.below(SCRATCH_LEN),
+    }
+}
+
+/// What an attacked hull-vmm left.
+struct Attacked {
+    out: Finished,
+    log: String,
+}
+
+/// Runs `asm` (which ends by printing "survived" and resetting) in hull-vmm with a virtio-fs
+/// share and a vsock device, jailed; checks what every attack must leave.
+fn attack(name: &str, asm: &Asm) -> Attacked {
+    let dir = TempDir::new(name);
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, asm.to_elf()).unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("kept"), b"the host's file\n").unwrap();
+    let log_file = dir.path().join("vmm.log");
+    let jail = dir.path().join("jail");
+    let mut cmd = Command::new(workspace_bin("hull-vmm"));
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .args(["--mem-size-mib", &MEM_MIB.to_string()])
+        .arg("--shared-dir")
+        .arg(format!("share={}", share.display()))
+        .arg("--vsock-uds")
+        .arg(dir.path().join("vsock.sock"))
+        .arg("--log-file")
+        .arg(&log_file)
+        .args(["--log-level", "info"])
+        .arg("--jail")
+        .arg(&jail);
+    let out = run(cmd, DEADLINE);
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    let context = format!(
+        "{name}: status {:?}\nstdout: {}\nstderr: {}\nlog: {}",
+        out.status,
+        out.stdout,
+        out.stderr,
+        &log[..log.len().min(4000)]
+    );
+    assert!(out.stdout.ends_with("survived\n"), "{context}");
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert!(!log.contains("panicked"), "{context}");
+    let log_len = std::fs::metadata(&log_file).map_or(0, |m| m.len());
+    assert!(
+        log_len <= MAX_LOG,
+        "{name}: {log_len} bytes of log\n{context}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&share)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["kept"], "{context}");
+    assert_eq!(
+        std::fs::read(share.join("kept")).unwrap(),
+        b"the host's file\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(&jail).map(|d| d.count()).unwrap_or(0),
+        0,
+        "{context}"
+    );
+    if std::env::var_os("HULL_TEST_SHOW_LOG").is_some() {
+        eprintln!("{log}");
+    }
+    Attacked { out, log }
+}
+
+/// The tiny guest's start: the MMIO windows mapped.
+fn prologue() -> Asm {
+    let mut asm = Asm::new();
+    asm.identity_map_gib_of(MMIO_BASE, 0x20_0000);
+    asm
+}
+
+fn epilogue(asm: &mut Asm) {
+    asm.out_bytes(COM1, b"survived\n").i8042_reset();
+}
+
+fn window(index: u64) -> u64 {
+    MMIO_BASE + index * WINDOW
+}
+
+/// Initializes the device in window `w` the way a driver does, with its first `queues` queues
+/// of `size` entries at `rings` (each queue takes 0x1000 bytes there: table, avail, used).
+fn driver_init(asm: &mut Asm, w: u64, queues: u64, size: u64, rings: u64) {
+    let base = window(w);
+    asm.store(base + STATUS, 0, 4)
+        .store(base + STATUS, 1, 4)
+        .store(base + STATUS, 3, 4)
+        .store(base + DRIVER_FEATURES_SEL, 0, 4)
+        .store(base + DRIVER_FEATURES, 0, 4)
+        .store(base + DRIVER_FEATURES_SEL, 1, 4)
+        .store(base + DRIVER_FEATURES, 1, 4) // VIRTIO_F_VERSION_1
+        .store(base + STATUS, 11, 4);
+    for q in 0..queues {
+        let table = rings + q * 0x1000;
+        asm.store(base + QUEUE_SEL, q, 4)
+            .store(base + QUEUE_NUM, size, 4);
+        for (reg, addr) in [
+            (QUEUE_DESC, table),
+            (QUEUE_DRIVER, table + 0x800),
+            (QUEUE_DEVICE, table + 0xc00),
+        ] {
+            asm.store(base + reg, addr & 0xffff_ffff, 4)
+                .store(base + reg + 4, addr >> 32, 4);
+        }
+        asm.store(base + QUEUE_READY, 1, 4);
+    }
+    asm.store(base + STATUS, 15, 4);
+}
+
+/// Writes descriptor `index` of the table at `table`.
+fn descriptor(asm: &mut Asm, table: u64, index: u64, addr: u64, len: u64, flags: u64, next: u64) {
+    let at = table + index * 16;
+    asm.store(at, addr, 8).store(
+        at + 8,
+        (len & 0xffff_ffff) | (flags & 0xffff) << 32 | (next & 0xffff) << 48,
+        8,
+    );
+}
+
+/// Publishes `head` as avail entry `idx - 1` and the avail index `idx` (ring at `table +
+/// 0x800`, queue size `size`), then notifies queue `q` of window `w`.
+fn publish(asm: &mut Asm, w: u64, q: u64, table: u64, size: u64, idx: u64, head: u64) {
+    let avail = table + 0x800;
+    let slot = (idx.wrapping_sub(1) % size) * 2;
+    // The ring entry's 8-byte word, with its neighbours zeroed (the attacks do not care).
+    let word = (avail + 4 + slot) & !7;
+    let shift = ((avail + 4 + slot) - word) * 8;
+    asm.store(word, (head & 0xffff) << shift, 8)
+        .store(avail, (idx & 0xffff) << 16, 4)
+        .store(window(w) + QUEUE_NOTIFY, q, 4);
+}
+
+#[test]
+fn random_mmio_accesses_of_every_width_to_every_window() {
+    let mut rng = Rng(0x6875_6c6c_2d6d_6d69);
+    let registers: Vec<u64> = (0..CONFIG / 4).map(|r| r * 4).collect();
+    let mut asm = prologue();
+    let mut accesses = 0;
+    for _ in 0..16_000 {
+        let w = rng.below(WINDOWS);
+        let offset = match rng.below(10) {
+            0..=5 => rng.pick(&registers),
+            6 | 7 => CONFIG + rng.below(0x100),
+            _ => rng.below(WINDOW),
+        };
+        let width = rng.pick(&[1u8, 2, 4, 8]);
+        // Where the access would cross out of the window, a 1-byte one.
+        let width = if offset + u64::from(width) > WINDOW {
+            1
+        } else {
+            width
+        };
+        asm.mov_rbx(window(w) + offset);
+        if rng.below(3) == 0 {
+            asm.load_from_rbx(width);
+        } else {
+            let value = match offset {
+                // The queue addresses' low and high halves.
+                QUEUE_DESC..=0xa7 if offset & 4 == 0 => guest_addr(&mut rng) & 0xffff_ffff,
+                QUEUE_DESC..=0xa7 => guest_addr(&mut rng) >> 32,
+                STATUS => rng.pick(&[0, 1, 3, 11, 15, 0x80, 0xff]),
+                QUEUE_NUM => rng.pick(&[0, 1, 2, 16, 256, 0xffff, 0x1_0000]),
+                _ => rng.bits(),
+            };
+            asm.mov_rax(value).store_at_rbx(width);
+        }
+        accesses += 1;
+    }
+    // A device reset each, and the interrupts acknowledged: the guest stops on its own terms.
+    for w in 0..WINDOWS {
+        asm.store(window(w) + INTERRUPT_ACK, 0xffff_ffff, 4)
+            .store(window(w) + STATUS, 0, 4);
+    }
+    epilogue(&mut asm);
+    let attacked = attack("hostile-mmio", &asm);
+    eprintln!(
+        "{accesses} random MMIO accesses: hull-vmm ran {:?}, logged {} bytes",
+        attacked.out.elapsed,
+        attacked.log.len()
+    );
+}
+
+#[test]
+fn broken_descriptor_chains_and_ten_thousand_resets() {
+    let mut rng = Rng(0x6465_7363_6c6f_6f70);
+    let size = 16;
+    let mut asm = prologue();
+    let mut chains = 0;
+    for w in 0..2 {
+        let rings = SCRATCH + w * 0x10_0000;
+        // Window 0: virtio-fs, a high-priority queue and a request queue; window 1: vsock, rx,
+        // tx and events.
+        let queues = 2 + w;
+        driver_init(&mut asm, w, queues, size, rings);
+        for q in 0..queues {
+            let table = rings + q * 0x1000;
+            let buffer = rings + 0x8_0000 + q * 0x1_0000;
+            let indirect = buffer + 0x8000;
+            let mut idx = 0u64;
+            let mut head_of = |asm: &mut Asm, kind: u64| -> u64 {
+                let head = rng.below(size);
+                match kind {
+                    // A descriptor that is its own next.
+                    0 => descriptor(asm, table, head, buffer, 64, NEXT, head),
+                    // A next beyond the table.
+                    1 => descriptor(asm, table, head, buffer, 64, NEXT, size + rng.below(1000)),
+                    // A length of 4 GiB, and one that runs off the end of RAM.
+                    2 => descriptor(asm, table, head, buffer, 0xffff_ffff, 0, 0),
+                    3 => descriptor(asm, table, head, (MEM_MIB << 20) - 16, 4096, WRITE, 0),
+                    // An address beyond RAM.
+                    4 => descriptor(asm, table, head, 1 << 40, 64, 0, 0),
+                    // An indirect table that loops, one of a length that is no table's, one
+                    // that holds another indirect descriptor, and one beyond RAM.
+                    5 => {
+                        descriptor(asm, indirect, 0, buffer, 64, NEXT, 1);
+                        descriptor(asm, indirect, 1, buffer, 64, NEXT, 0);
+                        descriptor(asm, table, head, indirect, 32, INDIRECT, 0)
+                    }
+                    6 => descriptor(asm, table, head, indirect, 17, INDIRECT, 0),
+                    7 => {
+                        descriptor(asm, indirect, 0, indirect, 16, INDIRECT, 0);
+                        descriptor(asm, table, head, indirect, 16, INDIRECT, 0)
+                    }
+                    8 => descriptor(asm, table, head, 1 << 40, 0x1_0000, INDIRECT, 0),
+                    // A long chain that visits every descriptor, then loops.
+                    _ => {
+                        for i in 0..size {
+                            let flags = if rng.below(2) == 0 {
+                                NEXT
+                            } else {
+                                NEXT | WRITE
+                            };
+                            descriptor(asm, table, i, buffer + i * 64, 64, flags, (i + 1) % size);
+                        }
+                    }
+                };
+                head
+            };
+            for round in 0..40 {
+                let head = head_of(&mut asm, round % 10);
+                idx += 1;
+                // Now and then the avail index jumps far ahead of what was published.
+                if round % 13 == 12 {
+                    idx += 40_000;
+                }
+                publish(&mut asm, w, q, table, size, idx, head);
+                chains += 1;
+            }
+        }
+    }
+    // 10,000 resets, half of them of a device at work: reset, then set up again.
+    for i in 0..10_000u64 {
+        let w = i % 2;
+        let base = window(w);
+        asm.store(base + STATUS, 0, 4);
+        if i % 2 == 0 {
+            asm.store(base + STATUS, 1, 4)
+                .store(base + STATUS, 3, 4)
+                .store(base + STATUS, 11, 4)
+                .store(base + QUEUE_READY, 1, 4)
+                .store(base + STATUS, 15, 4)
+                .store(base + QUEUE_NOTIFY, i % 3, 4);
+        }
+    }
+    for w in 0..2 {
+        asm.store(window(w) + STATUS, 0, 4);
+    }
+    epilogue(&mut asm);
+    let attacked = attack("hostile-queues", &asm);
+    eprintln!(
+        "{chains} broken chains and 10000 resets: hull-vmm ran {:?}, logged {} bytes",
+        attacked.out.elapsed,
+        attacked.log.len()
+    );
+}
