@@ -139,6 +139,11 @@ impl Asm {
         self.mov_rbx(addr).mov_rax(value).store_at_rbx(width)
     }
 
+    /// Raw machine code, for an instruction no helper here makes.
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.emit(bytes)
+    }
+
     /// `jmp rel32` back to `offset` in the code (a loop's start, from [`Asm::code`]'s length).
     pub fn jmp_back_to(&mut self, offset: usize) -> &mut Self {
         let rel = i32::try_from(offset as i64 - (self.code.len() as i64 + 5)).expect("a near jump");

@@ -9,16 +9,23 @@
 //! lookups) are in `run.rs`, with a container.
 
 use std::process::Command;
-use std::time::Duration;
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
 
 use hull_tests::harness::{run, workspace_bin, Finished, TempDir};
 use hull_tests::rng::Rng;
 use hull_tests::tiny_guest::Asm;
+use vm_memory::{Bytes, GuestAddress};
+use vmm::{ConsoleConfig, KvmKind, VmConfig, VmExit};
 
 const COM1: u16 = 0x3f8;
 /// The device manager's first virtio-mmio window; each is 4 KiB.
 const MMIO_BASE: u64 = 0xd000_0000;
 const WINDOW: u64 = 0x1000;
+/// The vsock device's window (3 queues: rx, tx, events) and the virtio-fs device's (2: high
+/// priority, requests).
+const VSOCK: u64 = 0;
+const FS: u64 = 1;
 /// Windows attacked: the two devices' and two nobody claims.
 const WINDOWS: u64 = 4;
 /// Guest RAM the attacks point the devices at (32-48 MiB): away from the code (16 MiB) and
@@ -251,9 +258,7 @@ fn broken_descriptor_chains_and_ten_thousand_resets() {
     let mut chains = 0;
     for w in 0..2 {
         let rings = SCRATCH + w * 0x10_0000;
-        // Window 0: virtio-fs, a high-priority queue and a request queue; window 1: vsock, rx,
-        // tx and events.
-        let queues = 2 + w;
+        let queues = if w == VSOCK { 3 } else { 2 };
         driver_init(&mut asm, w, queues, size, rings);
         for q in 0..queues {
             let table = rings + q * 0x1000;
@@ -335,4 +340,144 @@ fn broken_descriptor_chains_and_ten_thousand_resets() {
         attacked.out.elapsed,
         attacked.log.len()
     );
+}
+
+/// Keeps `size` requests outstanding on queue `q` of window `w` (rings at `table`, the ring's
+/// entries already written): avail index = used index + `size`, then a notification; forever.
+fn refill_forever(asm: &mut Asm, w: u64, q: u64, table: u64, size: u64) -> &mut Asm {
+    let used = table + 0xc00;
+    let avail = table + 0x800;
+    asm.mov_rbx(used)
+        .load_eax_from_rbx()
+        .raw(&[0xc1, 0xe8, 0x10]) // shr eax, 16: the used index
+        .raw(&[0x83, 0xc0, size as u8]) // add eax, size
+        .raw(&[0x25, 0xff, 0xff, 0x00, 0x00]) // and eax, 0xffff
+        .raw(&[0xc1, 0xe0, 0x10]) // shl eax, 16: the avail index, flags 0
+        .mov_rbx(avail)
+        .store_eax_at_rbx()
+        .store(window(w) + QUEUE_NOTIFY, q, 4)
+}
+
+#[test]
+fn a_guest_refilling_its_queues_without_end_still_stops_within_two_seconds() {
+    let size = 16;
+    let fs_rings = SCRATCH;
+    let vsock_rings = SCRATCH + 0x10_0000;
+    let fs_table = fs_rings + 0x1000; // the request queue, 1
+    let vsock_table = vsock_rings + 0x1000; // tx, 1
+    let mut asm = prologue();
+    driver_init(&mut asm, FS, 2, size, fs_rings);
+    driver_init(&mut asm, VSOCK, 3, size, vsock_rings);
+    // virtio-fs: GETATTR of the root, each with room for its answer (8 chains, each twice in
+    // the ring).
+    for i in 0..8 {
+        let request = fs_rings + 0x8_0000 + i * 0x100;
+        // fuse_in_header: len, opcode 3 (GETATTR), unique, nodeid 1; fuse_getattr_in.
+        asm.store(request, 56 | 3 << 32, 8)
+            .store(request + 8, i + 1, 8)
+            .store(request + 16, 1, 8);
+        descriptor(&mut asm, fs_table, 2 * i, request, 56, NEXT, 2 * i + 1);
+        descriptor(&mut asm, fs_table, 2 * i + 1, request + 0x80, 120, WRITE, 0);
+    }
+    // vsock: packets from the guest's CID to the host's, to ports nobody listens on, half of
+    // them of an operation that does not exist.
+    for i in 0..size {
+        let packet = vsock_rings + 0x8_0000 + i * 0x100;
+        let op = if i % 2 == 0 { 5 } else { 0 };
+        asm.store(packet, 3, 8) // src_cid
+            .store(packet + 8, 2, 8) // dst_cid
+            .store(packet + 16, (1024 + i) | (5000 + i) << 32, 8) // src_port, dst_port
+            .store(packet + 24, 1 << 32 | op << 48, 8) // len 0, type stream, op
+            .store(packet + 32, 0, 8)
+            .store(packet + 40, 0, 4);
+        descriptor(&mut asm, vsock_table, i, packet, 44, 0, 0);
+    }
+    // The avail rings' entries: the 8 virtio-fs chains' heads twice, the 16 packets.
+    for (table, head) in [
+        (fs_table, (|k: u64| k % 8 * 2) as fn(u64) -> u64),
+        (vsock_table, |k| k),
+    ] {
+        for k in 0..size / 4 {
+            let entries = (0..4).fold(0, |word, j| word | head(k * 4 + j) << (16 * j));
+            asm.store(table + 0x804 + k * 8, entries, 8);
+        }
+    }
+    asm.out_bytes(COM1, b"flooding\n");
+    let start = asm.code().len();
+    refill_forever(&mut asm, FS, 1, fs_table, size);
+    refill_forever(&mut asm, VSOCK, 1, vsock_table, size);
+    asm.jmp_back_to(start);
+
+    let dir = TempDir::new("hostile-flood");
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, asm.to_elf()).unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let console = dir.path().join("console.log");
+    let mut config = VmConfig::new(kernel);
+    config.mem_size_mib = MEM_MIB as u32;
+    config.console = ConsoleConfig::File(console.clone());
+    config.shared_dirs = vec![vmm::config::SharedDirConfig {
+        tag: "share".into(),
+        path: share,
+        read_only: false,
+    }];
+    config.vsock = Some(vmm::config::VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path().join("vsock.sock"),
+    });
+    let vmm = vmm::build(&config, KvmKind::detect()).unwrap();
+    let stopper = vmm.stopper();
+    let memory = vmm.memory().clone();
+    let (done_tx, done) = channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(vmm.run().map(|outcome| outcome.exit));
+    });
+    let used_index = |table: u64| -> u16 {
+        memory
+            .read_obj(GuestAddress(table + 0xc02))
+            .expect("the used ring is in guest memory")
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("flooding")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never started its flood"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Both devices keep answering: their used indexes move, again and again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (fs_before, vsock_before) = (used_index(fs_table), used_index(vsock_table));
+    let mut moved = false;
+    while !moved {
+        assert!(
+            Instant::now() < deadline,
+            "the devices stopped answering the flood (used indexes {} and {})",
+            used_index(fs_table),
+            used_index(vsock_table)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        let fs_moved = used_index(fs_table).wrapping_sub(fs_before) > 4 * size as u16;
+        let vsock_moved = used_index(vsock_table).wrapping_sub(vsock_before) > 4 * size as u16;
+        moved = fs_moved && vsock_moved;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    stopper.stop("the test");
+    let ended = done.recv_timeout(Duration::from_secs(30));
+    let took = asked.elapsed();
+    eprintln!(
+        "flood: used indexes {} (virtio-fs) and {} (vsock); stopped in {took:?}",
+        used_index(fs_table),
+        used_index(vsock_table)
+    );
+    let exit = ended
+        .expect("the VM did not stop under the flood")
+        .expect("the VM ran");
+    assert_eq!(exit, VmExit::Stopped("the test".into()));
+    assert!(took < Duration::from_secs(2), "stopping took {took:?}");
 }
