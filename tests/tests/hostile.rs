@@ -481,3 +481,53 @@ fn a_guest_refilling_its_queues_without_end_still_stops_within_two_seconds() {
     assert_eq!(exit, VmExit::Stopped("the test".into()));
     assert!(took < Duration::from_secs(2), "stopping took {took:?}");
 }
+
+#[test]
+fn twenty_mib_to_the_serial_port_fill_the_console_file_to_its_cap_and_no_further() {
+    const FLOOD: u64 = 20 << 20;
+    let mut asm = Asm::new();
+    asm.out_bytes(COM1, b"flooding\n");
+    // `rep outsb` from guest RAM, a MiB at a time (hardware KVM makes a page of it one exit;
+    // PVM, one exit a byte).
+    const CHUNK: u64 = 1 << 20;
+    for _ in 0..FLOOD / CHUNK {
+        asm.raw(&[0x48, 0xbe]) // mov rsi, imm64
+            .raw(&SCRATCH.to_le_bytes())
+            .mov_rcx(CHUNK)
+            .raw(&[0x66, 0xba])
+            .raw(&COM1.to_le_bytes()) // mov dx, COM1
+            .raw(&[0xfc, 0xf3, 0x6e]); // cld; rep outsb
+    }
+    asm.i8042_reset();
+    let dir = TempDir::new("hostile-serial");
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, asm.to_elf()).unwrap();
+    let console = dir.path().join("console.log");
+    let log_file = dir.path().join("vmm.log");
+    let mut cmd = Command::new(workspace_bin("hull-vmm"));
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .args(["--mem-size-mib", &MEM_MIB.to_string()])
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .arg("--log-file")
+        .arg(&log_file)
+        .arg("--jail")
+        .arg(dir.path().join("jail"));
+    // About 200 s on a PVM host, whose every byte is an exit.
+    let out = run(cmd, Duration::from_secs(900));
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{log}");
+    let written = std::fs::metadata(&console).unwrap().len();
+    eprintln!(
+        "{} MiB to the serial port in {:?}: {written} bytes in the console file",
+        FLOOD >> 20,
+        out.elapsed
+    );
+    // The cap (16 MiB) and the line that says later output was dropped.
+    assert!(
+        written > 15 << 20 && written <= (16 << 20) + 4096,
+        "{written}"
+    );
+    assert!(log.len() <= MAX_LOG as usize, "{} bytes of log", log.len());
+}

@@ -94,16 +94,27 @@ struct HullRun {
 impl HullRun {
     /// Starts `hull run` with `stdin` fed to it (or none).
     fn start(bundle: &Path, stdin: Option<Vec<u8>>) -> Self {
-        Self::spawn(bundle, stdin, None)
+        Self::spawn(bundle, stdin, None, None)
     }
 
     /// Starts `hull run` without stdin, and reads nothing of its stdout until `gate` says so
     /// (or its sender is dropped): output that arrives meanwhile waits in the pipe.
     fn start_reading_stdout_later(bundle: &Path, gate: Receiver<()>) -> Self {
-        Self::spawn(bundle, None, Some(gate))
+        Self::spawn(bundle, None, Some(gate), None)
     }
 
-    fn spawn(bundle: &Path, stdin: Option<Vec<u8>>, stdout_gate: Option<Receiver<()>>) -> Self {
+    /// Starts `hull run` with a descriptor limit of `nofile` (hard and soft), which its
+    /// hull-vmm inherits (and may raise only with `CAP_SYS_RESOURCE`).
+    fn start_with_nofile(bundle: &Path, nofile: u64) -> Self {
+        Self::spawn(bundle, None, None, Some(nofile))
+    }
+
+    fn spawn(
+        bundle: &Path,
+        stdin: Option<Vec<u8>>,
+        stdout_gate: Option<Receiver<()>>,
+        nofile: Option<u64>,
+    ) -> Self {
         let root = TempDir::new("run-root");
         let mut cmd = Command::new(workspace_bin("hull"));
         cmd.arg("--root")
@@ -119,6 +130,22 @@ impl HullRun {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit(2) is async-signal-safe and touches only this child's limits.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let started = Instant::now();
         let mut hull = Hull(cmd.spawn().expect("start hull"));
         let writer = stdin.map(|data| {
@@ -584,4 +611,136 @@ fn bad_input_is_refused_before_a_vm_starts() {
     );
     assert!(root.path().join(ID).is_dir());
     assert!(processes_mentioning(&root.path().display().to_string()).is_empty());
+}
+
+/// The hull-vmm of the container `hull run` started under `root`: its pid, from `hull state`.
+fn vmm_pid(root: &Path) -> i32 {
+    let out = Command::new(workspace_bin("hull"))
+        .arg("--root")
+        .arg(root)
+        .args(["state", ID])
+        .output()
+        .expect("run hull state");
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("hull state: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    state["pid"].as_i64().expect("a pid in the state") as i32
+}
+
+/// What the host sees of a hull-vmm: its open descriptors and resident memory (KiB).
+fn vmm_footprint(pid: i32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+/// The hostile-guest suite from the container's side (the machine-code attacks are in
+/// `hostile.rs`): a fork bomb and a memory bomb in the container. The agent outlives them in
+/// its own cgroup: the container's output still comes, and SIGTERM still reaches its init,
+/// whose exit status comes back; hull-vmm stays bounded and nothing is left.
+#[test]
+fn fork_and_memory_bombs_leave_the_agent_serving() {
+    check_artifacts();
+    // Each bomb makes itself the OOM killer's first choice, so that the init (the shell that
+    // must answer SIGTERM) is not.
+    let builder = Bundle::builder().script(
+        "trap 'echo got-term; exit 7' TERM; \
+         ( echo 1000 > /proc/self/oom_score_adj; b() { b | b & }; b ) 2>/dev/null & \
+         ( echo 1000 > /proc/self/oom_score_adj; exec tail /dev/zero ) 2>/dev/null & \
+         echo bombs; while :; do sleep 1 2>/dev/null; done",
+    );
+    let bundle = builder.build();
+    let mut config: serde_json::Value = serde_json::from_str(&builder.config_json()).unwrap();
+    config["linux"]["resources"]["pids"] = serde_json::json!({"limit": 64});
+    config["linux"]["resources"]["memory"] = serde_json::json!({"limit": 64 << 20});
+    std::fs::write(bundle.config(), config.to_string()).unwrap();
+    let run = HullRun::start(bundle.path(), None);
+    run.wait_for_stdout("bombs\n", DEADLINE, "the container never started its bombs");
+    let pid = vmm_pid(run.root.path());
+    // Let them go off: the pids limit is reached at once, the memory one within seconds.
+    std::thread::sleep(Duration::from_secs(10));
+    let (fds, rss_kib) = vmm_footprint(pid);
+    eprintln!("under the bombs, hull-vmm has {fds} descriptors and {rss_kib} KiB resident");
+    assert!(fds < 256, "{fds} descriptors");
+    // Guest RAM (512 MiB at most here) and hull-vmm's own.
+    assert!(rss_kib < 640 << 10, "{rss_kib} KiB");
+    let kill = Command::new("kill")
+        .args(["-TERM", &run.hull.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let out = run.finish();
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(7), "{context}");
+    assert!(out.stdout.ends_with(b"got-term\n"), "{context}");
+}
+
+/// The hostile-guest suite: a container that keeps making directories, and so keeps the
+/// guest's kernel holding an inode of each (no FORGET comes while it holds them), past the file
+/// server's cap: the guest gets "too many open files in system", hull-vmm's descriptors stay
+/// under its limit, and the container goes on. (hull runs with a descriptor limit of 4096, which
+/// hull-vmm keeps, for a cap of 3072 inodes.)
+#[test]
+fn a_guest_holding_ever_more_inodes_gets_enfile_and_hull_vmm_stays_bounded() {
+    check_artifacts();
+    let builder = Bundle::builder().script(
+        "trap 'echo got-term; exit 7' TERM; echo waiting; \
+         while [ ! -s /go ]; do sleep 1; done; mkdir /many; cd /many; \
+         seq 1 $(cat /go) | xargs mkdir 2>/errors; \
+         grep -q 'Too many open files in system' /errors && echo enfile; \
+         ls | wc -l; echo made; while :; do sleep 1; done",
+    );
+    let bundle = builder.build();
+    let run = HullRun::start_with_nofile(bundle.path(), 4096);
+    run.wait_for_stdout("waiting\n", DEADLINE, "the container never started");
+    let pid = vmm_pid(run.root.path());
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let nofile: usize = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .expect("hull-vmm's descriptor limit");
+    // The file server's cap (`devices::virtio::fs::confine`).
+    let cap = (nofile / 4 * 3).min(devices::virtio::fs::confine::MAX_INODES);
+    assert!(
+        cap <= 3072,
+        "hull-vmm's descriptor limit is {nofile}, not its parent's 4096"
+    );
+    let files = cap + 2_000;
+    std::fs::write(bundle.rootfs().join("go"), format!("{files}\n")).unwrap();
+    run.wait_for_stdout(
+        "made\n",
+        DEADLINE,
+        "the container never finished making them",
+    );
+    let (fds, rss_kib) = vmm_footprint(pid);
+    eprintln!(
+        "{files} directories against a cap of {cap}: hull-vmm has {fds} descriptors (limit \
+         {nofile}), {rss_kib} KiB resident"
+    );
+    assert!(fds < nofile, "{fds} descriptors, limit {nofile}");
+    let kill = Command::new("kill")
+        .args(["-TERM", &run.hull.0.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let out = run.finish();
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(7), "{context}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("waiting\nenfile\n"), "{context}");
+    // Directories up to about the cap were made, not all of them.
+    let made: usize = stdout
+        .lines()
+        .nth(2)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        made > cap / 2 && made < files,
+        "{made} directories\n{context}"
+    );
 }

@@ -39,6 +39,29 @@ fn serial_output_then_reset_exits_zero() {
 }
 
 #[test]
+fn string_output_reaches_the_serial_port_byte_by_byte() {
+    // `rep outsb`: hardware KVM exits once with all 16 bytes, a 1-byte port's accesses.
+    let text = *b"rep outsb works\n";
+    let data = 0x30_0000;
+    let mut asm = Asm::new();
+    for (i, word) in text.chunks(8).enumerate() {
+        asm.mov_rdi(data + 8 * i as u64)
+            .mov_rax(u64::from_le_bytes(word.try_into().unwrap()))
+            .store_rax_at_rdi();
+    }
+    asm.raw(&[0x48, 0xbe]) // mov rsi, imm64
+        .raw(&data.to_le_bytes())
+        .mov_rcx(text.len() as u64)
+        .raw(&[0x66, 0xba])
+        .raw(&COM1.to_le_bytes()) // mov dx, COM1
+        .raw(&[0xfc, 0xf3, 0x6e]) // cld; rep outsb
+        .i8042_reset();
+    let out = boot(&asm, &[]);
+    assert_eq!(out.stdout, "rep outsb works\n", "stderr: {}", out.stderr);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
 fn unclaimed_mmio_reads_as_ones() {
     // The MMIO gap is outside the boot identity map: the guest maps it itself.
     let mut asm = Asm::new();

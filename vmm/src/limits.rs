@@ -14,15 +14,13 @@ use devices::virtio::fs::confine::{MAX_HANDLES, MAX_INODES};
 /// and room for everything else (KVM, eventfds, sockets, vsock connections).
 pub const MAX_DESCRIPTORS: u64 = (MAX_INODES + MAX_HANDLES) as u64 + 8192;
 
-/// Sets `RLIMIT_NOFILE` to [`MAX_DESCRIPTORS`] (or the hard limit, if lower and it cannot be
-/// raised), `RLIMIT_CORE` to 0, and makes the process not dumpable.
+/// Sets `RLIMIT_NOFILE` (soft and hard) to [`MAX_DESCRIPTORS`], or to the hard limit hull-vmm
+/// inherited where that is lower: a host that set a lower one meant it, and the file server's
+/// caps follow it. Sets `RLIMIT_CORE` to 0 and makes the process not dumpable.
 pub fn apply() -> io::Result<()> {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if setrlimit(Resource::RLIMIT_NOFILE, MAX_DESCRIPTORS, MAX_DESCRIPTORS).is_err() {
-        // Without CAP_SYS_RESOURCE the hard limit cannot be raised: as many as it allows.
-        let most = MAX_DESCRIPTORS.min(hard);
-        setrlimit(Resource::RLIMIT_NOFILE, most, most)?;
-    }
+    let most = MAX_DESCRIPTORS.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, most, most)?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
     set_dumpable(false)?;
     Ok(())
@@ -34,7 +32,6 @@ mod tests {
 
     #[test]
     fn a_process_that_applied_them_has_them() {
-        // Without CAP_SYS_RESOURCE (not even root has it on some hosts) the hard limit stays.
         let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
         // In a child: the limits would otherwise stay on the test process.
         // SAFETY: the child makes only system calls (no allocation, no locks) and `_exit`s.
@@ -49,8 +46,7 @@ mod tests {
                     match (nofile, getrlimit(Resource::RLIMIT_CORE)) {
                         (Ok((soft, max)), Ok((0, 0)))
                             if soft == max
-                                && (soft == MAX_DESCRIPTORS
-                                    || soft == hard.min(MAX_DESCRIPTORS))
+                                && soft == hard.min(MAX_DESCRIPTORS)
                                 && dumpable == Ok(false) =>
                         {
                             0

@@ -354,6 +354,7 @@ impl Vcpu {
     fn run(&mut self, control: &VcpuControl) -> Option<VmExit> {
         loop {
             let action = match self.fd.run() {
+                Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)) => self.port_io(),
                 Ok(exit) => handle_exit(exit, &self.io),
                 // A kick from the owner (KVM has completed any pending I/O exit), or a signal
                 // meant for someone else.
@@ -381,6 +382,37 @@ impl Vcpu {
                 ExitAction::Stop(exit) => return Some(exit),
             }
         }
+    }
+
+    /// A port I/O exit, one access at a time: KVM gives `rep ins`/`rep outs` as one exit of
+    /// up to a page of accesses of the instruction's size (which `VcpuExit` does not carry; a
+    /// 1-byte device must not see them as one wide access).
+    fn port_io(&mut self) -> ExitAction {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_IO (the caller matched it), for which KVM fills
+        // the `io` member of the union: plain integers, valid for any bit pattern.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size).max(1);
+        let len = size * io.count as usize;
+        let start = (run as *mut kvm_bindings::kvm_run).cast::<u8>();
+        // SAFETY: for a KVM_EXIT_IO exit, KVM puts `size * count` bytes of data at `data_offset`
+        // from the start of `kvm_run`, inside the vCPU's mapping (of KVM_GET_VCPU_MMAP_SIZE
+        // bytes), which lives as long as `self.fd`; nothing else touches it until the next
+        // KVM_RUN, and `run`'s borrow is not used after this.
+        let data =
+            unsafe { std::slice::from_raw_parts_mut(start.add(io.data_offset as usize), len) };
+        for access in data.chunks_mut(size) {
+            let exit = if u32::from(io.direction) == kvm_bindings::KVM_EXIT_IO_IN {
+                VcpuExit::IoIn(io.port, access)
+            } else {
+                VcpuExit::IoOut(io.port, access)
+            };
+            match handle_exit(exit, &self.io) {
+                ExitAction::Continue => {}
+                other => return other,
+            }
+        }
+        ExitAction::Continue
     }
 
     /// Completes an instruction the host's emulator refused (PVM hosts), or says why not.
