@@ -1,6 +1,8 @@
 //! `make bench`: how fast hull-vmm starts and how much memory it takes, over several runs.
 //!
 //! - tiny guest: process start to the guest's first serial byte, and to exit;
+//! - the jail: the same with a container VM's devices, jailed and not, and hull-vmm's own time
+//!   to enter the jail;
 //! - pausing every vCPU of a running tiny guest (request to every vCPU's acknowledgement), and
 //!   resuming them, in process through `vmm::Vmm` as a warm start's snapshot will;
 //! - real kernel and agent: process start to the agent's readiness line (and the guest's own
@@ -311,6 +313,68 @@ fn bench_tiny(lane: &str, runs: usize) {
         summary_ms(samples.iter().map(|s| s.to_exit).collect())
     );
     println!("  peak RSS of hull-vmm:        {}", max_rss(&samples));
+}
+
+/// What the jail costs hull-vmm's start: a tiny guest with a virtio-fs share and a vsock device
+/// (a container's VM's devices), started jailed and not, alternately; start to the guest's
+/// first serial byte, and hull-vmm's own figure for entering the jail.
+fn bench_jail(lane: &str, runs: usize) {
+    let dir = TempDir::new("bench-jail");
+    let kernel = dir.path().join("tiny.elf");
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).expect("temp dir is writable");
+    let mut asm = Asm::new();
+    asm.out_bytes(0x3f8, b"ready\n")
+        .i8042_reset()
+        .halt_forever();
+    std::fs::write(&kernel, asm.to_elf()).expect("temp dir is writable");
+    let mut jailed = Vec::new();
+    let mut free = Vec::new();
+    let mut entering = Vec::new();
+    for i in 0..runs * 2 {
+        let jail = i % 2 == 0;
+        let run_dir = dir.path().join(format!("run{i}"));
+        std::fs::create_dir(&run_dir).expect("temp dir is writable");
+        let log = run_dir.join("vmm.log");
+        let mut cmd = Command::new(workspace_bin("hull-vmm"));
+        cmd.arg("--kernel")
+            .arg(&kernel)
+            .args(["--mem-size-mib", "128"])
+            .arg("--shared-dir")
+            .arg(format!("share={}", share.display()))
+            .arg("--vsock-uds")
+            .arg(run_dir.join("vsock.sock"))
+            .args(["--log-level", "info", "--log-file"])
+            .arg(&log)
+            .arg("--jail")
+            .arg(run_dir.join("jail"));
+        if !jail {
+            cmd.env("HULL_VMM_JAIL", "off");
+        }
+        let sample = measure(cmd, |l| l.starts_with("ready"));
+        assert!(sample.status == 0 && sample.to_marker.is_some());
+        if jail {
+            jailed.push(sample.to_marker.expect("checked"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let us = text.lines().find_map(|l| {
+                let rest = l.split("jailed in ").nth(1)?;
+                rest.split(' ').next()?.parse::<u64>().ok()
+            });
+            entering.extend(us.map(Duration::from_micros));
+        } else {
+            free.push(sample.to_marker.expect("checked"));
+        }
+    }
+    println!("[{lane}] the jail: tiny guest with a virtio-fs share and vsock, {runs} runs each:");
+    println!(
+        "  start to first output, jailed:     {}",
+        summary_ms(jailed)
+    );
+    println!("  start to first output, not jailed: {}", summary_ms(free));
+    println!(
+        "  entering the jail (hull-vmm):      {}",
+        summary_us(entering)
+    );
 }
 
 /// Pause and resume latency: a counting tiny guest, paused (request to the last vCPU's
@@ -851,6 +915,7 @@ fn main() {
     }
     let mut figures = Figures::default();
     bench_tiny(&lane, args.tiny_runs);
+    bench_jail(&lane, args.tiny_runs);
     bench_pause(&lane, args.pause_cycles);
     bench_boot(
         &lane,
