@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-use hull_tests::harness::{run, workspace_bin, Finished, TempDir};
+use hull_tests::harness::{run, workspace_bin, Finished, Running, TempDir};
 use hull_tests::rng::Rng;
 use hull_tests::tiny_guest::Asm;
 use vm_memory::{Bytes, GuestAddress};
@@ -149,7 +149,8 @@ fn window(index: u64) -> u64 {
 }
 
 /// Initializes the device in window `w` the way a driver does, with its first `queues` queues
-/// of `size` entries at `rings` (each queue takes 0x1000 bytes there: table, avail, used).
+/// of `size` entries (at most 128) at `rings` (each queue takes 0x1000 bytes there: the table,
+/// the avail ring at 0x800, the used ring at 0xc00).
 fn driver_init(asm: &mut Asm, w: u64, queues: u64, size: u64, rings: u64) {
     let base = window(w);
     asm.store(base + STATUS, 0, 4)
@@ -530,4 +531,201 @@ fn twenty_mib_to_the_serial_port_fill_the_console_file_to_its_cap_and_no_further
         "{written}"
     );
     assert!(log.len() <= MAX_LOG as usize, "{} bytes of log", log.len());
+}
+
+/// Spins until the used index of the ring at `table` is `idx`, or for at most 2^24 tries (a
+/// device that stopped answering leaves the guest going on, and the test fails on what it
+/// printed).
+fn wait_used(asm: &mut Asm, table: u64, idx: u64) {
+    asm.mov_rcx(1 << 24);
+    // wait: mov rbx, used; mov eax, [rbx]; shr eax, 16; cmp eax, idx; je done; dec rcx;
+    // jnz wait; done:
+    asm.mov_rbx(table + 0xc00)
+        .load_eax_from_rbx()
+        .raw(&[0xc1, 0xe8, 0x10, 0x3d])
+        .raw(&((idx & 0xffff) as u32).to_le_bytes())
+        .raw(&[0x74, 0x05, 0x48, 0xff, 0xc9, 0x75, 0xe5]);
+}
+
+/// One vsock packet (header and a 16-byte payload) at `at`: the header's fields as given.
+#[allow(clippy::too_many_arguments)]
+fn vsock_packet(
+    asm: &mut Asm,
+    at: u64,
+    (src_cid, dst_cid): (u64, u64),
+    (src_port, dst_port): (u64, u64),
+    len: u64,
+    (type_, op, flags): (u64, u64, u64),
+    (buf_alloc, fwd_cnt): (u64, u64),
+) {
+    asm.store(at, src_cid, 8)
+        .store(at + 8, dst_cid, 8)
+        .store(at + 16, src_port | dst_port << 32, 8)
+        .store(at + 24, (len & 0xffff_ffff) | type_ << 32 | op << 48, 8)
+        .store(at + 32, flags | buf_alloc << 32, 8)
+        .store(at + 40, fwd_cnt | 0x6c6c_7568 << 32, 8) // and the payload's first bytes
+        .store(at + 48, 0x6c6c_7568_6c6c_7568, 8);
+}
+
+#[test]
+fn ten_thousand_vsock_connection_requests_and_packets_that_lie() {
+    const PORT: u64 = 5000;
+    const REQUESTS: u64 = 10_000;
+    const LIES: u64 = 2_000;
+    const BATCH: u64 = 16;
+    // (A queue's rings take 0x1000 bytes here: the table must end before the avail ring at
+    // 0x800, so at most 128 entries.)
+    let size = 64;
+    let rings = SCRATCH;
+    let (rx, tx) = (rings, rings + 0x1000);
+    let mut rng = Rng(0x7673_6f63_6b6c_6965);
+    let mut asm = prologue();
+    driver_init(&mut asm, VSOCK, 3, size, rings);
+    // rx: 64 buffers of 1 KiB for what the device answers, posted again after every batch.
+    for i in 0..size {
+        descriptor(
+            &mut asm,
+            rx,
+            i,
+            rings + 0x10_0000 + i * 0x400,
+            0x400,
+            WRITE,
+            0,
+        );
+    }
+    for k in 0..size / 4 {
+        let entries = (0..4).fold(0, |word, j| word | (k * 4 + j) << (16 * j));
+        asm.store(rx + 0x804 + k * 8, entries, 8)
+            .store(tx + 0x804 + k * 8, entries, 8);
+    }
+    let packets = rings + 0x8_0000;
+    let mut published = 0u64;
+    for batch in 0..(REQUESTS + LIES) / BATCH {
+        for j in 0..BATCH {
+            let k = batch * BATCH + j;
+            let slot = published % size;
+            let at = packets + slot * 0x40;
+            let credit = (
+                rng.pick(&[0, 1, 0xffff_ffff, 0x1_0000]),
+                rng.bits() & 0xffff_ffff,
+            );
+            if k < REQUESTS {
+                // A connection request to the host's listener, each from a port of its own.
+                vsock_packet(&mut asm, at, (3, 2), (2000 + k, PORT), 0, (1, 1, 0), credit);
+            } else {
+                // Data, shutdowns and credit on those connections (and on none), with lengths
+                // that are not the payload's, credit that jumps, and strange addresses.
+                let len = rng.pick(&[0, 16, 17, 60_000, 0xffff_ffff]);
+                let op = rng.pick(&[5, 5, 4, 6, 7, 1, 2, 0, 9]);
+                let cids = rng.pick(&[(3, 2), (3, 2), (3, 1), (4, 2), (3, 0xffff_ffff)]);
+                let ports = (
+                    2000 + rng.below(REQUESTS),
+                    rng.pick(&[PORT, PORT, 0, 1 << 31]),
+                );
+                let type_ = rng.pick(&[1, 1, 1, 2, 0]);
+                let flags = rng.below(8);
+                vsock_packet(&mut asm, at, cids, ports, len, (type_, op, flags), credit);
+            }
+            descriptor(&mut asm, tx, slot, at, 44 + 16, 0, 0);
+            published += 1;
+        }
+        // Publish the batch (the ring's entries are the slots), let the device take it, and
+        // give rx its buffers back.
+        asm.store(tx + 0x800, (published & 0xffff) << 16, 4).store(
+            window(VSOCK) + QUEUE_NOTIFY,
+            1,
+            4,
+        );
+        wait_used(&mut asm, tx, published);
+        asm.mov_rbx(rx + 0xc00)
+            .load_eax_from_rbx()
+            .raw(&[0xc1, 0xe8, 0x10]) // shr eax, 16: rx's used index
+            .raw(&[0x05]) // add eax, size
+            .raw(&(size as u32).to_le_bytes())
+            .raw(&[0x25, 0xff, 0xff, 0x00, 0x00, 0xc1, 0xe0, 0x10]) // and eax, 0xffff; shl eax, 16
+            .mov_rbx(rx + 0x800)
+            .store_eax_at_rbx()
+            .store(window(VSOCK) + QUEUE_NOTIFY, 0, 4);
+    }
+    epilogue(&mut asm);
+
+    let dir = TempDir::new("hostile-vsock");
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, asm.to_elf()).unwrap();
+    let uds = dir.path().join("vsock.sock");
+    // The host service: accepts every connection and holds it, reading nothing.
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_{PORT}", uds.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (stop_tx, stop) = channel::<()>();
+    let service = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let mut accepted = 0usize;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    accepted += 1;
+                    held.push(stream);
+                }
+                Err(_) => {
+                    if stop.try_recv().is_ok() {
+                        return accepted;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    });
+    let log_file = dir.path().join("vmm.log");
+    let mut cmd = Command::new(workspace_bin("hull-vmm"));
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .args(["--mem-size-mib", &MEM_MIB.to_string()])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--log-file")
+        .arg(&log_file)
+        .arg("--jail")
+        .arg(dir.path().join("jail"));
+    let vmm = Running::spawn(cmd);
+    let pid = vmm.pid();
+    // hull-vmm's descriptors and resident memory, at their highest while it ran.
+    let monitor = std::thread::spawn(move || {
+        let (mut fds, mut rss_kib) = (0usize, 0u64);
+        while let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            fds = fds.max(dir.count());
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let rss = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            rss_kib = rss_kib.max(rss);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (fds, rss_kib)
+    });
+    let out = vmm.wait(DEADLINE);
+    let _ = stop_tx.send(());
+    let accepted = service.join().unwrap();
+    let (fds, rss_kib) = monitor.join().unwrap();
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    eprintln!(
+        "{REQUESTS} requests and {LIES} lying packets in {:?}: the host accepted {accepted} \
+         connections; hull-vmm had at most {fds} descriptors and {rss_kib} KiB resident, and \
+         logged {} bytes",
+        out.elapsed,
+        log.len()
+    );
+    let context = format!("{out:?}\nlog: {}", &log[..log.len().min(4000)]);
+    assert!(out.stdout.ends_with("survived\n"), "{context}");
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    // The device's own cap on connections, and a few for everything else.
+    assert!(
+        fds <= devices::virtio::vsock::MAX_CONNECTIONS + 64,
+        "{fds} descriptors"
+    );
+    assert!(accepted >= 1, "no request reached the host: {context}");
+    assert!(rss_kib < (MEM_MIB << 10) + (64 << 10), "{rss_kib} KiB");
+    assert!(log.len() as u64 <= MAX_LOG, "{} bytes of log", log.len());
 }

@@ -206,10 +206,21 @@ impl HullRun {
 
     /// Waits until hull's stdout so far is `expected` (panics with `why` after `deadline`).
     fn wait_for_stdout(&self, expected: &str, deadline: Duration, why: &str) {
+        self.wait_for_stdout_to(|so_far| so_far == expected, expected, deadline, why);
+    }
+
+    /// Waits until hull's stdout so far passes `done` (`expected` says how, for the message).
+    fn wait_for_stdout_to(
+        &self,
+        done: impl Fn(&str) -> bool,
+        expected: &str,
+        deadline: Duration,
+        why: &str,
+    ) {
         let end = Instant::now() + deadline;
         loop {
             let so_far = String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned();
-            if so_far == expected {
+            if done(&so_far) {
                 return;
             }
             assert!(
