@@ -25,7 +25,8 @@ cargo=${CARGO:-cargo}
 # lanes without being listed here); and the subset that is about PVM.
 mapfile -t kvm_programs < <(cd tests/tests && ls -- *.rs | sed 's/\.rs$//')
 pvm_programs=(tiny_guest emulation_assist pause snapshot xstate boot
-    "run=echo_hello_exits_zero_with_exact_output,output_can_be_read_while_the_process_runs,the_seccomp_profile_is_enforced,bad_input_is_refused")
+    "run=echo_hello_exits_zero_with_exact_output,output_can_be_read_while_the_process_runs,the_seccomp_profile_is_enforced,bad_input_is_refused"
+    "hostile=random_mmio_accesses,broken_descriptor_chains,refilling_its_queues,vsock_connection_requests")
 # Programs that mean nothing without a CPU flag, and why (the nested lane skips them there).
 nested_requires=(--require xstate=xsave --reason
     "xstate=it checks that guests keep their AVX state, and QEMU's SVM emulation cannot give guests XSAVE (no XSETBV exit)")

@@ -723,8 +723,9 @@ fn a_guest_holding_ever_more_inodes_gets_enfile_and_hull_vmm_stays_bounded() {
     );
     let files = cap + 2_000;
     std::fs::write(bundle.rootfs().join("go"), format!("{files}\n")).unwrap();
-    run.wait_for_stdout(
-        "made\n",
+    run.wait_for_stdout_to(
+        |so_far| so_far.ends_with("made\n"),
+        "... made",
         DEADLINE,
         "the container never finished making them",
     );
