@@ -404,3 +404,16 @@ pub fn assert_jailed(pid: i32, kept: u64) {
         jail.display()
     );
 }
+
+/// What the host sees of a process (a hull-vmm): its open descriptors and its resident memory
+/// in KiB; zeros once it is gone.
+pub fn footprint(pid: i32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (fds, rss)
+}

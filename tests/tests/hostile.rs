@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-use hull_tests::harness::{run, workspace_bin, Finished, Running, TempDir};
+use hull_tests::harness::{footprint, run, workspace_bin, Finished, Running, TempDir};
 use hull_tests::rng::Rng;
 use hull_tests::tiny_guest::Asm;
 use vm_memory::{Bytes, GuestAddress};
@@ -691,19 +691,13 @@ fn ten_thousand_vsock_connection_requests_and_packets_that_lie() {
     let pid = vmm.pid();
     // hull-vmm's descriptors and resident memory, at their highest while it ran.
     let monitor = std::thread::spawn(move || {
-        let (mut fds, mut rss_kib) = (0usize, 0u64);
-        while let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-            fds = fds.max(dir.count());
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let rss = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0);
-            rss_kib = rss_kib.max(rss);
+        let (mut most_fds, mut most_rss) = (0usize, 0u64);
+        while std::path::Path::new(&format!("/proc/{pid}/fd")).exists() {
+            let (fds, rss_kib) = footprint(pid as i32);
+            (most_fds, most_rss) = (most_fds.max(fds), most_rss.max(rss_kib));
             std::thread::sleep(Duration::from_millis(20));
         }
-        (fds, rss_kib)
+        (most_fds, most_rss)
     });
     let out = vmm.wait(DEADLINE);
     let _ = stop_tx.send(());

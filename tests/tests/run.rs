@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_tests::bundle::{Bundle, BundleBuilder};
-use hull_tests::harness::{guest_artifacts, processes_mentioning, workspace_bin, TempDir};
+use hull_tests::harness::{
+    footprint, guest_artifacts, processes_mentioning, workspace_bin, TempDir,
+};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 const ID: &str = "test-ctr";
@@ -202,6 +204,16 @@ impl HullRun {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends SIGTERM to `hull run` (which forwards it to the container), then [`Self::finish`].
+    fn terminate(self) -> Outcome {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.hull.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(kill.success());
+        self.finish()
     }
 
     /// Waits until hull's stdout so far is `expected` (panics with `why` after `deadline`).
@@ -404,12 +416,7 @@ fn output_can_be_read_while_the_process_runs_and_sigterm_reaches_it() {
         Duration::from_secs(30),
         "a line the container printed before a long spin cannot be read while it runs on",
     );
-    let kill = Command::new("kill")
-        .args(["-TERM", &run.hull.0.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-    let out = run.finish();
+    let out = run.terminate();
     let context = out.context();
     assert_eq!(out.status.code(), Some(7), "{context}");
     assert_eq!(out.stdout, b"ready\ngot-term\n", "{context}");
@@ -637,18 +644,6 @@ fn vmm_pid(root: &Path) -> i32 {
     state["pid"].as_i64().expect("a pid in the state") as i32
 }
 
-/// What the host sees of a hull-vmm: its open descriptors and resident memory (KiB).
-fn vmm_footprint(pid: i32) -> (usize, u64) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    (fds, rss)
-}
-
 /// The hostile-guest suite from the container's side (the machine-code attacks are in
 /// `hostile.rs`): a fork bomb and a memory bomb in the container. The agent outlives them in
 /// its own cgroup: the container's output still comes, and SIGTERM still reaches its init,
@@ -674,17 +669,12 @@ fn fork_and_memory_bombs_leave_the_agent_serving() {
     let pid = vmm_pid(run.root.path());
     // Let them go off: the pids limit is reached at once, the memory one within seconds.
     std::thread::sleep(Duration::from_secs(10));
-    let (fds, rss_kib) = vmm_footprint(pid);
+    let (fds, rss_kib) = footprint(pid);
     eprintln!("under the bombs, hull-vmm has {fds} descriptors and {rss_kib} KiB resident");
     assert!(fds < 256, "{fds} descriptors");
     // Guest RAM (512 MiB at most here) and hull-vmm's own.
     assert!(rss_kib < 640 << 10, "{rss_kib} KiB");
-    let kill = Command::new("kill")
-        .args(["-TERM", &run.hull.0.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-    let out = run.finish();
+    let out = run.terminate();
     let context = out.context();
     assert_eq!(out.status.code(), Some(7), "{context}");
     assert!(out.stdout.ends_with(b"got-term\n"), "{context}");
@@ -729,18 +719,13 @@ fn a_guest_holding_ever_more_inodes_gets_enfile_and_hull_vmm_stays_bounded() {
         DEADLINE,
         "the container never finished making them",
     );
-    let (fds, rss_kib) = vmm_footprint(pid);
+    let (fds, rss_kib) = footprint(pid);
     eprintln!(
         "{files} directories against a cap of {cap}: hull-vmm has {fds} descriptors (limit \
          {nofile}), {rss_kib} KiB resident"
     );
     assert!(fds < nofile, "{fds} descriptors, limit {nofile}");
-    let kill = Command::new("kill")
-        .args(["-TERM", &run.hull.0.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(kill.success());
-    let out = run.finish();
+    let out = run.terminate();
     let context = out.context();
     assert_eq!(out.status.code(), Some(7), "{context}");
     let stdout = String::from_utf8_lossy(&out.stdout);
