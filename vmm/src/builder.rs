@@ -140,19 +140,38 @@ fn open_console(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmErr
                 })?,
         )),
         ConsoleConfig::Null => Box::new(std::io::sink()),
-        ConsoleConfig::File(path) => Box::new(hull_contract::Capped::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| VmmError::Console {
-                    path: path.clone(),
-                    source,
-                })?,
-            MAX_CONSOLE_FILE,
-            "\n[hull-vmm: console file full; the rest is dropped]\n",
-        )),
+        ConsoleConfig::File(path) => Box::new(LineBuffered(std::io::LineWriter::with_capacity(
+            4096,
+            hull_contract::Capped::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmmError::Console {
+                        path: path.clone(),
+                        source,
+                    })?,
+                MAX_CONSOLE_FILE,
+                "\n[hull-vmm: console file full; the rest is dropped]\n",
+            ),
+        ))),
     })
+}
+
+/// A console file, written a line at a time (or 4 KiB of one), and what is left when the VM
+/// ends. The serial port writes and flushes every byte the guest sends; a system call for each
+/// made a flood of output cost the host one per byte.
+struct LineBuffered<W: Write>(std::io::LineWriter<W>);
+
+impl<W: Write> Write for LineBuffered<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    /// The line's end flushes, not the serial port.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The most a console file receives: the guest writes it, and must not fill the host's disk.
