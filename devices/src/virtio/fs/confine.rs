@@ -904,6 +904,60 @@ mod limit_tests {
         CString::new(format!("f{i}")).unwrap()
     }
 
+    fn resident_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_hundred_thousand_lookups_without_forget_stay_bounded() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        // A guest that never forgets: 100,000 lookups over 5,000 host files, against the caps a
+        // descriptor limit of 4,096 gives (3,072 inodes), or what this process's limit allows.
+        const FILES: usize = 5_000;
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        if soft < 4_096 && hard > soft {
+            setrlimit(Resource::RLIMIT_NOFILE, hard.min(4_096), hard).unwrap();
+        }
+        let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let cap = (soft as usize / 4 * 3).min(3_072);
+        let sandbox = Sandbox::new();
+        for i in 0..FILES {
+            std::fs::File::create(sandbox.share().join(format!("f{i}"))).unwrap();
+        }
+        let fs = ConfinedFs::new(&sandbox.share(), false)
+            .unwrap()
+            .with_limits(cap, 512);
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+        let (fds_before, rss_before) = (open_descriptors(), resident_kib());
+        let (mut found, mut refused) = (0, 0);
+        for round in 0..100_000 {
+            match fs.lookup(&ctx, ROOT_ID, &name(round % FILES)) {
+                Ok(_) => found += 1,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENFILE), "lookup {round}");
+                    refused += 1;
+                }
+            }
+        }
+        // Each of the first `cap` names found 20 times, the others refused 20 times.
+        assert_eq!(
+            (found, refused),
+            (cap * 20, (FILES - cap) * 20),
+            "cap {cap}"
+        );
+        assert_eq!(fs.held_inodes(), cap);
+        let fds = open_descriptors().saturating_sub(fds_before);
+        assert!(fds <= cap + 16, "{fds} more descriptors for a cap of {cap}");
+        let grown = resident_kib().saturating_sub(rss_before);
+        assert!(grown < 32 << 10, "{grown} KiB more resident");
+    }
+
     #[test]
     fn held_inodes_and_open_handles_are_capped() {
         let sandbox = Sandbox::new();

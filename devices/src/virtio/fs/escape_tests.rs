@@ -293,6 +293,72 @@ fn a_guest_rename_race_with_symlinks_stays_inside() {
     }
 }
 
+#[test]
+fn a_host_racing_renames_against_the_guest_s_lookups_never_leads_outside() {
+    // A host process swaps a directory of the share for a symlink to the directory that holds
+    // the secret (under the same name, `secret`) and back, as fast as it can, while the guest
+    // looks the name up, looks into it, opens and reads. Every answer comes from inside the
+    // share or is an error; none is the secret.
+    let sandbox = Sandbox::new();
+    let share = sandbox.share();
+    std::fs::create_dir(share.join("d")).unwrap();
+    std::fs::write(share.join("d/secret"), b"inside d").unwrap();
+    let outside = sandbox.secret().parent().unwrap().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let racer = {
+        let (share, stop) = (share.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::rename(share.join("d"), share.join("d.real")).unwrap();
+                symlink(&outside, share.join("d")).unwrap();
+                std::fs::remove_file(share.join("d")).unwrap();
+                std::fs::rename(share.join("d.real"), share.join("d")).unwrap();
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let mut guest = FuseGuest::start_dir(&sandbox.config(false));
+    guest.init();
+    let (mut reads, mut refusals) = (0u32, 0u32);
+    for round in 0..3000 {
+        let Ok(d) = guest.lookup(ROOT_ID, "d") else {
+            refusals += 1;
+            continue;
+        };
+        match guest.lookup(d.nodeid, "secret") {
+            Ok(found) => {
+                match guest.open(found.nodeid, libc::O_RDONLY) {
+                    Ok(fh) => {
+                        let data = guest.read(found.nodeid, fh, 0, 100).unwrap();
+                        assert_eq!(data, b"inside d", "round {round}");
+                        guest.release(found.nodeid, fh).unwrap();
+                        reads += 1;
+                    }
+                    Err(_) => refusals += 1,
+                }
+                guest.forget(found.nodeid, 1);
+            }
+            Err(errno) => {
+                assert!(
+                    errno == libc::ENOTDIR || errno == libc::ENOENT,
+                    "round {round}: {errno}"
+                );
+                refusals += 1;
+            }
+        }
+        guest.forget(d.nodeid, 1);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = racer.join().unwrap();
+    // The race ran: the host swapped while the guest looked, and both outcomes happened.
+    assert!(
+        swaps > 0 && reads > 0 && refusals > 0,
+        "{swaps} {reads} {refusals}"
+    );
+}
+
 /// Found by the `virtio_fs` fuzz target. `PassthroughFs` `fcntl(F_SETFL)`s the flags of a READ
 /// or WRITE onto the handle's descriptor when they differ from the open flags, and when that
 /// fails it closes the descriptor the handle still holds (a `File` made from the borrowed fd is
