@@ -17,6 +17,9 @@
 #   --require NAME=FLAG  NAME is only meaningful with CPU flag FLAG in L1; without it NAME is
 #                        reported as skipped, with REASON from --reason
 #   --reason NAME=TEXT   why NAME needs its flag (printed with the skip)
+#   --skip-test NAME/TEST=TEXT
+#                        program NAME runs without its test TEST (a libtest --skip), which is
+#                        reported as skipped with TEXT; for what cannot finish in this lane
 #   --deadline SECONDS   each program's deadline inside L1 (default 900)
 #   --file SRC:DEST      one more file for L1 (repeatable)
 #   --host-bin PATH      a host program copied to the same path in L1 with its libraries
@@ -57,12 +60,19 @@ programs=()
 files=()
 host_bins=(/usr/bin/timeout)
 modules=()
-declare -A requires=() reasons=()
+declare -A requires=() reasons=() skip_args=()
+skip_notes=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --exec) exec_cmd=${2:?}; shift 2 ;;
         --require) requires[${2%%=*}]=${2#*=}; shift 2 ;;
         --reason) reasons[${2%%=*}]=${2#*=}; shift 2 ;;
+        --skip-test)
+            spec=${2:?}; target=${spec%%=*}
+            [[ $spec == */*=?* && $target == */?* ]] || die "--skip-test takes NAME/TEST=REASON, not '$spec'"
+            skip_args[${target%%/*}]+=" --skip ${target#*/}"
+            skip_notes+=("$target: skipped (${spec#*=})")
+            shift 2 ;;
         --deadline) deadline=${2:?}; shift 2 ;;
         --file) files+=("${2:?}"); shift 2 ;;
         --host-bin) host_bins+=("${2:?}"); shift 2 ;;
@@ -172,7 +182,8 @@ for spec in "${programs[@]}"; do
     # Debug sections are only weight here; the symbol table stays for backtraces.
     strip --strip-debug -o "$payload/t/$name" "$prog"
     names+=("$name")
-    printf '%s %s %s %s\n' "$name" "$deadline" "${requires[$name]:--}" "${filters//,/ }" \
+    printf '%s %s %s %s%s\n' "$name" "$deadline" "${requires[$name]:--}" "${filters//,/ }" \
+        "${skip_args[$name]:-}" \
         >>"$payload/etc/programs"
     [[ -n ${reasons[$name]:-} ]] && printf '%s %s\n' "$name" "${reasons[$name]}" >>"$payload/etc/reasons"
     if [[ $name == containerd ]]; then
@@ -274,6 +285,12 @@ if [[ ${#names[@]} -gt 0 && -n $exit_status && $exit_status != 0 && $status == 0
     status=1
 fi
 [[ ${#not_run[@]} -eq 0 ]] || log "not run or no result: ${not_run[*]}"
-echo "nested lane: ${passed} tests passed, ${failed} failed; ${skipped} programs skipped;" \
+# The single tests left out of programs that ran (--skip-test).
+for note in "${skip_notes[@]}"; do
+    [[ -n ${result[${note%%/*}]:-} ]] || continue
+    echo "nested: $note"
+    skipped=$((skipped + 1))
+done
+echo "nested lane: ${passed} tests passed, ${failed} failed; ${skipped} programs or tests skipped;" \
     "${elapsed} s in all"
 exit "$status"

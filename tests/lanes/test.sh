@@ -26,10 +26,12 @@ cargo=${CARGO:-cargo}
 mapfile -t kvm_programs < <(cd tests/tests && ls -- *.rs | sed 's/\.rs$//')
 pvm_programs=(tiny_guest emulation_assist pause snapshot xstate boot
     "run=echo_hello_exits_zero_with_exact_output,output_can_be_read_while_the_process_runs,the_seccomp_profile_is_enforced,bad_input_is_refused"
-    "hostile=random_mmio_accesses,broken_descriptor_chains,refilling_its_queues,vsock_connection_requests")
-# Programs that mean nothing without a CPU flag, and why (the nested lane skips them there).
+    "hostile=random_mmio_accesses,broken_descriptor_chains,refilling_its_queues,vsock_connection_requests,twenty_mib_to_the_serial_port")
+# Programs that mean nothing without a CPU flag, and why (the nested lane skips them there);
+# and single tests that cannot finish there (the PVM lane above runs them).
 nested_requires=(--require xstate=xsave --reason
-    "xstate=it checks that guests keep their AVX state, and QEMU's SVM emulation cannot give guests XSAVE (no XSETBV exit)")
+    "xstate=it checks that guests keep their AVX state, and QEMU's SVM emulation cannot give guests XSAVE (no XSETBV exit)"
+    --skip-test "hostile/twenty_mib_to_the_serial_port=every byte of a rep outsb is an exit to hull-vmm here, over 40 us each under QEMU's emulated SVM: 20 MiB did not end within the lane's 900 s; the PVM lane runs it")
 
 # --- Which lanes. ---------------------------------------------------------------------------
 if [[ -n ${HULL_TEST_LANES:-} ]]; then
@@ -142,7 +144,7 @@ for lane in "${!lane_status[@]}"; do
                 if ($(k+1) ~ /^ignored/) i += $k
             }
         } END { print p+0, f+0, i+0 }' "$log_dir/$lane.log")
-    s=$(grep -c '^nested: [a-z0-9_]*: skipped (' "$log_dir/$lane.log" || true)
+    s=$(grep -c '^nested: [a-z0-9_/]*: skipped (' "$log_dir/$lane.log" || true)
     passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + i + s))
     if [[ ${lane_status[$lane]} != 0 ]]; then
         status=1
@@ -151,6 +153,6 @@ for lane in "${!lane_status[@]}"; do
     fi
     echo "make test: lane $lane: ${lane_seconds[$lane]} s, exit ${lane_status[$lane]}"
 done
-grep -h '^nested: [a-z0-9_]*: skipped (' "$log_dir"/*.log 2>/dev/null | sed 's/^/make test: /' || true
+grep -h '^nested: [a-z0-9_/]*: skipped (' "$log_dir"/*.log 2>/dev/null | sed 's/^/make test: /' || true
 echo "total: $passed passed, $failed failed, $skipped skipped"
 exit "$status"
