@@ -28,6 +28,7 @@ mod relay;
 mod seed;
 mod server;
 mod signals;
+mod switch_root;
 mod sys;
 
 use std::error::Error;
@@ -84,6 +85,14 @@ fn main() {
 fn run(mode: Mode) -> ! {
     power::set_target(mode.power_target());
     std::panic::set_hook(Box::new(|info| power::fatal(&format!("panic: {info}"))));
+    if matches!(mode, Mode::Guest) && !switch_root::switched(std::env::args_os()) {
+        // The kernel started us as `/init` of the initramfs: go on from a real mount.
+        let program = std::env::args_os()
+            .next()
+            .and_then(|arg| std::ffi::CString::new(arg.into_encoded_bytes()).ok())
+            .unwrap_or_else(|| c"/init".to_owned());
+        power::fatal(&error_chain(&switch_root::leave_initramfs(&program)));
+    }
 
     let mut signals = Signals::block().unwrap_or_else(|e| power::fatal(&error_chain(&e)));
     if let Err(e) = prepare(&mode) {
@@ -181,9 +190,9 @@ fn listen(mode: &Mode) -> Result<(Listener, Listener), String> {
 
 fn server_paths(mode: &Mode) -> Paths {
     let root = mode.root();
-    let (rootfs_override, no_pivot, cgroup_root) = match mode {
-        Mode::Guest => (None, false, Some(root.join("sys/fs/cgroup"))),
-        Mode::Test(config) => (config.rootfs.clone(), config.no_pivot, None),
+    let (rootfs_override, cgroup_root) = match mode {
+        Mode::Guest => (None, Some(root.join("sys/fs/cgroup"))),
+        Mode::Test(config) => (config.rootfs.clone(), None),
     };
     Paths {
         cgroup_root,
@@ -191,7 +200,6 @@ fn server_paths(mode: &Mode) -> Paths {
         rootfs_dir: root.join("run/hull/rootfs"),
         agent_root: root,
         rootfs_override,
-        no_pivot,
     }
 }
 
@@ -203,7 +211,6 @@ fn spawn_zygote(mode: &Mode) -> Option<Zygote> {
         proc_dir: paths.proc_dir,
         rootfs_dir: paths.rootfs_dir,
         agent_root: paths.agent_root,
-        no_pivot: paths.no_pivot,
     })
     .map_err(|e| {
         console::log(&format!(

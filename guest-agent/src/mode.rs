@@ -36,8 +36,6 @@ pub const ENV_TEST_CONTROL_SOCKET: &str = "HULL_AGENT_TEST_CONTROL_SOCKET";
 pub const ENV_TEST_STDIO_SOCKET: &str = "HULL_AGENT_TEST_STDIO_SOCKET";
 /// Test mode: a directory bind-mounted as the container's rootfs instead of the virtio-fs share.
 pub const ENV_TEST_ROOTFS: &str = "HULL_AGENT_TEST_ROOTFS";
-/// Test mode: if `1`, switch the container's root without `pivot_root`, as in the guest.
-pub const ENV_TEST_NO_PIVOT: &str = "HULL_AGENT_TEST_NO_PIVOT";
 
 /// Why the agent refuses to act as init.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,7 +70,6 @@ pub struct TestConfig {
     pub control_socket: Option<PathBuf>,
     pub stdio_socket: Option<PathBuf>,
     pub rootfs: Option<PathBuf>,
-    pub no_pivot: bool,
 }
 
 /// How the agent runs.
@@ -136,7 +133,6 @@ impl Facts {
             ENV_TEST_CONTROL_SOCKET,
             ENV_TEST_STDIO_SOCKET,
             ENV_TEST_ROOTFS,
-            ENV_TEST_NO_PIVOT,
         ]
         .into_iter()
         .filter_map(|name| std::env::var(name).ok().map(|v| (name, v)))
@@ -197,7 +193,6 @@ pub fn decide(facts: &Facts) -> Result<Mode, ModeError> {
         control_socket: facts.var(ENV_TEST_CONTROL_SOCKET).map(PathBuf::from),
         stdio_socket: facts.var(ENV_TEST_STDIO_SOCKET).map(PathBuf::from),
         rootfs: facts.var(ENV_TEST_ROOTFS).map(PathBuf::from),
-        no_pivot: facts.var(ENV_TEST_NO_PIVOT) == Some("1"),
     }))
 }
 

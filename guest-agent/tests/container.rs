@@ -957,25 +957,6 @@ fn a_readonly_rootfs_refuses_writes() {
     assert_eq!(out.status, ExitStatus::Code(1));
 }
 
-#[test]
-fn without_pivot_root_as_in_the_guest() {
-    if !can_run() {
-        return;
-    }
-    let out = run_with(
-        spec(&["sh", "-c", "echo pid=$$; ls /bin/busybox; hostname"]),
-        None,
-        false,
-        &[("HULL_AGENT_TEST_NO_PIVOT", "1")],
-    );
-    assert_eq!(
-        out.stdout(),
-        "pid=1\n/bin/busybox\nrunc\n",
-        "{}",
-        out.stderr()
-    );
-}
-
 /// Denies `mkdir` (and `mkdirat`) with `errno`, allows the rest; names unknown to x86_64 and
 /// other architectures are in the profile too, as in Docker's (the host passes them on).
 fn deny_mkdir(args: &[&str], no_new_privileges: bool, errno: u32) -> ContainerSpec {
@@ -1291,48 +1272,44 @@ fn exec_runs_in_the_init_s_namespaces_and_root() {
                     [ \"$(readlink /proc/self/ns/$ns)\" = \"$(readlink /proc/1/ns/$ns)\" ] && echo same-$ns; \
                   done; \
                   grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; echo oops >&2; exit 7";
-    // Both ways the init may have switched root: pivot_root, and move + chroot (the guest's).
-    for env in [&[][..], &[("HULL_AGENT_TEST_NO_PIVOT", "1")][..]] {
-        let (mut vm, _init_streams) = running_container(env);
-        let e1 = ProcessRef::Exec("e1".into());
-        let stdout = reader(vm.attach_to(&e1, StreamKind::Stdout));
-        let stderr = reader(vm.attach_to(&e1, StreamKind::Stderr));
-        let pid = vm
-            .exec("e1", exec_process(&["sh", "-c", script]), ALL_PIPES)
-            .expect("exec");
-        assert_eq!(vm.exit_of(&e1), (pid, ExitStatus::Code(7)));
-        assert_eq!(
-            vm.request(RequestBody::Wait { process: e1 }),
-            Ok(ResponseBody::Exited {
-                status: ExitStatus::Code(7)
-            })
-        );
-        let out = String::from_utf8(stdout.join().unwrap()).unwrap();
-        let expected_caps = format!("{:016x}", (1u64 << 29) | (1 << 5) | (1 << 10));
-        let lines: Vec<_> = out.lines().collect();
-        assert!(lines[0].starts_with("pid=") && lines[0] != "pid=1", "{out}");
-        assert_eq!(
-            lines[1..],
-            [
-                "runc",
-                "written by init",
-                "sleep\x00100\x00",
-                "same-ipc",
-                "same-uts",
-                "same-net",
-                "same-pid",
-                "same-mnt",
-                "same-cgroup",
-                &format!("CapEff:\t{expected_caps}"),
-                "NoNewPrivs:\t1",
-            ],
-            "{env:?}"
-        );
-        assert_eq!(stderr.join().unwrap(), b"oops\n");
-        // The init runs on.
-        vm.wait_for_process(&["sleep", "100"]);
-        vm.shutdown();
-    }
+    let (mut vm, _init_streams) = running_container(&[]);
+    let e1 = ProcessRef::Exec("e1".into());
+    let stdout = reader(vm.attach_to(&e1, StreamKind::Stdout));
+    let stderr = reader(vm.attach_to(&e1, StreamKind::Stderr));
+    let pid = vm
+        .exec("e1", exec_process(&["sh", "-c", script]), ALL_PIPES)
+        .expect("exec");
+    assert_eq!(vm.exit_of(&e1), (pid, ExitStatus::Code(7)));
+    assert_eq!(
+        vm.request(RequestBody::Wait { process: e1 }),
+        Ok(ResponseBody::Exited {
+            status: ExitStatus::Code(7)
+        })
+    );
+    let out = String::from_utf8(stdout.join().unwrap()).unwrap();
+    let expected_caps = format!("{:016x}", (1u64 << 29) | (1 << 5) | (1 << 10));
+    let lines: Vec<_> = out.lines().collect();
+    assert!(lines[0].starts_with("pid=") && lines[0] != "pid=1", "{out}");
+    assert_eq!(
+        lines[1..],
+        [
+            "runc",
+            "written by init",
+            "sleep\x00100\x00",
+            "same-ipc",
+            "same-uts",
+            "same-net",
+            "same-pid",
+            "same-mnt",
+            "same-cgroup",
+            &format!("CapEff:\t{expected_caps}"),
+            "NoNewPrivs:\t1",
+        ]
+    );
+    assert_eq!(stderr.join().unwrap(), b"oops\n");
+    // The init runs on.
+    vm.wait_for_process(&["sleep", "100"]);
+    vm.shutdown();
 }
 
 #[test]
@@ -1688,7 +1665,7 @@ fn exec_with_a_terminal() {
     if !can_run() {
         return;
     }
-    let (mut vm, _streams) = running_container(&[("HULL_AGENT_TEST_NO_PIVOT", "1")]);
+    let (mut vm, _streams) = running_container(&[]);
     let e1 = ProcessRef::Exec("e1".into());
     let conn = vm.attach_to(&e1, StreamKind::Terminal);
     let mut process = exec_process(&["sh", "-c", TERMINAL_SCRIPT]);

@@ -39,6 +39,10 @@ pub fn ensure_busybox() -> PathBuf {
     PathBuf::from(BUSYBOX)
 }
 
+/// `tests/guest/root_escape.c`, built static by `tests/build.rs`: put into a rootfs, it tries to
+/// leave the container's root (`root-escape chroot|setns`) and lists the directory it reached.
+pub const ROOT_ESCAPE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/root-escape"));
+
 /// What a test chooses about its container.
 #[derive(Debug, Clone)]
 pub struct BundleBuilder {

@@ -13,7 +13,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hull_tests::bundle::{Bundle, BundleBuilder};
+use hull_tests::bundle::{Bundle, BundleBuilder, ROOT_ESCAPE};
 use hull_tests::harness::{
     footprint, guest_artifacts, processes_mentioning, workspace_bin, TempDir,
 };
@@ -488,6 +488,54 @@ fn a_file_the_container_makes_set_id_is_not_set_id_on_the_host() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o7777, 0o755, "{context}");
+}
+
+#[test]
+fn a_container_that_leaves_its_root_reaches_nothing_of_the_agent() {
+    use std::os::unix::fs::PermissionsExt;
+    check_artifacts();
+    // A privileged container (CAP_SYS_ADMIN, CAP_SYS_CHROOT) tries both ways out of its root.
+    // When its root was the initramfs's, moved over and chrooted into, the second way reached
+    // the initramfs: the agent as /init and the agent's own mounts. Now the agent leaves the
+    // initramfs at boot (emptied but for the mount point it left by) and the container's init
+    // pivots into its root and detaches the agent's.
+    let builder =
+        Bundle::builder().script("/escape chroot && echo -- && /escape setns && echo end");
+    let bundle = builder.build();
+    let escape = bundle.rootfs().join("escape");
+    std::fs::write(&escape, ROOT_ESCAPE).unwrap();
+    std::fs::set_permissions(&escape, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&builder.config_json()).unwrap();
+    for set in [
+        "bounding",
+        "effective",
+        "inheritable",
+        "permitted",
+        "ambient",
+    ] {
+        config["process"]["capabilities"][set] =
+            serde_json::json!(["CAP_SYS_ADMIN", "CAP_SYS_CHROOT"]);
+    }
+    std::fs::write(bundle.config(), config.to_string()).unwrap();
+    let out = hull_run(bundle.path(), None);
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (by_chroot, by_setns) = stdout.split_once("--\n").expect(&context);
+    let sorted = |text: &str| {
+        let mut names: Vec<String> = text.lines().map(str::to_string).collect();
+        names.sort();
+        names
+    };
+    // By chroot and "..": the container's own root, no further.
+    let mut own: Vec<String> = std::fs::read_dir(bundle.rootfs())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    own.sort();
+    assert_eq!(sorted(by_chroot), own, "{context}");
+    // By setns: the guest's first root, empty but for the agent's old mount point.
+    assert_eq!(sorted(by_setns), [".hull-root", "end"], "{context}");
 }
 
 #[test]

@@ -73,9 +73,6 @@ pub struct Config {
     pub rootfs_dir: PathBuf,
     /// The agent's root: `/` in the guest, the test root on a host. Bind sources are here.
     pub agent_root: PathBuf,
-    /// Do not try `pivot_root`; move the root and `chroot` (what the guest's initramfs needs
-    /// anyway, see `setup.rs`). The host tests set it to cover that path.
-    pub no_pivot: bool,
     pub stdio: StdioSetup,
 }
 

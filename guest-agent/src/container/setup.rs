@@ -4,13 +4,10 @@
 //! Runs in forked children only (see `mod.rs`), except [`open_init_namespaces`], which the agent
 //! calls. Every error names the spec field and value.
 //!
-//! The root switch: `pivot_root(2)` refuses to move the initramfs (`rootfs`, which has no parent
-//! mount), and in the guest the agent's root *is* the initramfs. There the init moves the
-//! container's root onto `/` and `chroot`s into it, as `runc --no-pivot` does. In the guest that
-//! leaves the initramfs beneath the container's root, reachable only through a `chroot` escape
-//! (which needs `CAP_SYS_CHROOT`); the VM, not the guest kernel, is hull's isolation boundary,
-//! and the initramfs holds nothing but the agent. Elsewhere (the host tests) `pivot_root` is
-//! used and the old root detached.
+//! The root switch: `pivot_root(2)` into the container's root, then the old root (the agent's)
+//! is detached, so nothing of the agent is reachable from the container. In the guest this works
+//! because the agent left the initramfs for a tmpfs at boot (`switch_root.rs`): `pivot_root`
+//! refuses to move the initramfs itself.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
@@ -123,8 +120,8 @@ pub fn join_namespaces(namespaces: &[(CloneFlags, OwnedFd)]) -> Result<(), Error
 
 /// Takes the init's root (opened by the agent from `/proc/<init>/root`), in an exec'd process.
 /// `setns` into the mount namespace already gives it the top mount on the namespace's `/`,
-/// which is the init's root after `pivot_root` and after the guest's move + `chroot` alike;
-/// taking the init's own root makes that explicit and holds whatever the init did.
+/// which is the init's root after `pivot_root`; taking the init's own root makes that explicit
+/// and holds whatever the init did.
 pub fn enter_init_root(root: &OwnedFd) -> Result<(), ErrorResponse> {
     fchdir(root).map_err(|e| io("fchdir to the init's root", e))?;
     chroot(".").map_err(|e| io("chroot into the init's root", e))?;
@@ -204,7 +201,7 @@ pub fn mount_and_enter(config: &Config) -> Result<(), ErrorResponse> {
     }
     spec_devices(config, root)?;
 
-    enter_root(root, config.no_pivot)?;
+    enter_root(root)?;
 
     for (key, value) in &spec.sysctl {
         let path = Path::new("/proc/sys").join(key.replace('.', "/"));
@@ -505,25 +502,12 @@ fn spec_devices(config: &Config, root: &Path) -> Result<(), ErrorResponse> {
     Ok(())
 }
 
-/// Makes `root` the process's root: `pivot_root` where it works, else move and `chroot` (see
-/// the module comment).
-fn enter_root(root: &Path, no_pivot: bool) -> Result<(), ErrorResponse> {
+/// Makes `root` the process's root: `pivot_root`, then the old root (the agent's) detached.
+fn enter_root(root: &Path) -> Result<(), ErrorResponse> {
     chdir(root).map_err(|e| io(format!("chdir {}", root.display()), e))?;
-    if !no_pivot {
-        match pivot_root(".", ".") {
-            Ok(()) => {
-                // The old root is now stacked on "."; detach it.
-                umount2(".", MntFlags::MNT_DETACH).map_err(|e| io("detaching the old root", e))?;
-                return chdir("/").map_err(|e| io("chdir /", e));
-            }
-            // The current root is the initramfs.
-            Err(Errno::EINVAL) => {}
-            Err(e) => return Err(io("pivot_root", e)),
-        }
-    }
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .map_err(|e| io("moving the rootfs onto /", e))?;
-    chroot(".").map_err(|e| io("chroot into the rootfs", e))?;
+    pivot_root(".", ".").map_err(|e| io(format!("pivot_root into {}", root.display()), e))?;
+    // The old root is now stacked on "."; detach it.
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| io("detaching the old root", e))?;
     chdir("/").map_err(|e| io("chdir /", e))
 }
 

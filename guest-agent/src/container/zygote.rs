@@ -64,7 +64,6 @@ pub struct ZygotePaths {
     pub proc_dir: PathBuf,
     pub rootfs_dir: PathBuf,
     pub agent_root: PathBuf,
-    pub no_pivot: bool,
 }
 
 /// A pre-made init, waiting for its container.
@@ -302,7 +301,6 @@ impl Adopted {
                 readonly: order.readonly,
                 rootfs_dir: paths.rootfs_dir,
                 agent_root: paths.agent_root,
-                no_pivot: paths.no_pivot,
                 stdio,
             },
             shared,

@@ -62,8 +62,6 @@ pub struct Paths {
     pub rootfs_dir: PathBuf,
     /// Test mode: a directory bind-mounted instead of the virtio-fs share.
     pub rootfs_override: Option<PathBuf>,
-    /// Test mode: skip `pivot_root` (the guest's path, see `container/setup.rs`).
-    pub no_pivot: bool,
     /// The guest's cgroup v2 root, where the container's cgroup goes (`container/cgroup.rs`);
     /// `None` in test mode, which runs on a host.
     pub cgroup_root: Option<PathBuf>,

@@ -369,7 +369,6 @@ impl<S: System> Owner<S> {
             readonly,
             rootfs_dir: paths.rootfs_dir.clone(),
             agent_root: paths.agent_root.clone(),
-            no_pivot: paths.no_pivot,
             stdio,
         };
         let mut created = match self.system.create(config) {
@@ -823,7 +822,6 @@ mod tests {
             proc_dir: PathBuf::from("/nonexistent-hull/proc"),
             rootfs_dir: PathBuf::from("/nonexistent-hull/rootfs"),
             rootfs_override: Some(PathBuf::from("/nonexistent-hull/bundle")),
-            no_pivot: true,
             cgroup_root: None,
         };
         Owner::new(paths, FakeSystem::default())
