@@ -723,3 +723,96 @@ fn ten_thousand_vsock_connection_requests_and_packets_that_lie() {
     assert!(rss_kib < (MEM_MIB << 10) + (64 << 10), "{rss_kib} KiB");
     assert!(log.len() as u64 <= MAX_LOG, "{} bytes of log", log.len());
 }
+
+#[test]
+fn warnings_the_guest_provokes_for_two_minutes_stay_at_the_rate_limit() {
+    // Every pass of the guest's endless loop provokes a warning from each device (a queue
+    // that does not exist, selected, sized and notified) and touches a window nobody claims.
+    // The warnings are rate-limited per device (`GuestErrorLog`: a burst a second, then one
+    // line with the count); for two minutes the log must grow at that rate and no faster, and
+    // hull-vmm's descriptors and memory must not grow at all.
+    const MINUTES: u32 = 2;
+    let mut asm = prologue();
+    driver_init(&mut asm, VSOCK, 3, 16, SCRATCH);
+    driver_init(&mut asm, FS, 2, 16, SCRATCH + 0x10_0000);
+    asm.out_bytes(COM1, b"flooding\n");
+    let start = asm.code().len();
+    for w in [VSOCK, FS] {
+        asm.store(window(w) + QUEUE_SEL, 9, 4)
+            .store(window(w) + QUEUE_NUM, 16, 4)
+            .store(window(w) + QUEUE_READY, 1, 4)
+            .store(window(w) + QUEUE_NOTIFY, 9, 4);
+    }
+    asm.store(window(2) + STATUS, 1, 4)
+        .store(window(3) + QUEUE_NOTIFY, 0, 4);
+    asm.jmp_back_to(start);
+
+    let dir = TempDir::new("hostile-rate");
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(&kernel, asm.to_elf()).unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let log_file = dir.path().join("vmm.log");
+    let jail = dir.path().join("jail");
+    let mut cmd = Command::new(workspace_bin("hull-vmm"));
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .args(["--mem-size-mib", &MEM_MIB.to_string()])
+        .arg("--shared-dir")
+        .arg(format!("share={}", share.display()))
+        .arg("--vsock-uds")
+        .arg(dir.path().join("vsock.sock"))
+        .arg("--log-file")
+        .arg(&log_file)
+        .arg("--jail")
+        .arg(&jail);
+    let mut vmm = Running::spawn(cmd);
+    let pid = vmm.pid() as i32;
+    vmm.wait_for_line(DEADLINE, |line| line == "flooding\n");
+    let lines = || {
+        std::fs::read_to_string(&log_file)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let mut samples = vec![(lines(), footprint(pid))];
+    for _ in 0..MINUTES {
+        std::thread::sleep(Duration::from_secs(60));
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let running = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        assert!(
+            running,
+            "hull-vmm ended\nlog: {}",
+            &log[..log.len().min(4000)]
+        );
+        samples.push((lines(), footprint(pid)));
+    }
+    drop(vmm);
+    let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+    eprintln!(
+        "log lines, descriptors and resident KiB at the start and after each minute: {samples:?}"
+    );
+    assert!(!log.contains("panicked"), "{}", &log[..log.len().min(4000)]);
+    // Two devices, each with a burst of 10 lines and one count line a second; the minute is
+    // given a few seconds' slack.
+    let most_a_minute = 2 * (10 + 1) * 65;
+    for pair in samples.windows(2) {
+        let ((before, (fds_before, rss_before)), (after, (fds, rss))) = (pair[0], pair[1]);
+        let grown = after - before;
+        assert!(
+            grown > 0,
+            "nothing logged in a minute: the attack did not run"
+        );
+        assert!(
+            grown <= most_a_minute,
+            "{grown} lines in a minute (the limit allows {most_a_minute})\n{}",
+            &log[log.len().saturating_sub(4000)..]
+        );
+        assert!(fds <= fds_before, "descriptors grew: {samples:?}");
+        assert!(rss <= rss_before + 1024, "memory grew: {samples:?}");
+    }
+    assert_eq!(std::fs::read_dir(&jail).map(|d| d.count()).unwrap_or(0), 0);
+}
