@@ -40,7 +40,7 @@ impl HostPty {
 /// Sends `master` over the Unix socket at `path`, with the pty's name as the message, the way
 /// runc does for `--console-socket`.
 pub fn send_master(path: &Path, master: BorrowedFd<'_>) -> io::Result<()> {
-    let socket = UnixStream::connect(path).map_err(|e| {
+    let socket = hull_protocol::unix_path::connect(path).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot connect to console socket {}: {e}", path.display()),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hull_protocol::{
-    host_handshake, read_frame, write_frame, AgentMessage, ErrorResponse, FrameError,
+    host_handshake, read_frame, unix_path, write_frame, AgentMessage, ErrorResponse, FrameError,
     HandshakeError, HostMessage, Request, RequestBody, ResponseBody,
 };
 
@@ -51,7 +51,7 @@ pub struct Client {
 impl Client {
     /// Connects and runs the handshake.
     pub fn connect(path: &Path) -> Result<Self, ControlError> {
-        let mut conn = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        let mut conn = unix_path::connect(path).map_err(|source| ControlError::Connect {
             path: path.to_owned(),
             source,
         })?;

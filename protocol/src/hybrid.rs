@@ -70,7 +70,7 @@ pub fn connect(
     timeout: Option<Duration>,
 ) -> Result<UnixStream, HybridError> {
     let path = uds.to_path_buf();
-    let mut stream = UnixStream::connect(uds).map_err(|source| HybridError::Connect {
+    let mut stream = crate::unix_path::connect(uds).map_err(|source| HybridError::Connect {
         path: path.clone(),
         source,
     })?;

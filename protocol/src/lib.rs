@@ -25,6 +25,7 @@ pub mod hybrid;
 pub mod message;
 pub mod spec;
 pub mod stdio;
+pub mod unix_path;
 
 pub use frame::{
     decode_body, encode_frame, read_frame, read_frame_body, write_frame, FrameDecoder, FrameError,

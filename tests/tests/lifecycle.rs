@@ -475,3 +475,53 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
     );
     assert!(processes_mentioning(&root.path().display().to_string()).is_empty());
 }
+
+#[test]
+fn a_docker_shaped_state_directory_far_past_sun_len() {
+    // Docker runs a runtime as `--root <exec-root>/runtime-<name>/moby` with 64-hex ids, so the
+    // container's sockets are well past the 107 bytes a socket address holds; here more so.
+    let (kernel, initramfs) = guest_artifacts();
+    assert!(
+        kernel.is_file() && initramfs.is_file(),
+        "run `make kernel agent` first"
+    );
+    become_subreaper();
+    let top = TempDir::new("lifecycle-docker");
+    let root = top
+        .path()
+        .join("var/run/docker/containerd/daemon/io.containerd.runtime.v2.task")
+        .join("runtime-hull/moby");
+    std::fs::create_dir_all(&root).unwrap();
+    let id = "4f1d9a0c7be2e6a3c35d2b8f0e9c1a7d6b5e4f3a2c1b0d9e8f7a6b5c4d3e2f1a";
+    assert_eq!(id.len(), 64);
+    let socket = root.join(id).join("vsock.sock_1024");
+    assert!(socket.as_os_str().len() > 160, "{}", socket.display());
+    let hull = Hull { root: &root };
+    let bundle = Bundle::builder()
+        .script("echo started; while :; do sleep 1; done")
+        .build();
+    let out = top.path().join("out");
+    let err = top.path().join("err");
+    let status = hull
+        .command(&["create", "--bundle", bundle.path().to_str().unwrap(), id])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "create: {}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    hull.ok(&["start", id]);
+    wait_for_text(&out, "started");
+    // exec goes through the vsock socket, state and kill through the control socket.
+    assert_eq!(hull.ok(&["exec", id, "echo", "exec-ok"]), "exec-ok\n");
+    let pid = hull.state(id)["pid"].as_i64().unwrap() as i32;
+    hull.ok(&["kill", id, "KILL"]);
+    reap(pid);
+    wait_for_status(&hull, id, "stopped");
+    hull.ok(&["delete", id]);
+    assert!(!root.join(id).exists());
+    assert!(processes_mentioning(id).is_empty());
+}

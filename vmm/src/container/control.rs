@@ -5,7 +5,7 @@
 //! `create_container` and `shutdown` are hull-vmm's alone.
 
 use std::io;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
@@ -56,7 +56,7 @@ pub fn serve<T: From<ClientRequest> + Send + 'static>(
     kernel_release: String,
 ) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|e| {
+    let listener = hull_protocol::unix_path::bind(path).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot listen on {}: {e}", path.display()),

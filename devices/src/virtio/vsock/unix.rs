@@ -34,7 +34,7 @@ pub enum HandshakeError {
 
 /// Binds the non-blocking listening socket for host-initiated connections.
 pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
-    let listener = UnixListener::bind(path)?;
+    let listener = hull_protocol::unix_path::bind(path)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
@@ -49,7 +49,8 @@ pub fn port_socket_path(uds_path: &Path, port: u32) -> PathBuf {
 /// Connects to a Unix socket without blocking. A Unix stream connect completes at once or
 /// fails (a full backlog gives `EAGAIN`, which we treat as a refusal).
 pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
-    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    let path = hull_protocol::unix_path::SocketPath::new(path)?;
+    let addr = UnixAddr::new(path.as_path()).map_err(io::Error::from)?;
     let fd = socket(
         AddressFamily::Unix,
         SockType::Stream,
