@@ -98,6 +98,7 @@ mod tests {
                     readonly: false,
                 },
                 stdio: Stdio::Terminal { rows: 24, cols: 80 },
+                binds_fs_tag: None,
             },
             control_socket: dir.join("control.sock"),
             console_socket: Some(dir.join("console.sock")),

@@ -56,6 +56,27 @@ pub struct SharedDirConfig {
     /// Refuse every change (the OCI spec's `root.readonly`).
     #[serde(default)]
     pub read_only: bool,
+    /// Host paths hull-vmm binds into `path`, in its own mount namespace, before it shares it:
+    /// how a container's bind mounts reach the guest. Each goes on `path/<name>`, which must
+    /// exist (an empty file or directory, like the source).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<HostBind>,
+}
+
+/// A host file or directory bound into a shared directory (see [`SharedDirConfig::binds`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostBind {
+    /// The host path (absolute; symbolic links in it are followed, as `mount(2)` does).
+    pub source: PathBuf,
+    /// The entry of the shared directory it goes on: one plain file name.
+    pub name: String,
+    /// Bound read-only: the file server's writes fail with `EROFS`.
+    #[serde(default)]
+    pub read_only: bool,
+    /// With the mounts below the source (`rbind`).
+    #[serde(default)]
+    pub recursive: bool,
 }
 
 /// Longest virtio-fs tag (the size of the device's config-space field).
@@ -77,6 +98,7 @@ impl std::str::FromStr for SharedDirConfig {
             tag: tag.to_owned(),
             path: path.into(),
             read_only,
+            binds: Vec::new(),
         })
     }
 }
@@ -248,6 +270,26 @@ impl VmConfig {
                         dir.path.display().to_string(),
                         err.to_string(),
                     ))
+                }
+            }
+            for bind in &dir.binds {
+                let plain = !bind.name.is_empty()
+                    && bind.name != "."
+                    && bind.name != ".."
+                    && !bind.name.contains(['/', '\0']);
+                if !plain {
+                    return Err(invalid(
+                        "shared_dirs.binds.name",
+                        format!("{:?}", bind.name),
+                        "must be one plain file name".into(),
+                    ));
+                }
+                if !bind.source.is_absolute() {
+                    return Err(invalid(
+                        "shared_dirs.binds.source",
+                        bind.source.display().to_string(),
+                        "must be absolute".into(),
+                    ));
                 }
             }
         }

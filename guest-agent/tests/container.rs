@@ -324,6 +324,7 @@ impl Vm {
                 readonly,
             },
             stdio,
+            binds_fs_tag: None,
         }));
         self.request(body).map(|r| assert_eq!(r, ResponseBody::Ok))
     }

@@ -42,7 +42,7 @@ pub use hello::{
 pub use message::{
     request_id_of, AgentMessage, CreateContainer, ErrorKind, ErrorResponse, Event, Exec,
     ExitStatus, HostMessage, ProcessInfo, ProcessRef, Request, RequestBody, Response, ResponseBody,
-    Rootfs, Stdio, StreamKind, CAPABILITY_NAMES,
+    Rootfs, Stdio, StreamKind, BINDS_DIR, BINDS_FS_TAG, CAPABILITY_NAMES,
 };
 pub use stdio::{attach_stream, read_stream_hello, StreamError, StreamHello, StreamReply};
 

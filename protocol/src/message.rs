@@ -156,6 +156,13 @@ pub struct Rootfs {
     pub readonly: bool,
 }
 
+/// The virtio-fs tag of the share that carries the container's bind mounts from the host: one
+/// entry per bind mount, named by its index in `mounts`.
+pub const BINDS_FS_TAG: &str = "hull-binds";
+/// Where the agent mounts that share; the host points each bind mount's source at
+/// `BINDS_DIR/<index>`.
+pub const BINDS_DIR: &str = "/run/hull/binds";
+
 /// Sets a container up without starting its process (`hull create`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateContainer {
@@ -166,6 +173,10 @@ pub struct CreateContainer {
     pub rootfs: Rootfs,
     /// The init process's streams.
     pub stdio: Stdio,
+    /// The virtio-fs tag ([`BINDS_FS_TAG`]) to mount on [`BINDS_DIR`] before the spec's
+    /// mounts, when the spec has bind mounts of host paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binds_fs_tag: Option<String>,
 }
 
 /// Starts another process in the running container (`hull exec`).
@@ -451,6 +462,7 @@ mod tests {
                     stdout: true,
                     stderr: true,
                 },
+                binds_fs_tag: Some(BINDS_FS_TAG.into()),
             })),
             RequestBody::StartContainer,
             RequestBody::Exec(Exec {

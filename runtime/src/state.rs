@@ -115,6 +115,11 @@ impl StateDir {
         self.path.join("vsock.sock")
     }
 
+    /// `binds/`: the share of the container's bind mounts, an entry each.
+    pub fn binds(&self) -> PathBuf {
+        self.path.join("binds")
+    }
+
     /// `console.log`.
     pub fn console(&self) -> PathBuf {
         self.path.join("console.log")

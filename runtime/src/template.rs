@@ -310,6 +310,8 @@ fn build_in(
     }
     for shared in &mut template.shared_dirs {
         shared.path = share.clone();
+        // A container's bind mounts are its own; the template shares an empty directory.
+        shared.binds.clear();
     }
     let vm_json = work.join(crate::state::VM_CONFIG);
     std::fs::write(

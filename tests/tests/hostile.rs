@@ -422,6 +422,7 @@ fn a_guest_refilling_its_queues_without_end_still_stops_within_two_seconds() {
         tag: "share".into(),
         path: share,
         read_only: false,
+        binds: Vec::new(),
     }];
     config.vsock = Some(vmm::config::VsockConfig {
         guest_cid: 3,

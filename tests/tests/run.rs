@@ -592,6 +592,101 @@ impl Drop for TmpfsMount {
 }
 
 #[test]
+fn host_directories_and_files_bind_mounted_into_the_container() {
+    use std::os::unix::fs::MetadataExt;
+    check_artifacts();
+    // A volume (read-write, a file of uid 1000 in it, and a link to a host secret), a
+    // read-only volume, and a single host file beside another that must stay out of reach.
+    let host = TempDir::new("run-binds");
+    let vol = host.path().join("vol");
+    let ro = host.path().join("ro");
+    let files = host.path().join("files");
+    for dir in [&vol, &ro, &files] {
+        std::fs::create_dir(dir).unwrap();
+    }
+    std::fs::write(vol.join("in"), "from the host\n").unwrap();
+    std::os::unix::fs::chown(vol.join("in"), Some(1000), Some(1000)).unwrap();
+    let secret = host.path().join("secret");
+    std::fs::write(&secret, "HOST SECRET\n").unwrap();
+    std::os::unix::fs::symlink(&secret, vol.join("escape")).unwrap();
+    std::fs::write(ro.join("keep"), "read only\n").unwrap();
+    std::fs::write(files.join("hosts"), "127.0.0.1 from-the-host\n").unwrap();
+    std::fs::write(files.join("beside"), "HOST SECRET\n").unwrap();
+    let builder = Bundle::builder().script(
+        "cat /data/in; busybox stat -c %u:%g /data/in; echo written > /data/out; \
+         cat /data/escape 2>/dev/null || echo no-escape; \
+         echo x > /ro/new 2>/dev/null || echo ro-refused; cat /ro/keep; cat /etc/hosts-test; \
+         echo x >> /etc/hosts-test 2>/dev/null || echo file-ro-refused; \
+         ls /run/hull 2>/dev/null; echo waiting; \
+         while [ \"$(cat /data/in)\" != changed ]; do sleep 0.2; done; echo saw-rename; \
+         while ! grep -q changed /etc/hosts-test; do sleep 0.2; done; echo saw-rewrite",
+    );
+    let bundle = builder.build();
+    let mut config: serde_json::Value = serde_json::from_str(&builder.config_json()).unwrap();
+    let mounts = config["mounts"].as_array_mut().unwrap();
+    mounts.push(serde_json::json!({"destination": "/data", "type": "bind",
+        "source": vol, "options": ["rbind", "rw"]}));
+    mounts.push(serde_json::json!({"destination": "/ro", "type": "bind",
+        "source": ro, "options": ["rbind", "ro", "nosuid", "nodev", "rprivate"]}));
+    mounts.push(
+        serde_json::json!({"destination": "/etc/hosts-test", "type": "bind",
+        "source": files.join("hosts"), "options": ["bind", "ro"]}),
+    );
+    std::fs::write(bundle.config(), config.to_string()).unwrap();
+    let run = HullRun::start(bundle.path(), None);
+    run.wait_for_stdout_to(
+        |so_far| so_far.ends_with("waiting\n"),
+        "... waiting",
+        DEADLINE,
+        "the container never got to its binds",
+    );
+    // Changes on the host after the start: a file replaced by a rename (as Kubernetes swaps
+    // its config maps), a bound file rewritten in place (as Docker rewrites resolv.conf).
+    std::fs::write(vol.join("in.new"), "changed\n").unwrap();
+    std::fs::rename(vol.join("in.new"), vol.join("in")).unwrap();
+    std::fs::write(files.join("hosts"), "127.0.0.1 changed\n").unwrap();
+    let out = run.finish();
+    let context = out.context();
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from the host\n1000:1000\nno-escape\nro-refused\nread only\n127.0.0.1 from-the-host\n\
+         file-ro-refused\nwaiting\nsaw-rename\nsaw-rewrite\n",
+        "{context}"
+    );
+    // The container's write reached the host, as root's; the read-only volume is unchanged.
+    let out_file = vol.join("out");
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "written\n");
+    assert_eq!(std::fs::metadata(&out_file).unwrap().uid(), 0);
+    assert!(!ro.join("new").exists());
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "HOST SECRET\n");
+}
+
+#[test]
+fn a_bind_mount_of_a_missing_host_path_is_refused_naming_it() {
+    check_artifacts();
+    let builder = Bundle::builder().script("true");
+    let bundle = builder.build();
+    let mut config: serde_json::Value = serde_json::from_str(&builder.config_json()).unwrap();
+    let missing = "/nonexistent-hull/volume";
+    config["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+        {"destination": "/data", "type": "bind", "source": missing, "options": ["rbind"]}));
+    let index = config["mounts"].as_array().unwrap().len() - 1;
+    std::fs::write(bundle.config(), config.to_string()).unwrap();
+    let out = hull_run(bundle.path(), None);
+    let context = out.context();
+    assert_ne!(out.status.code(), Some(0), "{context}");
+    assert!(
+        out.stderr.contains(&format!("mounts[{index}].source")) && out.stderr.contains(missing),
+        "{context}"
+    );
+    assert!(processes_mentioning(missing).is_empty());
+}
+
+#[test]
 fn the_spec_s_devices_are_made_with_their_owner() {
     check_artifacts();
     // (Their parent directories are resolved inside the rootfs like mount points; the agent's

@@ -19,6 +19,11 @@
 //!   same, and `no_new_privs` is set. Mounts made after the jail need `CAP_SYS_ADMIN`, which is
 //!   gone.
 //!
+//! A container's bind mounts are binds too, of another kind: each source goes onto an entry of
+//! a shared directory ([`Bind::onto`]), so that the file server shares exactly what the spec
+//! names. Without the jail (`HULL_VMM_JAIL=off`) these are still made, in a mount namespace of
+//! hull-vmm's own ([`bind_in_place`]).
+//!
 //! The mounts exist only in hull-vmm's namespace: they go with it, and nothing is left on the
 //! host but the empty directory they were made on.
 //!
@@ -82,6 +87,9 @@ pub struct Bind {
     /// With the mounts below it (a shared directory's); otherwise the one mount the path is on
     /// (so a state directory that holds the jail's own mount point does not bring it along).
     pub tree: bool,
+    /// Where it goes instead of its own path: an entry of a shared directory (which must
+    /// exist, as an empty file or directory like `path`).
+    pub at: Option<PathBuf>,
 }
 
 impl Bind {
@@ -92,7 +100,28 @@ impl Bind {
             writable: false,
             device: false,
             tree: false,
+            at: None,
         }
+    }
+
+    /// A container's bind mount: `source` onto `at`, an entry of a shared directory.
+    pub fn onto(
+        source: impl Into<PathBuf>,
+        at: impl Into<PathBuf>,
+        writable: bool,
+        tree: bool,
+    ) -> Self {
+        Self {
+            writable,
+            tree,
+            at: Some(at.into()),
+            ..Self::read_only(source)
+        }
+    }
+
+    /// Where it goes: `at`, or its own path.
+    pub fn target(&self) -> &Path {
+        self.at.as_deref().unwrap_or(&self.path)
     }
 
     /// A directory or file hull-vmm changes (its state directory).
@@ -167,19 +196,28 @@ pub enum JailError {
 fn plan(binds: &[Bind]) -> Result<Vec<Bind>, JailError> {
     let mut plan: Vec<Bind> = Vec::with_capacity(binds.len());
     for bind in binds {
-        let clean = bind.path.is_absolute()
-            && bind
-                .path
-                .components()
-                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-        if !clean || bind.path == Path::new("/") {
-            return Err(JailError::BadPath(bind.path.clone()));
+        for path in [&bind.path, bind.target()] {
+            let clean = path.is_absolute()
+                && path
+                    .components()
+                    .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+            if !clean || path == Path::new("/") {
+                return Err(JailError::BadPath(path.to_owned()));
+            }
         }
     }
     let mut sorted: Vec<&Bind> = binds.iter().collect();
-    sorted.sort_by_key(|b| b.path.components().count());
+    sorted.sort_by_key(|b| b.target().components().count());
     for bind in sorted {
-        if let Some(p) = plan.iter_mut().find(|p| p.path == bind.path) {
+        if bind.at.is_some() {
+            // A container's bind: always its own mount, on top of what holds its target.
+            plan.push(bind.clone());
+            continue;
+        }
+        if let Some(p) = plan
+            .iter_mut()
+            .find(|p| p.at.is_none() && p.path == bind.path)
+        {
             // The same path twice: writable, device and tree win.
             p.writable |= bind.writable;
             p.device |= bind.device;
@@ -188,9 +226,11 @@ fn plan(binds: &[Bind]) -> Result<Vec<Bind>, JailError> {
         }
         // Inside another bind that brings it along (with its own mounts, if it needs them):
         // there already.
-        let covered = plan
-            .iter()
-            .any(|p| bind.path.starts_with(&p.path) && (p.tree || !(bind.tree || bind.device)));
+        let covered = plan.iter().any(|p| {
+            p.at.is_none()
+                && bind.path.starts_with(&p.path)
+                && (p.tree || !(bind.tree || bind.device))
+        });
         if !covered {
             plan.push(bind.clone());
         }
@@ -248,15 +288,19 @@ fn set_recursive(path: &Path, set: u64) -> io::Result<()> {
 /// Makes the mount point for `bind` under `root`: its parents as directories, then itself as a
 /// directory or an empty file, like what it covers. Inside an earlier bind it is there already
 /// (the same host path).
-fn mount_point(root: &Path, bind: &Path) -> io::Result<PathBuf> {
-    let target = root.join(bind.strip_prefix("/").expect("a planned path is absolute"));
+fn mount_point(root: &Path, bind: &Bind) -> io::Result<PathBuf> {
+    let target = root.join(
+        bind.target()
+            .strip_prefix("/")
+            .expect("a planned path is absolute"),
+    );
     if std::fs::symlink_metadata(&target).is_ok() {
         return Ok(target);
     }
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    if std::fs::metadata(bind)?.is_dir() {
+    if std::fs::metadata(&bind.path)?.is_dir() {
         std::fs::create_dir(&target)?;
     } else {
         std::fs::File::create(&target)?;
@@ -306,42 +350,16 @@ pub fn enter(dir: &Path, binds: &[Bind]) -> Result<(), JailError> {
             source: e.into(),
         }
     };
-    // Nothing mounted here reaches the host; the host's unmounts still reach here.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_SLAVE,
-        None::<&str>,
-    )
-    .map_err(mount_err("make private the mounts of", Path::new("/")))?;
+    make_root_slave()?;
     let locked = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("tmpfs"), dir, Some("tmpfs"), locked, Some(JAIL_TMPFS))
         .map_err(mount_err("mount the jail's tmpfs on", dir))?;
     for bind in &plan {
-        let target = mount_point(dir, &bind.path).map_err(|source| JailError::MountPoint {
-            path: bind.path.clone(),
+        let target = mount_point(dir, bind).map_err(|source| JailError::MountPoint {
+            path: bind.target().to_owned(),
             source,
         })?;
-        let flags = if bind.tree {
-            MsFlags::MS_BIND | MsFlags::MS_REC
-        } else {
-            MsFlags::MS_BIND
-        };
-        mount(Some(&bind.path), &target, None::<&str>, flags, None::<&str>)
-            .map_err(mount_err("bind-mount into the jail", &bind.path))?;
-        let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC;
-        if !bind.device {
-            set |= MOUNT_ATTR_NODEV;
-        }
-        if !bind.writable {
-            set |= MOUNT_ATTR_RDONLY;
-        }
-        set_recursive(&target, set).map_err(|source| JailError::Mount {
-            what: "lock the jail's bind of",
-            path: bind.path.clone(),
-            source,
-        })?;
+        mount_bind(bind, &target)?;
     }
     let proc_dir = dir.join("proc");
     std::fs::create_dir(&proc_dir).map_err(|source| JailError::MountPoint {
@@ -379,6 +397,73 @@ pub fn enter(dir: &Path, binds: &[Bind]) -> Result<(), JailError> {
     .map_err(mount_err("make read-only the jail", dir))?;
     pivot(dir)?;
     drop_privileges()
+}
+
+/// Bind-mounts `bind` on `target` and locks it: `nosuid,noexec`, `nodev` but on devices,
+/// read-only unless writable, through every submount.
+fn mount_bind(bind: &Bind, target: &Path) -> Result<(), JailError> {
+    let flags = if bind.tree {
+        MsFlags::MS_BIND | MsFlags::MS_REC
+    } else {
+        MsFlags::MS_BIND
+    };
+    mount(Some(&bind.path), target, None::<&str>, flags, None::<&str>).map_err(|e| {
+        JailError::Mount {
+            what: "bind-mount",
+            path: bind.path.clone(),
+            source: e.into(),
+        }
+    })?;
+    let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC;
+    if !bind.device {
+        set |= MOUNT_ATTR_NODEV;
+    }
+    if !bind.writable {
+        set |= MOUNT_ATTR_RDONLY;
+    }
+    set_recursive(target, set).map_err(|source| JailError::Mount {
+        what: "lock the bind of",
+        path: bind.path.clone(),
+        source,
+    })
+}
+
+/// In a new mount namespace: nothing mounted here reaches the host; the host's unmounts still
+/// reach here.
+fn make_root_slave() -> Result<(), JailError> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| JailError::Mount {
+        what: "make private the mounts of",
+        path: "/".into(),
+        source: e.into(),
+    })
+}
+
+/// Without the jail: the container's binds ([`Bind::onto`]) in a mount namespace of hull-vmm's
+/// own, each on its entry of the shared directory, so that they go with hull-vmm. Other binds
+/// are ignored (their paths are there already). Call while hull-vmm has one thread.
+pub fn bind_in_place(binds: &[Bind]) -> Result<(), JailError> {
+    let binds: Vec<&Bind> = binds.iter().filter(|b| b.at.is_some()).collect();
+    if binds.is_empty() {
+        return Ok(());
+    }
+    plan(&binds.iter().map(|b| (*b).clone()).collect::<Vec<_>>())?;
+    let count = threads();
+    if count != 1 {
+        return Err(JailError::Threads(count));
+    }
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| JailError::Unshare(e.into()))?;
+    make_root_slave()?;
+    for bind in binds {
+        mount_bind(bind, bind.target())?;
+    }
+    Ok(())
 }
 
 /// Closes every descriptor above 2 but those in `keep` (hull-vmm's `--sync-fd` and
@@ -474,6 +559,35 @@ mod tests {
     }
 
     #[test]
+    fn a_container_s_binds_go_on_top_of_what_holds_their_entries() {
+        let planned = plan(&[
+            Bind::onto("/srv/vol", "/run/hull/c1/binds/3", true, true),
+            Bind::writable("/run/hull/c1"),
+            Bind::tree("/run/hull/c1/binds", true),
+            Bind::onto("/srv/vol", "/run/hull/c1/binds/4", false, false),
+        ])
+        .unwrap();
+        let targets: Vec<_> = planned
+            .iter()
+            .map(|b| b.target().to_str().unwrap())
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                "/run/hull/c1",
+                "/run/hull/c1/binds",
+                "/run/hull/c1/binds/3",
+                "/run/hull/c1/binds/4"
+            ]
+        );
+        assert!(planned[2].writable && planned[2].tree && !planned[3].writable);
+        assert!(matches!(
+            plan(&[Bind::onto("/srv/vol", "relative", true, true)]),
+            Err(JailError::BadPath(_))
+        ));
+    }
+
+    #[test]
     fn a_plan_refuses_relative_and_dotted_paths_and_the_root() {
         for bad in ["run/hull", "/run/../etc", "/"] {
             assert!(
@@ -533,6 +647,14 @@ mod tests {
         std::fs::create_dir_all(&shared).unwrap();
         std::fs::create_dir_all(&hidden).unwrap();
         std::fs::write(shared.join("f"), b"in").unwrap();
+        // A container's volume and bound file, with their mount points in the share.
+        let volume = base.join("volume");
+        std::fs::create_dir_all(&volume).unwrap();
+        std::fs::write(volume.join("v"), b"volume").unwrap();
+        let host_file = base.join("hosts");
+        std::fs::write(&host_file, b"hosts").unwrap();
+        std::fs::create_dir_all(shared.join("vol")).unwrap();
+        std::fs::write(shared.join("file"), b"").unwrap();
         let kernel = base.join("vmlinux");
         std::fs::write(&kernel, b"elf").unwrap();
         let state = base.join("state");
@@ -548,6 +670,8 @@ mod tests {
                 enter(
                     &jail,
                     &[
+                        Bind::onto(&volume, shared.join("vol"), false, true),
+                        Bind::onto(&host_file, shared.join("file"), true, false),
                         Bind::tree(&shared, true),
                         Bind::read_only(&kernel),
                         Bind::writable(&state),
@@ -555,15 +679,24 @@ mod tests {
                 )
                 .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
                 let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_owned()) };
+                let holds = |path: &Path, content: &[u8]| {
+                    std::fs::read(path).ok().as_deref() == Some(content)
+                };
+                let writable = |path: &Path| std::fs::write(path, b"w").is_ok();
+                check(holds(&shared.join("f"), b"in"), "bind")?;
+                check(writable(&shared.join("g")), "writable bind")?;
+                check(!writable(&kernel), "read-only bind")?;
                 check(
-                    std::fs::read(shared.join("f")).ok().as_deref() == Some(b"in"),
-                    "bind",
+                    holds(&shared.join("vol/v"), b"volume"),
+                    "a volume in the share",
                 )?;
+                check(!writable(&shared.join("vol/w")), "a read-only volume")?;
                 check(
-                    std::fs::write(shared.join("g"), b"w").is_ok(),
-                    "writable bind",
+                    holds(&shared.join("file"), b"hosts"),
+                    "a bound file in the share",
                 )?;
-                check(std::fs::write(&kernel, b"x").is_err(), "read-only bind")?;
+                check(writable(&shared.join("file")), "a writable bound file")?;
+                check(!volume.exists(), "the volume's own path is not in the jail")?;
                 check(!hidden.exists(), "a path not bound is gone")?;
                 check(
                     std::fs::read_dir(&jail).map(|d| d.count()).ok() == Some(0),
@@ -630,6 +763,13 @@ mod tests {
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         let jail_left_empty = std::fs::read_dir(&jail).map(|d| d.count()).ok();
         let wrote = std::fs::read(shared.join("g")).ok();
+        let bound_file = std::fs::read(&host_file).ok();
+        let mount_points = (
+            std::fs::read_dir(shared.join("vol"))
+                .map(|d| d.count())
+                .ok(),
+            std::fs::read(shared.join("file")).ok(),
+        );
         std::fs::remove_dir_all(&base).unwrap();
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
@@ -644,6 +784,16 @@ mod tests {
             jail_left_empty,
             Some(0),
             "nothing of the jail is left on the host"
+        );
+        assert_eq!(
+            bound_file.as_deref(),
+            Some(&b"w"[..]),
+            "the bound file was written"
+        );
+        assert_eq!(
+            mount_points,
+            (Some(0), Some(Vec::new())),
+            "the share's mount points stay empty on the host"
         );
     }
 }

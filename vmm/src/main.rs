@@ -373,6 +373,24 @@ fn jail_binds(
     if let Some(dir) = restore {
         binds.push(Bind::read_only(std::path::absolute(dir)?));
     }
+    binds.extend(container_binds(config)?);
+    Ok(binds)
+}
+
+/// The container's bind mounts: each host source onto its entry of its shared directory.
+fn container_binds(config: &VmConfig) -> std::io::Result<Vec<vmm::jail::Bind>> {
+    let mut binds = Vec::new();
+    for dir in &config.shared_dirs {
+        let path = std::path::absolute(&dir.path)?;
+        for bind in &dir.binds {
+            binds.push(vmm::jail::Bind::onto(
+                &bind.source,
+                path.join(&bind.name),
+                !bind.read_only,
+                bind.recursive,
+            ));
+        }
+    }
     Ok(binds)
 }
 
@@ -478,37 +496,48 @@ fn main() -> ExitCode {
         Some(Err(err)) => return fail(&mut sync, format!("{err:#}")),
         None => None,
     };
-    if let Some(dir) = jail_dir {
-        if std::env::var_os("HULL_VMM_JAIL").is_some_and(|v| v == "off") {
+    let jail_off = std::env::var_os("HULL_VMM_JAIL").is_some_and(|v| v == "off");
+    if jail_dir.is_none() || jail_off {
+        if jail_dir.is_some() {
             log::warn!("HULL_VMM_JAIL=off: hull-vmm is not jailed");
-        } else {
-            // Read before the jail, which has no /proc/sys.
-            if restore_dir.is_some() {
-                let _ = vmm::snapshot::boot_id();
-            }
-            let files: Vec<&std::path::Path> = [&config_path, &container_path, &log_path]
-                .into_iter()
-                .flatten()
-                .map(PathBuf::as_path)
-                .collect();
-            let jailing = std::time::Instant::now();
-            let entered_jail = jail_binds(&config, &files, restore_dir.as_deref())
-                .map_err(|e| format!("cannot name the jail's paths: {e}"))
-                .and_then(|binds| {
-                    vmm::jail::enter(&dir, &binds).map_err(|e| {
-                        format!(
-                            "cannot jail hull-vmm in {}: {}",
-                            dir.display(),
-                            error_chain(&e)
-                        )
-                    })
-                });
-            if let Err(message) = entered_jail {
-                return fail(&mut sync, message);
-            }
-            // `make bench` reads this line.
-            log::info!("jailed in {} us", jailing.elapsed().as_micros());
         }
+        let placed = container_binds(&config)
+            .map_err(|e| format!("cannot name the container's bind mounts: {e}"))
+            .and_then(|binds| {
+                vmm::jail::bind_in_place(&binds)
+                    .map_err(|e| format!("cannot bind the container's mounts: {}", error_chain(&e)))
+            });
+        if let Err(message) = placed {
+            return fail(&mut sync, message);
+        }
+    }
+    if let Some(dir) = jail_dir.filter(|_| !jail_off) {
+        // Read before the jail, which has no /proc/sys.
+        if restore_dir.is_some() {
+            let _ = vmm::snapshot::boot_id();
+        }
+        let files: Vec<&std::path::Path> = [&config_path, &container_path, &log_path]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect();
+        let jailing = std::time::Instant::now();
+        let entered_jail = jail_binds(&config, &files, restore_dir.as_deref())
+            .map_err(|e| format!("cannot name the jail's paths: {e}"))
+            .and_then(|binds| {
+                vmm::jail::enter(&dir, &binds).map_err(|e| {
+                    format!(
+                        "cannot jail hull-vmm in {}: {}",
+                        dir.display(),
+                        error_chain(&e)
+                    )
+                })
+            });
+        if let Err(message) = entered_jail {
+            return fail(&mut sync, message);
+        }
+        // `make bench` reads this line.
+        log::info!("jailed in {} us", jailing.elapsed().as_micros());
     }
     // From here on threads are started by the spawner thread (and the jail, which needs one
     // thread, is entered).

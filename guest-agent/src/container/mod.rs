@@ -69,6 +69,9 @@ pub struct Config {
     pub seccomp: Option<SeccompPlan>,
     pub rootfs: RootfsSource,
     pub readonly: bool,
+    /// The virtio-fs share of the host's bind mounts, mounted on `agent_root/run/hull/binds`
+    /// (where the host pointed their sources) before the spec's mounts.
+    pub binds_tag: Option<String>,
     /// Where the root file system is mounted before the switch of root.
     pub rootfs_dir: PathBuf,
     /// The agent's root: `/` in the guest, the test root on a host. Bind sources are here.

@@ -191,6 +191,25 @@ pub fn mount_and_enter(config: &Config) -> Result<(), ErrorResponse> {
         .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))?,
     }
 
+    if let Some(tag) = &config.binds_tag {
+        let dir = config
+            .agent_root
+            .join(hull_protocol::BINDS_DIR.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
+        mount(
+            Some(tag.as_str()),
+            &dir,
+            Some("virtiofs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            io(
+                format!("mounting virtio-fs tag {tag:?} on {}", dir.display()),
+                e,
+            )
+        })?;
+    }
     let mut dev_tmpfs = false;
     for (i, m) in spec.mounts.iter().enumerate() {
         mount_one(config, root, i, m)?;
@@ -298,7 +317,8 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
         let Some(source) = m.source.as_deref() else {
             return Err(invalid(format!("{name}: a bind mount needs a source")));
         };
-        // Bundle paths of the host do not exist in the guest: only guest paths can be bound.
+        // The host points its bind sources at the binds share (`BINDS_DIR`); any other source
+        // is a path of the guest.
         let source_path = config.agent_root.join(source.trim_start_matches('/'));
         let meta = std::fs::metadata(&source_path).map_err(|_| {
             invalid(format!(
@@ -318,9 +338,12 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
         .map_err(|e| io(format!("{name}: bind mount of {source:?}"), e))?;
         let rest = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
         if !rest.is_empty() {
+            // The descriptor names the directory under the new mount; a remount needs the
+            // mount's own root, which a fresh lookup finds.
+            let top = open_mount_point(root, dest, meta.is_dir()).map_err(|e| io(&name, e))?;
             mount(
                 None::<&str>,
-                &target,
+                &fd_path(&top),
                 None::<&str>,
                 rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
                 None::<&str>,
@@ -342,10 +365,11 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
     }
     if !propagation.is_empty() {
         // The mount now sits on the mount point: its path, resolved inside the root again.
-        let target = fd_path(&open_mount_point(root, dest, true).map_err(|e| io(&name, e))?);
+        // (The descriptor must outlive the call: its path is only a name for it.)
+        let top = open_mount_point(root, dest, true).map_err(|e| io(&name, e))?;
         mount(
             None::<&str>,
-            &target,
+            &fd_path(&top),
             None::<&str>,
             propagation,
             None::<&str>,

@@ -83,6 +83,7 @@ struct Order {
     readonly: bool,
     /// The terminal's size, for `stdio: terminal`; none for pipes (three descriptors came).
     terminal: Option<(u16, u16)>,
+    binds_tag: Option<String>,
 }
 
 /// What [`Zygote::create`] did with a container.
@@ -166,7 +167,13 @@ impl Zygote {
             StdioSetup::Pipes(fds) => fds.iter().map(|fd| fd.as_fd()).collect(),
             StdioSetup::Terminal { .. } => Vec::new(),
         };
-        let order = (&config.spec, &config.rootfs, config.readonly, terminal);
+        let order = (
+            &config.spec,
+            &config.rootfs,
+            config.readonly,
+            terminal,
+            &config.binds_tag,
+        );
         let sent = fdpass::send(self.channel.as_fd(), &fds)
             .map_err(|e| e.to_string())
             .and_then(|()| write_frame(&mut self.channel, &order).map_err(|e| e.to_string()));
@@ -299,6 +306,7 @@ impl Adopted {
                 seccomp: validated.seccomp,
                 rootfs: order.rootfs,
                 readonly: order.readonly,
+                binds_tag: order.binds_tag,
                 rootfs_dir: paths.rootfs_dir,
                 agent_root: paths.agent_root,
                 stdio,

@@ -341,6 +341,7 @@ impl<S: System> Owner<S> {
             spec,
             rootfs,
             stdio,
+            binds_fs_tag,
         } = create;
         let Validated { caps, seccomp } = match Config::validate(&spec) {
             Ok(v) => v,
@@ -357,6 +358,8 @@ impl<S: System> Owner<S> {
             Some(dir) => RootfsSource::Bind(dir.clone()),
             None => RootfsSource::Virtiofs { tag: rootfs.fs_tag },
         };
+        // The host's bind mounts come over virtio-fs; the host tests bind guest paths.
+        let binds_tag = binds_fs_tag.filter(|_| paths.rootfs_override.is_none());
         let info = ContainerInfo {
             namespaces: container::exec_namespaces(&spec),
             seccomp: seccomp.clone(),
@@ -367,6 +370,7 @@ impl<S: System> Owner<S> {
             seccomp,
             rootfs,
             readonly,
+            binds_tag,
             rootfs_dir: paths.rootfs_dir.clone(),
             agent_root: paths.agent_root.clone(),
             stdio,
@@ -936,6 +940,7 @@ mod tests {
                 readonly: false,
             },
             stdio,
+            binds_fs_tag: None,
         }))
     }
 

@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -315,6 +316,22 @@ fn check(opts: &CreateOptions) -> anyhow::Result<Checked> {
 fn make_state_dir(opts: &CreateOptions, checked: &Checked) -> anyhow::Result<StateDir> {
     let state = StateDir::create(&opts.root, &opts.id)?;
     let spec = &checked.spec;
+    // The binds share, with the mount point of each bind: what hull-vmm binds there in its own
+    // mount namespace is all the guest can reach of it.
+    let binds = state.binds();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&binds)
+        .with_context(|| format!("cannot make {}", binds.display()))?;
+    for bind in &spec.binds {
+        let point = binds.join(&bind.name);
+        let made = if bind.source.is_dir() {
+            std::fs::DirBuilder::new().mode(0o700).create(&point)
+        } else {
+            std::fs::File::create(&point).map(drop)
+        };
+        made.with_context(|| format!("cannot make the mount point {}", point.display()))?;
+    }
     if spec.readonly {
         // The guest cannot make mount points in a read-only share: make them here, as runc
         // does before it remounts the root read-only.
@@ -342,6 +359,7 @@ fn write_vm_files(
         initramfs: checked.initramfs.clone(),
         console: state.console(),
         vsock_uds: state.vsock(),
+        binds_dir: state.binds(),
     };
     let max_vcpus = host_max_vcpus();
     let config = spec.vm_config(&paths, max_vcpus);
@@ -361,6 +379,7 @@ fn write_vm_files(
                 readonly: spec.readonly,
             },
             stdio: spec.stdio(),
+            binds_fs_tag: (!spec.binds.is_empty()).then(|| hull_protocol::BINDS_FS_TAG.to_owned()),
         },
         control_socket: state.path().join("control.sock"),
         console_socket: checked.console_socket.clone(),

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hull_contract::vm::{SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB};
+use hull_contract::vm::{HostBind, SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB};
 use hull_protocol::spec::ContainerSpec;
 use hull_protocol::Stdio;
 use serde_json::Value;
@@ -73,6 +73,9 @@ pub struct BundleSpec {
     pub terminal: bool,
     /// `process.consoleSize`: rows, columns.
     pub console_size: Option<(u16, u16)>,
+    /// The bind mounts of host paths, which hull-vmm binds into the binds share; their sources
+    /// in [`BundleSpec::container`] point at the share in the guest.
+    pub binds: Vec<HostBind>,
 }
 
 /// Where the VM's files are.
@@ -82,6 +85,8 @@ pub struct VmPaths {
     pub initramfs: PathBuf,
     pub console: PathBuf,
     pub vsock_uds: PathBuf,
+    /// The binds share: an empty file or directory per entry of [`BundleSpec::binds`].
+    pub binds_dir: PathBuf,
 }
 
 impl BundleSpec {
@@ -188,7 +193,9 @@ impl BundleSpec {
             },
         };
 
-        let container = oci::container_spec(&config_path, &oci::read_spec(&config_path, &spec)?)?;
+        let mut container =
+            oci::container_spec(&config_path, &oci::read_spec(&config_path, &spec)?)?;
+        let binds = host_binds(bundle, &config_path, &mut container)?;
 
         Ok(Self {
             config_path,
@@ -200,6 +207,7 @@ impl BundleSpec {
             memory_limit,
             terminal,
             console_size,
+            binds,
         })
     }
 
@@ -226,17 +234,82 @@ impl BundleSpec {
         config.vcpus = self.vcpus.clamp(1, u32::from(max_vcpus.max(1))) as u8;
         config.mem_size_mib = mem_size_mib(self.memory_limit);
         config.console = hull_contract::vm::ConsoleConfig::File(paths.console.clone());
-        config.shared_dirs = vec![SharedDirConfig {
-            tag: ROOTFS_TAG.to_owned(),
-            path: self.rootfs.clone(),
-            read_only: self.readonly,
-        }];
+        config.shared_dirs = vec![
+            SharedDirConfig {
+                tag: ROOTFS_TAG.to_owned(),
+                path: self.rootfs.clone(),
+                read_only: self.readonly,
+                binds: Vec::new(),
+            },
+            // Always there, so that every container's VM has the same devices as the template
+            // it is restored from; empty without bind mounts.
+            SharedDirConfig {
+                tag: hull_protocol::BINDS_FS_TAG.to_owned(),
+                path: paths.binds_dir.clone(),
+                read_only: false,
+                binds: self.binds.clone(),
+            },
+        ];
         config.vsock = Some(VsockConfig {
             guest_cid: u64::from(hull_protocol::GUEST_CID),
             uds_path: paths.vsock_uds.clone(),
         });
         config
     }
+}
+
+/// The spec's bind mounts of host paths (every `bind` mount: an OCI spec's sources are the
+/// host's): each source resolved on the host (relative to the bundle, symbolic links followed,
+/// as `mount(2)` does), checked to exist, and named by its index in `mounts`; the container's
+/// mount then takes its source from the binds share in the guest.
+fn host_binds(
+    bundle: &Path,
+    config_path: &Path,
+    container: &mut ContainerSpec,
+) -> Result<Vec<HostBind>, SpecError> {
+    let mut binds = Vec::new();
+    for (i, mount) in container.mounts.iter_mut().enumerate() {
+        if !mount.is_bind() {
+            continue;
+        }
+        let field = format!("mounts[{i}].source");
+        let Some(source) = mount.source.as_deref() else {
+            return Err(SpecError::Missing {
+                path: config_path.to_owned(),
+                field,
+            });
+        };
+        let value = Value::from(source);
+        let resolved = bundle.join(source).canonicalize().map_err(|err| {
+            SpecError::invalid(config_path, &field, &value, format!("on the host: {err}"))
+        })?;
+        let kind = std::fs::metadata(&resolved).map_err(|err| {
+            SpecError::invalid(config_path, &field, &value, format!("on the host: {err}"))
+        })?;
+        if !(kind.is_dir() || kind.is_file()) {
+            return Err(SpecError::invalid(
+                config_path,
+                &field,
+                &value,
+                "a bind mount's source must be a directory or a regular file",
+            ));
+        }
+        // The last of `ro` and `rw` counts, as in the guest's mount.
+        let read_only = mount
+            .options
+            .iter()
+            .rev()
+            .find(|o| *o == "ro" || *o == "rw")
+            .is_some_and(|o| o == "ro");
+        binds.push(HostBind {
+            source: resolved,
+            name: i.to_string(),
+            read_only,
+            recursive: mount.options.iter().any(|o| o == "rbind"),
+        });
+        mount.source = Some(format!("{}/{i}", hull_protocol::BINDS_DIR));
+    }
+    Ok(binds)
 }
 
 /// Guest memory for a container limited to `limit` bytes: the limit rounded up to MiB plus
@@ -418,7 +491,72 @@ mod tests {
             initramfs: "/g/initramfs.cpio".into(),
             console: "/run/hull/t/console.log".into(),
             vsock_uds: "/run/hull/t/vsock.sock".into(),
+            binds_dir: "/run/hull/t/binds".into(),
         }
+    }
+
+    #[test]
+    fn bind_mounts_of_host_paths_go_through_the_binds_share() {
+        let bundle = Bundle::new();
+        std::fs::create_dir(bundle.0.join("vol")).unwrap();
+        std::fs::write(bundle.0.join("hosts"), "x").unwrap();
+        std::os::unix::fs::symlink("vol", bundle.0.join("link")).unwrap();
+        let mut spec = minimal();
+        spec["mounts"] = json!([
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/data", "type": "bind", "source": "vol", "options": ["rbind", "ro", "rw"]},
+            {"destination": "/etc/hosts", "source": bundle.0.join("hosts"), "options": ["bind", "ro"]},
+            {"destination": "/l", "type": "none", "source": "link", "options": ["rbind"]}
+        ]);
+        let parsed = bundle.parse(&spec).unwrap();
+        let vol = bundle.0.join("vol").canonicalize().unwrap();
+        let bind = |source: PathBuf, name: &str, read_only, recursive| HostBind {
+            source,
+            name: name.into(),
+            read_only,
+            recursive,
+        };
+        assert_eq!(
+            parsed.binds,
+            [
+                bind(vol.clone(), "1", false, true),
+                bind(
+                    bundle.0.join("hosts").canonicalize().unwrap(),
+                    "2",
+                    true,
+                    false
+                ),
+                // A link is followed on the host, as mount(2) does.
+                bind(vol, "3", false, true),
+            ]
+        );
+        let sources: Vec<_> = parsed
+            .container
+            .mounts
+            .iter()
+            .map(|m| m.source.clone().unwrap())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                "proc",
+                "/run/hull/binds/1",
+                "/run/hull/binds/2",
+                "/run/hull/binds/3"
+            ]
+        );
+        let vm = parsed.vm_config(&paths(), 2);
+        assert_eq!(vm.shared_dirs[1].binds, parsed.binds);
+
+        spec["mounts"][1]["source"] = json!("/nonexistent-hull/vol");
+        let err = bundle.parse(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("mounts[1].source") && err.contains("/nonexistent-hull/vol"),
+            "{err}"
+        );
+        spec["mounts"][1]["source"] = json!("/dev/null");
+        let err = bundle.parse(&spec).unwrap_err().to_string();
+        assert!(err.contains("directory or a regular file"), "{err}");
     }
 
     #[test]
@@ -438,11 +576,20 @@ mod tests {
         );
         assert_eq!(
             vm.shared_dirs,
-            vec![SharedDirConfig {
-                tag: "rootfs".into(),
-                path: spec.rootfs.clone(),
-                read_only: false
-            }]
+            vec![
+                SharedDirConfig {
+                    tag: "rootfs".into(),
+                    path: spec.rootfs.clone(),
+                    read_only: false,
+                    binds: vec![],
+                },
+                SharedDirConfig {
+                    tag: "hull-binds".into(),
+                    path: "/run/hull/t/binds".into(),
+                    read_only: false,
+                    binds: vec![],
+                }
+            ]
         );
         let vsock = vm.vsock.unwrap();
         assert_eq!(vsock.guest_cid, 3);
