@@ -848,12 +848,14 @@ fn vmm_pid(root: &Path) -> i32 {
 fn fork_and_memory_bombs_leave_the_agent_serving() {
     check_artifacts();
     // Each bomb makes itself the OOM killer's first choice, so that the init (the shell that
-    // must answer SIGTERM) is not.
+    // must answer SIGTERM) is not. The init then waits without forking (a `read` with a
+    // timeout on a FIFO of its own): once the fork bomb holds every pid, a shell that forks a
+    // `sleep` fails with "can't fork" and exits 2 (seen in the nested lane).
     let builder = Bundle::builder().script(
-        "trap 'echo got-term; exit 7' TERM; \
+        "trap 'echo got-term; exit 7' TERM; mkfifo /tmp/tick; exec 3<>/tmp/tick; \
          ( echo 1000 > /proc/self/oom_score_adj; b() { b | b & }; b ) 2>/dev/null & \
          ( echo 1000 > /proc/self/oom_score_adj; exec tail /dev/zero ) 2>/dev/null & \
-         echo bombs; while :; do sleep 1 2>/dev/null; done",
+         echo bombs; while :; do read -t 1 x <&3; done",
     );
     let bundle = builder.build();
     let mut config: serde_json::Value = serde_json::from_str(&builder.config_json()).unwrap();
