@@ -1,5 +1,10 @@
 //! `hull ps ID`: the container's processes, as the agent lists them in the guest (their pids
 //! are the guest's, not the host's).
+//!
+//! `--format json` is for programs (containerd's shim, and through it `docker top`), which take
+//! the pids for host pids: they list and signal host processes by them. So it gives the one host
+//! process that stands for the container, its hull-vmm; a guest's pid there would name an
+//! unrelated host process.
 
 use anyhow::{anyhow, bail};
 use hull_protocol::{ProcessInfo, RequestBody, ResponseBody};
@@ -22,11 +27,11 @@ impl PsArgs {
         if !self.ps_args.is_empty() {
             log::debug!("ps options ignored: {:?}", self.ps_args);
         }
-        let processes = processes(&Container::load(&global.root, &self.id)?)?;
+        let container = Container::load(&global.root, &self.id)?;
+        let processes = processes(&container)?;
         match self.format {
             Format::Json => {
-                let pids: Vec<i32> = processes.iter().map(|p| p.pid).collect();
-                out!("{}", serde_json::json!(pids));
+                out!("{}", serde_json::json!([container.saved.pid]));
             }
             Format::Table => {
                 out!("{:>7} {:>7} {:>6} CMD", "PID", "PPID", "UID");
