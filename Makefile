@@ -14,9 +14,10 @@ HULL_VMM := target/release/hull-vmm
 CARGO ?= cargo
 
 # Debian packages the host side needs (the kernel build installs its own); QEMU, kmod and xz
-# are for the nested AMD lane (tests/lanes/nested.sh), runc is what `make bench` compares with.
+# are for the nested AMD lane (tests/lanes/nested.sh), runc is what `make bench` compares with,
+# docker.io is a client the end-to-end tests drive.
 HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static containerd \
-	qemu-system-x86 kmod xz-utils runc
+	qemu-system-x86 kmod xz-utils runc docker.io
 
 .PHONY: demo test test-nested kernel agent build bench bench-nested lint deps clean fuzz
 
