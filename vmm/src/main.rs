@@ -377,6 +377,18 @@ fn jail_binds(
     Ok(binds)
 }
 
+/// Points standard input, output and error at `/dev/null`.
+fn detach_stdio() -> std::io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)?;
+    Ok(())
+}
+
 /// The container's bind mounts: each host source onto its entry of its shared directory.
 fn container_binds(config: &VmConfig) -> std::io::Result<Vec<vmm::jail::Bind>> {
     let mut binds = Vec::new();
@@ -496,6 +508,17 @@ fn main() -> ExitCode {
         Some(Err(err)) => return fail(&mut sync, format!("{err:#}")),
         None => None,
     };
+    if host_tty.is_some() {
+        // With a terminal the container's streams are the pty: like runc's init, hull-vmm then
+        // keeps none of its caller's. containerd's shim reads `create`'s output to its end, and
+        // waited for ever on the pipe hull-vmm held (`docker run -t`).
+        if let Err(err) = detach_stdio() {
+            return fail(
+                &mut sync,
+                format!("cannot let go of its standard streams: {err}"),
+            );
+        }
+    }
     let jail_off = std::env::var_os("HULL_VMM_JAIL").is_some_and(|v| v == "off");
     if jail_dir.is_none() || jail_off {
         if jail_dir.is_some() {
