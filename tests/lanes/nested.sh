@@ -192,12 +192,6 @@ for spec in "${programs[@]}"; do
             host_bins+=("$path")
         done
     fi
-    if [[ $name == docker ]]; then
-        for b in /usr/sbin/dockerd /usr/bin/docker containerd containerd-shim-runc-v2 tar; do
-            path=$(command -v "$b") || die "the docker test needs $b (make deps installs docker.io)"
-            host_bins+=("$path")
-        done
-    fi
 done
 [[ -n $exec_cmd ]] && printf '%s\n' "$exec_cmd" >"$payload/etc/exec"
 for f in "${files[@]}"; do

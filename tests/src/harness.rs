@@ -417,3 +417,39 @@ pub fn footprint(pid: i32) -> (usize, u64) {
         .unwrap_or(0);
     (fds, rss)
 }
+
+/// Unmounts (lazily, innermost first) every mount below `dir`: what a client under test (dockerd,
+/// Podman) left there when the test failed.
+pub fn unmount_below(dir: &Path) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+            dir.display()
+        ))
+        .status();
+}
+
+/// What a container runs for [`check_terminal_session`]: its terminal's size, then the line
+/// typed. (Quoted for the shell line that `script` runs.)
+pub const TERMINAL_SCRIPT: &str = "'stty size; read line; echo got-\\$line'";
+
+/// Runs the client command line `command` (whose container runs [`TERMINAL_SCRIPT`]) as a user
+/// at a terminal would: under script(1), on a pty of 33 rows and 101 columns, typing "typed"
+/// 20 s in; checks that the container saw that size and that line.
+pub fn check_terminal_session(command: &str, env: &[(&str, String)], deadline: Duration) {
+    let mut script = Command::new("sh");
+    script
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .arg("-c")
+        .arg(format!(
+            "(sleep 20; echo typed) | script -qec \"stty rows 33 cols 101; {command}\" /dev/null"
+        ));
+    let tty = run(script, deadline);
+    assert!(tty.status.success(), "{command}: {tty:?}");
+    let lines: Vec<&str> = tty.stdout.lines().map(str::trim_end).collect();
+    assert!(
+        lines.contains(&"33 101") && lines.contains(&"got-typed"),
+        "{command}: {tty:?}"
+    );
+}

@@ -142,3 +142,18 @@ fn tar(dir: &Path, entries: &[&str], out: &Path) {
         .expect("run tar");
     assert!(status.success(), "tar of {}: {status}", dir.display());
 }
+
+/// Writes a tarball of a busybox rootfs (the one [`crate::bundle::Bundle`] makes) at `tarball`,
+/// for `docker import` and `podman import`.
+pub fn write_busybox_tar(tarball: &Path) {
+    let bundle = crate::bundle::Bundle::builder().build();
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(bundle.rootfs())
+        .arg("-cf")
+        .arg(tarball)
+        .arg(".")
+        .status()
+        .expect("run tar");
+    assert!(tar.success(), "tar of a busybox rootfs: {tar}");
+}
