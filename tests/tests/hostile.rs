@@ -71,17 +71,13 @@ struct Attacked {
     log: String,
 }
 
-/// Runs `asm` (which ends by printing "survived" and resetting) in hull-vmm with a virtio-fs
-/// share and a vsock device, jailed; checks what every attack must leave.
-fn attack(name: &str, asm: &Asm) -> Attacked {
-    let dir = TempDir::new(name);
+/// hull-vmm for `asm`, jailed in `dir/jail`, with a virtio-fs share (`dir/share`, made empty
+/// here and returned), a vsock device (`dir/vsock.sock`) and its log in `dir/vmm.log`.
+fn jailed_vmm(dir: &TempDir, asm: &Asm) -> (Command, std::path::PathBuf) {
     let kernel = dir.path().join("tiny.elf");
     std::fs::write(&kernel, asm.to_elf()).unwrap();
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
-    std::fs::write(share.join("kept"), b"the host's file\n").unwrap();
-    let log_file = dir.path().join("vmm.log");
-    let jail = dir.path().join("jail");
     let mut cmd = Command::new(workspace_bin("hull-vmm"));
     cmd.arg("--kernel")
         .arg(&kernel)
@@ -91,10 +87,21 @@ fn attack(name: &str, asm: &Asm) -> Attacked {
         .arg("--vsock-uds")
         .arg(dir.path().join("vsock.sock"))
         .arg("--log-file")
-        .arg(&log_file)
-        .args(["--log-level", "info"])
+        .arg(dir.path().join("vmm.log"))
         .arg("--jail")
-        .arg(&jail);
+        .arg(dir.path().join("jail"));
+    (cmd, share)
+}
+
+/// Runs `asm` (which ends by printing "survived" and resetting) in hull-vmm with a virtio-fs
+/// share and a vsock device, jailed; checks what every attack must leave.
+fn attack(name: &str, asm: &Asm) -> Attacked {
+    let dir = TempDir::new(name);
+    let (mut cmd, share) = jailed_vmm(&dir, asm);
+    std::fs::write(share.join("kept"), b"the host's file\n").unwrap();
+    cmd.args(["--log-level", "info"]);
+    let log_file = dir.path().join("vmm.log");
+    let jail = dir.path().join("jail");
     let out = run(cmd, DEADLINE);
     let log = std::fs::read_to_string(&log_file).unwrap_or_default();
     let context = format!(
@@ -749,24 +756,9 @@ fn warnings_the_guest_provokes_for_two_minutes_stay_at_the_rate_limit() {
     asm.jmp_back_to(start);
 
     let dir = TempDir::new("hostile-rate");
-    let kernel = dir.path().join("tiny.elf");
-    std::fs::write(&kernel, asm.to_elf()).unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
+    let (cmd, _share) = jailed_vmm(&dir, &asm);
     let log_file = dir.path().join("vmm.log");
     let jail = dir.path().join("jail");
-    let mut cmd = Command::new(workspace_bin("hull-vmm"));
-    cmd.arg("--kernel")
-        .arg(&kernel)
-        .args(["--mem-size-mib", &MEM_MIB.to_string()])
-        .arg("--shared-dir")
-        .arg(format!("share={}", share.display()))
-        .arg("--vsock-uds")
-        .arg(dir.path().join("vsock.sock"))
-        .arg("--log-file")
-        .arg(&log_file)
-        .arg("--jail")
-        .arg(&jail);
     let mut vmm = Running::spawn(cmd);
     let pid = vmm.pid() as i32;
     vmm.wait_for_line(DEADLINE, |line| line == "flooding\n");
