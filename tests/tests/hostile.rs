@@ -738,7 +738,7 @@ fn warnings_the_guest_provokes_for_two_minutes_stay_at_the_rate_limit() {
     // that does not exist, selected, sized and notified) and touches a window nobody claims.
     // The warnings are rate-limited per device (`GuestErrorLog`: a burst a second, then one
     // line with the count); for two minutes the log must grow at that rate and no faster, and
-    // hull-vmm's descriptors and memory must not grow at all.
+    // hull-vmm's descriptors and memory must not grow from one minute to the next.
     const MINUTES: u32 = 2;
     let mut asm = prologue();
     driver_init(&mut asm, VSOCK, 3, 16, SCRATCH);
@@ -793,7 +793,7 @@ fn warnings_the_guest_provokes_for_two_minutes_stay_at_the_rate_limit() {
     // given a few seconds' slack.
     let most_a_minute = 2 * (10 + 1) * 65;
     for pair in samples.windows(2) {
-        let ((before, (fds_before, rss_before)), (after, (fds, rss))) = (pair[0], pair[1]);
+        let ((before, _), (after, _)) = (pair[0], pair[1]);
         let grown = after - before;
         assert!(
             grown > 0,
@@ -804,6 +804,11 @@ fn warnings_the_guest_provokes_for_two_minutes_stay_at_the_rate_limit() {
             "{grown} lines in a minute (the limit allows {most_a_minute})\n{}",
             &log[log.len().saturating_sub(4000)..]
         );
+    }
+    // Descriptors and memory, from the first minute on: at the start the log file is still to
+    // be opened and the threads to settle (the nested lane saw 33 descriptors, then 35).
+    for pair in samples[1..].windows(2) {
+        let ((_, (fds_before, rss_before)), (_, (fds, rss))) = (pair[0], pair[1]);
         assert!(fds <= fds_before, "descriptors grew: {samples:?}");
         assert!(rss <= rss_before + 1024, "memory grew: {samples:?}");
     }
