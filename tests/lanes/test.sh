@@ -28,13 +28,14 @@ cargo=${CARGO:-cargo}
 mapfile -t kvm_programs < <(cd tests/tests && ls -- *.rs | sed 's/\.rs$//')
 pvm_programs=(tiny_guest emulation_assist pause snapshot xstate boot
     "run=echo_hello_exits_zero_with_exact_output,output_can_be_read_while_the_process_runs,the_seccomp_profile_is_enforced,bad_input_is_refused"
-    "hostile=random_mmio_accesses,broken_descriptor_chains,refilling_its_queues,vsock_connection_requests,twenty_mib_to_the_serial_port"
+    "hostile=random_mmio_accesses,broken_descriptor_chains,refilling_its_queues,vsock_connection_requests,twenty_mib_to_the_serial_port,warnings_the_guest_provokes"
     docker podman)
 # Programs that mean nothing without a CPU flag, and why (the nested lane skips them there);
 # and single tests that cannot finish there (the PVM lane above runs them).
 nested_requires=(--require xstate=xsave --reason
     "xstate=it checks that guests keep their AVX state, and QEMU's SVM emulation cannot give guests XSAVE (no XSETBV exit)"
     --skip-test "hostile/twenty_mib_to_the_serial_port=every byte of a rep outsb is an exit to hull-vmm here, over 40 us each under QEMU's emulated SVM: 20 MiB did not end within the lane's 900 s; the PVM lane runs it"
+    --skip-test "hostile/warnings_the_guest_provokes_for_two_minutes_stay_at_the_rate_limit=in one nested run it passed its two minutes, in the next it had not ended after 13 minutes (not yet understood); the PVM lane runs it"
     --skip-test "docker/docker_runs_hull_containers=L1 is a bare initramfs, not a distribution: dockerd did not finish starting there in 300 s (its log stops at connecting to its own containerd); the PVM lane runs it"
     --skip-test "podman/podman_runs_hull_containers=L1 is a bare initramfs, not a distribution, and Podman needs one (containers' config and storage paths); the PVM lane runs it")
 
