@@ -45,6 +45,17 @@ pub fn guest_artifacts() -> (PathBuf, PathBuf) {
     (kernel, initramfs)
 }
 
+/// Panics, naming them, unless the guest kernel and initramfs of [`guest_artifacts`] exist.
+pub fn require_guest_artifacts() {
+    let (kernel, initramfs) = guest_artifacts();
+    assert!(
+        kernel.is_file() && initramfs.is_file(),
+        "guest artifacts missing ({} and {}): run `make kernel agent` first",
+        kernel.display(),
+        initramfs.display()
+    );
+}
+
 /// A fresh directory under the system temp dir, removed when dropped.
 pub struct TempDir(PathBuf);
 

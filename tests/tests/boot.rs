@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hull_tests::harness::{guest_artifacts, workspace_bin, Running};
+use hull_tests::harness::{guest_artifacts, require_guest_artifacts, workspace_bin, Running};
 
 /// Boot deadline: several times the ~45 s this PVM host needs.
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -15,13 +15,8 @@ const READY_PREFIX: &str = "HULL_AGENT_READY ";
 
 #[test]
 fn real_kernel_boots_to_the_agent_and_powers_off() {
+    require_guest_artifacts();
     let (kernel, initramfs) = guest_artifacts();
-    assert!(
-        kernel.is_file() && initramfs.is_file(),
-        "guest artifacts missing ({} and {}): run `make kernel agent` first",
-        kernel.display(),
-        initramfs.display()
-    );
     let mut cmd = Command::new(workspace_bin("hull-vmm"));
     cmd.arg("--kernel")
         .arg(&kernel)

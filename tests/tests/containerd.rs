@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hull_tests::harness::{guest_artifacts, processes, run, workspace_bin, Finished, TempDir};
+use hull_tests::harness::{
+    processes, require_guest_artifacts, run, workspace_bin, Finished, TempDir,
+};
 use hull_tests::image::write_busybox_image;
 
 /// The image the test builds and imports.
@@ -367,11 +369,7 @@ fn describe(out: &Finished) -> String {
 }
 
 fn check_prerequisites() {
-    let (kernel, initramfs) = guest_artifacts();
-    assert!(
-        kernel.is_file() && initramfs.is_file(),
-        "guest artifacts missing: run `make kernel agent` first"
-    );
+    require_guest_artifacts();
     for bin in ["containerd", "ctr", "containerd-shim-runc-v2"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {bin}")])

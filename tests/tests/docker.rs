@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hull_tests::harness::{
-    check_terminal_session, guest_artifacts, processes_mentioning, run, unmount_below,
+    check_terminal_session, processes_mentioning, require_guest_artifacts, run, unmount_below,
     workspace_bin, Finished, TempDir, TERMINAL_SCRIPT,
 };
 use hull_tests::image::write_busybox_tar;
@@ -181,11 +181,7 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 
 #[test]
 fn docker_runs_hull_containers() {
-    let (kernel, initramfs) = guest_artifacts();
-    assert!(
-        kernel.is_file() && initramfs.is_file(),
-        "run `make kernel agent` first"
-    );
+    require_guest_artifacts();
     let mut dockerd = Dockerd::start();
     let tarball = dockerd.dir.path().join("image.tar");
     write_busybox_tar(&tarball);

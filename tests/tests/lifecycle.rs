@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_tests::bundle::Bundle;
-use hull_tests::harness::{guest_artifacts, processes_mentioning, workspace_bin, TempDir};
+use hull_tests::harness::{processes_mentioning, require_guest_artifacts, workspace_bin, TempDir};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -176,11 +176,7 @@ fn wait_for_text(path: &Path, needle: &str) {
 
 #[test]
 fn runc_verbs_on_two_containers_and_a_killed_vmm() {
-    let (kernel, initramfs) = guest_artifacts();
-    assert!(
-        kernel.is_file() && initramfs.is_file(),
-        "run `make kernel agent` first"
-    );
+    require_guest_artifacts();
     become_subreaper();
     let root = TempDir::new("lifecycle-root");
     let work = TempDir::new("lifecycle");
@@ -481,11 +477,7 @@ fn runc_verbs_on_two_containers_and_a_killed_vmm() {
 fn a_docker_shaped_state_directory_far_past_sun_len() {
     // Docker runs a runtime as `--root <exec-root>/runtime-<name>/moby` with 64-hex ids, so the
     // container's sockets are well past the 107 bytes a socket address holds; here more so.
-    let (kernel, initramfs) = guest_artifacts();
-    assert!(
-        kernel.is_file() && initramfs.is_file(),
-        "run `make kernel agent` first"
-    );
+    require_guest_artifacts();
     become_subreaper();
     let top = TempDir::new("lifecycle-docker");
     let root = top

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use hull_tests::harness::{
-    check_terminal_session, guest_artifacts, processes_mentioning, run, unmount_below,
+    check_terminal_session, processes_mentioning, require_guest_artifacts, run, unmount_below,
     workspace_bin, Finished, TempDir, TERMINAL_SCRIPT,
 };
 use hull_tests::image::write_busybox_tar;
@@ -72,11 +72,7 @@ impl Drop for Podman {
 
 #[test]
 fn podman_runs_hull_containers() {
-    let (kernel, initramfs) = guest_artifacts();
-    assert!(
-        kernel.is_file() && initramfs.is_file(),
-        "run `make kernel agent` first"
-    );
+    require_guest_artifacts();
     assert!(
         Path::new(PODMAN).is_file(),
         "Debian's podman is not installed (make deps installs it)"

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hull_tests::bundle::{Bundle, BundleBuilder, ROOT_ESCAPE};
 use hull_tests::harness::{
-    footprint, guest_artifacts, processes_mentioning, workspace_bin, TempDir,
+    footprint, processes_mentioning, require_guest_artifacts, workspace_bin, TempDir,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -56,11 +56,7 @@ impl Drop for Hull {
 }
 
 fn check_artifacts() {
-    let (kernel, initramfs) = guest_artifacts();
-    assert!(
-        kernel.is_file() && initramfs.is_file(),
-        "guest artifacts missing: run `make kernel agent` first"
-    );
+    require_guest_artifacts();
 }
 
 fn assert_no_leftovers(root: &Path) {
