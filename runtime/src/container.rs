@@ -210,13 +210,11 @@ impl Container {
         self.saved.started = true;
         self.save()?;
         let hooks = self.hooks()?;
-        if let Err(err) = crate::hooks::run_hooks(
+        crate::hooks::run_hooks_warning(
             "poststart",
             &hooks.poststart,
             &self.hook_state(Status::Running),
-        ) {
-            log::warn!("{err:#}");
-        }
+        );
         Ok(())
     }
 
@@ -278,11 +276,7 @@ impl Container {
             self.kill_vmm()?;
         }
         let poststop = self.hooks().map(|h| h.poststop).unwrap_or_default();
-        if let Err(err) =
-            crate::hooks::run_hooks("poststop", &poststop, &self.hook_state(Status::Stopped))
-        {
-            log::warn!("{err:#}");
-        }
+        crate::hooks::run_hooks_warning("poststop", &poststop, &self.hook_state(Status::Stopped));
         if let Some(cgroup) = &self.saved.cgroup {
             cgroup.remove();
         }

@@ -169,22 +169,44 @@ impl Parser<'_> {
 }
 
 /// Runs `hooks` (of kind `kind`, e.g. "prestart") in order with `state_json` on their stdin;
-/// stops at the first that fails.
+/// stops at the first that fails, as the spec asks of `prestart`, `createRuntime`,
+/// `createContainer` and `startContainer` hooks.
 pub fn run_hooks(kind: &str, hooks: &[Hook], state_json: &[u8]) -> anyhow::Result<()> {
     for (i, hook) in hooks.iter().enumerate() {
-        let name = format!("hooks.{kind}[{i}] ({})", hook.path.display());
-        let started = Instant::now();
-        let outcome = run_one(hook, state_json).map_err(|err| anyhow!("{name}: {err}"))?;
-        let output = outcome.output_summary();
-        match outcome.failure() {
-            None => log::debug!(
-                "{name} succeeded in {} ms{output}",
-                started.elapsed().as_millis()
-            ),
-            Some(failure) => return Err(anyhow!("{name} failed: {failure}{output}")),
-        }
+        run_hook(kind, i, hook, state_json)?;
     }
     Ok(())
+}
+
+/// Runs every one of `hooks` in order, whatever the ones before did, and logs a warning for
+/// each that fails, as the spec asks of `poststart` and `poststop` hooks. Gives the failures'
+/// messages, in order.
+pub fn run_hooks_warning(kind: &str, hooks: &[Hook], state_json: &[u8]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (i, hook) in hooks.iter().enumerate() {
+        if let Err(err) = run_hook(kind, i, hook, state_json) {
+            log::warn!("{err:#}");
+            failures.push(format!("{err:#}"));
+        }
+    }
+    failures
+}
+
+fn run_hook(kind: &str, i: usize, hook: &Hook, state_json: &[u8]) -> anyhow::Result<()> {
+    let name = format!("hooks.{kind}[{i}] ({})", hook.path.display());
+    let started = Instant::now();
+    let outcome = run_one(hook, state_json).map_err(|err| anyhow!("{name}: {err}"))?;
+    let output = outcome.output_summary();
+    match outcome.failure() {
+        None => {
+            log::debug!(
+                "{name} succeeded in {} ms{output}",
+                started.elapsed().as_millis()
+            );
+            Ok(())
+        }
+        Some(failure) => Err(anyhow!("{name} failed: {failure}{output}")),
+    }
 }
 
 /// How a hook ended and the end of its output.
@@ -559,7 +581,7 @@ mod tests {
         let marker = dir.path("ran");
         let after = dir.script("after", &format!("/bin/touch {}", arg(&marker)));
         let err = run_hooks(
-            "poststop",
+            "prestart",
             &[hook(&ok, &[]), hook(&bad, &[]), hook(&after, &[])],
             b"{}",
         )
@@ -568,7 +590,7 @@ mod tests {
         assert_eq!(
             err,
             format!(
-                "hooks.poststop[1] ({}) failed: exit status 3; stderr: no network for you; \
+                "hooks.prestart[1] ({}) failed: exit status 3; stderr: no network for you; \
                  stdout: progress",
                 bad.display()
             )
@@ -583,6 +605,41 @@ mod tests {
             err.ends_with("failed: killed by signal 15 (SIGTERM)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_failing_poststart_or_poststop_hook_is_a_warning_and_the_rest_run() {
+        let dir = TempDir::new();
+        let bad = dir.script("bad", "echo 'no network for you' >&2; exit 3");
+        let missing = dir.path("missing");
+        for kind in ["poststart", "poststop"] {
+            let marker = dir.path(&format!("ran-{kind}"));
+            let after = dir.script("after", &format!("/bin/touch {}", arg(&marker)));
+            let failures = run_hooks_warning(
+                kind,
+                &[hook(&bad, &[]), hook(&missing, &[]), hook(&after, &[])],
+                b"{}",
+            );
+            assert!(
+                marker.exists(),
+                "{kind}: the hook after the failures did not run"
+            );
+            assert_eq!(failures.len(), 2, "{failures:?}");
+            assert_eq!(
+                failures[0],
+                format!(
+                    "hooks.{kind}[0] ({}) failed: exit status 3; stderr: no network for you",
+                    bad.display()
+                )
+            );
+            assert!(
+                failures[1].starts_with(&format!(
+                    "hooks.{kind}[1] ({}): cannot start it",
+                    missing.display()
+                )),
+                "{failures:?}"
+            );
+        }
     }
 
     #[test]
