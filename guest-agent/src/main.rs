@@ -261,6 +261,11 @@ fn prepare(mode: &Mode) -> Result<(), String> {
             if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
                 console::log(&format!("warning: cannot disable ctrl-alt-del reset: {e}"));
             }
+            // The guest's own network namespace, which a container without one of its own
+            // shares.
+            if let Err(e) = sys::loopback_up() {
+                console::log(&format!("warning: cannot bring lo up: {e}"));
+            }
         }
         Mode::Test(_) => enter_private_mount_namespace()?,
     }

@@ -274,3 +274,34 @@ pub fn window_size(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<(u16, u16)> {
     let res = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
     Errno::result(res).map(|_| (size.ws_row, size.ws_col))
 }
+
+/// Brings the loopback interface `lo` of the calling process's network namespace up
+/// (`SIOCGIFFLAGS`, then `SIOCSIFFLAGS` with `IFF_UP`), as runc does in a new network
+/// namespace: a new namespace's `lo` starts down, and programs that talk to themselves over
+/// `127.0.0.1` would get "Network is unreachable".
+pub fn loopback_up() -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: an all-zero `ifreq` is valid; the name is NUL-terminated within it.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: both ioctls read and write only `req`, which lives across the calls.
+    let got = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    Errno::result(got)?;
+    // SAFETY: `SIOCGIFFLAGS` filled the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    if flags & libc::IFF_UP as libc::c_short != 0 {
+        return Ok(());
+    }
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    // SAFETY: as above.
+    let set = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    Errno::result(set).map(drop)
+}

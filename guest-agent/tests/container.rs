@@ -20,8 +20,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use hull_protocol::spec::{
-    Capabilities, ContainerSpec, Mount, Namespace, NamespaceKind, Process, Rlimit, RlimitKind,
-    Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule, User,
+    Capabilities, ContainerSpec, Mount, Namespace, NamespaceKind, Process, Propagation, Rlimit,
+    RlimitKind, Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule, User,
 };
 use hull_protocol::{
     attach_stream, host_handshake, read_frame, write_frame, AgentMessage, CreateContainer,
@@ -34,7 +34,8 @@ const DEADLINE: Duration = Duration::from_secs(30);
 const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "id", "hostname", "pwd", "env", "sleep", "true", "false", "head", "touch",
-    "kill", "ls", "yes", "grep", "printf", "readlink", "stty", "tty", "test", "stat",
+    "kill", "ls", "yes", "grep", "printf", "readlink", "stty", "tty", "test", "stat", "nc", "ip",
+    "awk",
 ];
 
 fn agent() -> String {
@@ -205,11 +206,11 @@ impl Vm {
         process: Process,
         stdio: StdioSpec,
     ) -> Result<i32, ErrorResponse> {
-        let body = RequestBody::Exec(Exec {
+        let body = RequestBody::Exec(Box::new(Exec {
             exec_id: exec_id.into(),
             process,
             stdio,
-        });
+        }));
         self.request(body).map(|r| match r {
             ResponseBody::Started { pid } => pid,
             other => panic!("exec answered {other:?}"),
@@ -443,6 +444,7 @@ fn spec(args: &[&str]) -> ContainerSpec {
                 soft: 1024,
             }],
             no_new_privileges: true,
+            oom_score_adj: None,
         },
         readonly_root: false,
         hostname: Some("runc".into()),
@@ -1699,4 +1701,116 @@ fn exec_with_a_terminal() {
     assert_eq!(read_to_end(conn, &mut Vec::new()), "bye\r\n");
     vm.wait_for_process(&["sleep", "60"]);
     vm.shutdown();
+}
+
+/// The optional fields of the container's `/` in its `/proc/self/mountinfo` (`shared:N`,
+/// `master:N`, `unbindable`; empty for a private mount), with the spec's `rootfsPropagation`.
+fn root_propagation_tags(propagation: Propagation) -> String {
+    let mut spec = spec(&[
+        "awk",
+        "$5 == \"/\" { tags = \"\"; for (i = 7; $i != \"-\"; i++) tags = tags $i \" \"; print \"root:\" tags }",
+        "/proc/self/mountinfo",
+    ]);
+    spec.rootfs_propagation = propagation;
+    let out = run_with(spec, None, false, &[]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{propagation:?}: {out:?}");
+    let stdout = out.stdout();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{propagation:?}: one mount on /: {stdout:?}"
+    );
+    lines[0].trim_start_matches("root:").trim().to_owned()
+}
+
+/// `linux.rootfsPropagation`, in the spec's words: `shared`, "the rootfs mount belongs to a new
+/// peer group"; `unbindable`, "a private mount that cannot be bind-mounted"; `private`, no
+/// propagation. `slave` receives from the host's mounts, and in a VM none reach the guest: the
+/// root has no master and stays private. `shared` made `create` fail (`pivot_root` refuses a
+/// shared mount), and the others were set before the rootfs was mounted, so it carried none.
+#[test]
+fn the_root_mount_takes_the_spec_s_rootfs_propagation() {
+    if !can_run() {
+        return;
+    }
+    let shared = root_propagation_tags(Propagation::Shared);
+    assert!(
+        shared.starts_with("shared:") && !shared.contains(' '),
+        "shared: {shared:?}"
+    );
+    assert_eq!(root_propagation_tags(Propagation::Unbindable), "unbindable");
+    assert_eq!(root_propagation_tags(Propagation::Private), "");
+    assert_eq!(root_propagation_tags(Propagation::Slave), "");
+
+    // A mount's own propagation option still wins over the root's.
+    let mut spec = spec(&[
+        "awk",
+        "$5 == \"/dev/shm\" { print $7 }",
+        "/proc/self/mountinfo",
+    ]);
+    spec.rootfs_propagation = Propagation::Shared;
+    let shm = spec
+        .mounts
+        .iter_mut()
+        .find(|m| m.destination == "/dev/shm")
+        .expect("/dev/shm in the spec");
+    shm.options.push("unbindable".into());
+    let out = run_with(spec, None, false, &[]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+    assert_eq!(out.stdout(), "unbindable\n", "{out:?}");
+}
+
+/// `process.oomScoreAdj` of the init, and of exec'd processes: their own if they give one,
+/// the init's if they do not. It was ignored: 0 where the spec said 500.
+#[test]
+fn the_oom_score_adj_of_the_init_and_of_exec_processes() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = Vm::boot(&[]);
+    let init_out = reader(vm.attach(StreamKind::Stdout));
+    let _init_err = reader(vm.attach(StreamKind::Stderr));
+    let mut init = spec(&["sh", "-c", "cat /proc/self/oom_score_adj; exec sleep 100"]);
+    init.process.oom_score_adj = Some(500);
+    vm.create(init, false, false).expect("create");
+    vm.request(RequestBody::StartContainer).expect("start");
+    vm.wait_for_process(&["sleep", "100"]);
+    // Raised, not lowered: lowering needs `CAP_SYS_RESOURCE`, which the host running these
+    // tests may not give (the end-to-end test lowers it in a real guest).
+    for (id, adj, want) in [("inherits", None, "500"), ("own", Some(700), "700")] {
+        let exec = ProcessRef::Exec(id.into());
+        let stdout = reader(vm.attach_to(&exec, StreamKind::Stdout));
+        let _stderr = reader(vm.attach_to(&exec, StreamKind::Stderr));
+        let mut process = exec_process(&["cat", "/proc/self/oom_score_adj"]);
+        process.oom_score_adj = adj;
+        let pid = vm.exec(id, process, ALL_PIPES).expect("exec");
+        assert_eq!(vm.exit_of(&exec), (pid, ExitStatus::Code(0)));
+        let out = String::from_utf8(stdout.join().unwrap()).unwrap();
+        assert_eq!(out, format!("{want}\n"), "exec {id}");
+    }
+    vm.shutdown();
+    assert_eq!(
+        String::from_utf8(init_out.join().unwrap()).unwrap(),
+        "500\n"
+    );
+}
+
+/// A new network namespace's `lo` is up, as runc leaves it: a connection to a closed port of
+/// `127.0.0.1` is refused, not "Network is unreachable".
+#[test]
+fn the_loopback_interface_of_a_new_network_namespace_is_up() {
+    if !can_run() {
+        return;
+    }
+    let out = run(&[
+        "sh",
+        "-c",
+        "ip -o link show lo; nc 127.0.0.1 1 </dev/null; echo status $?",
+    ]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+    let stdout = out.stdout();
+    assert!(stdout.contains("<LOOPBACK,UP,LOWER_UP>"), "{out:?}");
+    assert!(stdout.ends_with("status 1\n"), "{out:?}");
+    assert!(out.stderr().contains("Connection refused"), "{out:?}");
 }

@@ -198,7 +198,7 @@ pub enum RequestBody {
     /// Starts the init process; answered with [`ResponseBody::Started`].
     StartContainer,
     /// Starts a process; answered with [`ResponseBody::Started`].
-    Exec(Exec),
+    Exec(Box<Exec>),
     /// Sends `signal` to a process; with `all`, to every process of the container (`kill
     /// --all`), and `process` must be [`ProcessRef::Init`]. Answered with [`ResponseBody::Ok`].
     Signal {
@@ -465,7 +465,7 @@ mod tests {
                 binds_fs_tag: Some(BINDS_FS_TAG.into()),
             })),
             RequestBody::StartContainer,
-            RequestBody::Exec(Exec {
+            RequestBody::Exec(Box::new(Exec {
                 exec_id: "e1".into(),
                 process: Process {
                     terminal: true,
@@ -474,7 +474,7 @@ mod tests {
                     ..Process::default()
                 },
                 stdio: Stdio::Terminal { rows: 24, cols: 80 },
-            }),
+            })),
             RequestBody::Signal {
                 process: ProcessRef::Init,
                 signal: 15,

@@ -93,6 +93,11 @@ pub struct Process {
     pub rlimits: Vec<Rlimit>,
     #[serde(default)]
     pub no_new_privileges: bool,
+    /// `process.oomScoreAdj` (-1000 to 1000), written to `/proc/self/oom_score_adj` before
+    /// the process drops its capabilities; `None`: the process keeps what it inherits (an
+    /// exec'd process: the container's init's value, see the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_score_adj: Option<i32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

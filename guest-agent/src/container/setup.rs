@@ -130,12 +130,15 @@ pub fn enter_init_root(root: &OwnedFd) -> Result<(), ErrorResponse> {
 
 /// Everything from the mount tree to the hostname, in the container's init.
 pub fn prepare(config: &Config) -> Result<(), ErrorResponse> {
-    set_propagation(config.spec.rootfs_propagation)?;
+    set_propagation(Propagation::Private)?;
     mount_and_enter(config)
 }
 
-/// Gives every mount of the (new) mount namespace the propagation of `rootfsPropagation`, so
-/// that nothing the container mounts reaches the agent's namespace.
+/// Gives every mount of the process's mount namespace the propagation `propagation`
+/// (recursively from `/`). First [`Propagation::Private`], in a new mount namespace, so that
+/// nothing the container mounts reaches the agent's namespace and `pivot_root` (which refuses
+/// shared mounts) works; the spec's `rootfsPropagation` once the root is the container's
+/// ([`mount_and_enter`]).
 pub fn set_propagation(propagation: Propagation) -> Result<(), ErrorResponse> {
     let flags = match propagation {
         Propagation::Private => MsFlags::MS_PRIVATE,
@@ -160,10 +163,15 @@ pub fn set_propagation(propagation: Propagation) -> Result<(), ErrorResponse> {
     })
 }
 
-/// The rootfs, the spec's mounts and devices, the switch of root, sysctls, masked and
-/// read-only paths, the hostname: after [`set_propagation`].
+/// The loopback interface of a new network namespace, the rootfs, the spec's mounts and
+/// devices, the switch of root, sysctls, masked and read-only paths, the hostname, and last the
+/// root's propagation: after [`set_propagation`] made the mount tree private.
 pub fn mount_and_enter(config: &Config) -> Result<(), ErrorResponse> {
     let spec = &config.spec;
+    if spec.unshares(NamespaceKind::Network) {
+        crate::sys::loopback_up()
+            .map_err(|e| io("bringing lo up in the new network namespace", e))?;
+    }
     umask(Mode::empty());
     let root = &config.rootfs_dir;
     std::fs::create_dir_all(root).map_err(|e| io(format!("creating {}", root.display()), e))?;
@@ -245,6 +253,42 @@ pub fn mount_and_enter(config: &Config) -> Result<(), ErrorResponse> {
             None::<&str>,
         )
         .map_err(|e| io("remounting the rootfs read-only (root.readonly)", e))?;
+    }
+    root_propagation(spec)
+}
+
+/// `linux.rootfsPropagation`, on the container's root and the mounts below it, once the root
+/// is in place (`pivot_root` refuses a shared root, and the propagation of a mount point set
+/// before the rootfs is mounted on it would not be the rootfs's). A mount whose own options
+/// give a propagation keeps it, as in runc, where the root's is set before the mounts'.
+/// `slave` leaves the root private: a slave mount receives from its peer group's other
+/// members, and in a VM there is none; nothing of the host's mount tree reaches the guest's.
+fn root_propagation(spec: &ContainerSpec) -> Result<(), ErrorResponse> {
+    if spec.rootfs_propagation == Propagation::Private {
+        return Ok(());
+    }
+    set_propagation(spec.rootfs_propagation)?;
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let (_, propagation, _) = parse_options(&m.options);
+        if propagation.is_empty() {
+            continue;
+        }
+        let name = format!("mounts[{i}] ({})", m.destination);
+        let top =
+            open_mount_point(Path::new("/"), &m.destination, true).map_err(|e| io(&name, e))?;
+        mount(
+            None::<&str>,
+            &fd_path(&top),
+            None::<&str>,
+            propagation,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            io(
+                format!("{name}: propagation, again after linux.rootfsPropagation"),
+                e,
+            )
+        })?;
     }
     Ok(())
 }

@@ -348,9 +348,6 @@ impl Stages for Adopted {
         if let StdioSetup::Pipes(stdio) = &self.config.stdio {
             setup::take_stdio(stdio)?;
         }
-        if spec.rootfs_propagation != Propagation::Private {
-            setup::set_propagation(spec.rootfs_propagation)?;
-        }
         setup::mount_and_enter(&self.config)
     }
 }

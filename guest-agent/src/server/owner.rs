@@ -68,6 +68,8 @@ struct ContainerInfo {
     /// The init's namespaces an exec'd process joins (`container::exec_namespaces`).
     namespaces: Vec<(&'static str, CloneFlags)>,
     seccomp: Option<SeccompPlan>,
+    /// The init's `process.oomScoreAdj`: an exec'd process's own, when it gives none.
+    oom_score_adj: Option<i32>,
 }
 
 /// A process of the container, from its creation on.
@@ -289,7 +291,7 @@ impl<S: System> Owner<S> {
             RequestBody::Wait { process } => self.wait(id, process),
             RequestBody::ListProcesses => self.list_processes(),
             RequestBody::Shutdown => self.shutdown(id),
-            RequestBody::Exec(exec) => self.exec(id, exec),
+            RequestBody::Exec(exec) => self.exec(id, *exec),
             RequestBody::ResizeTerminal {
                 process,
                 rows,
@@ -363,6 +365,7 @@ impl<S: System> Owner<S> {
         let info = ContainerInfo {
             namespaces: container::exec_namespaces(&spec),
             seccomp: seccomp.clone(),
+            oom_score_adj: spec.process.oom_score_adj,
         };
         let config = Config {
             spec,
@@ -423,7 +426,10 @@ impl<S: System> Owner<S> {
             return err(ErrorKind::Internal, "a running init without its container");
         };
         let (namespaces, seccomp) = (info.namespaces.clone(), info.seccomp.clone());
-        let Exec { process, stdio, .. } = exec;
+        let Exec {
+            mut process, stdio, ..
+        } = exec;
+        process.oom_score_adj = process.oom_score_adj.or(info.oom_score_adj);
         let caps = match container::validate_process(&process) {
             Ok(caps) => caps,
             Err(e) => return Reply::Now(Err(e)),
@@ -945,11 +951,11 @@ mod tests {
     }
 
     fn exec_body(exec_id: &str) -> RequestBody {
-        RequestBody::Exec(Exec {
+        RequestBody::Exec(Box::new(Exec {
             exec_id: exec_id.into(),
             process: process(&["true"]),
             stdio: Stdio::NULL,
-        })
+        }))
     }
 
     fn reaped(pid: i32, ending: Ending) -> ServerEvent {

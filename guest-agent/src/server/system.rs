@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use hull_protocol::spec::Process;
-use hull_protocol::{ErrorResponse, ProcessInfo};
+use hull_protocol::{ErrorKind, ErrorResponse, ProcessInfo};
 use nix::errno::Errno;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{kill, Signal};
@@ -139,6 +139,30 @@ impl RealSystem {
         .map(|created| Box::new(created) as Box<dyn Waiting>)
     }
 
+    /// `process.oomScoreAdj` of a process that has not started yet, written by the agent (as
+    /// runc writes it from the host): the process itself may lack `CAP_SYS_RESOURCE` to lower
+    /// it, or a `/proc` to write it to.
+    fn set_oom_score_adj(
+        &self,
+        waiting: &dyn Waiting,
+        adj: Option<i32>,
+    ) -> Result<(), ErrorResponse> {
+        let Some(adj) = adj else {
+            return Ok(());
+        };
+        let path = self
+            .paths
+            .proc_dir
+            .join(waiting.pid().to_string())
+            .join("oom_score_adj");
+        std::fs::write(&path, adj.to_string()).map_err(|e| {
+            ErrorResponse::new(
+                ErrorKind::Io,
+                format!("process.oomScoreAdj {adj}: writing {}: {e}", path.display()),
+            )
+        })
+    }
+
     /// Puts a process that has not started yet in the container's cgroup. Without one (no
     /// cgroup v2 with the memory and pids controllers) the container runs unbounded: logged.
     fn bound(&self, waiting: Box<dyn Waiting>) -> Box<dyn Waiting> {
@@ -162,7 +186,9 @@ impl System for RealSystem {
                 )),
             }
         }
+        let oom_score_adj = config.spec.process.oom_score_adj;
         let waiting = self.create_unbounded(config)?;
+        self.set_oom_score_adj(waiting.as_ref(), oom_score_adj)?;
         Ok(self.bound(waiting))
     }
 
@@ -172,7 +198,9 @@ impl System for RealSystem {
         namespaces: &[(&'static str, CloneFlags)],
         plan: ExecPlan,
     ) -> Result<Box<dyn Waiting>, ErrorResponse> {
+        let oom_score_adj = plan.process.oom_score_adj;
         let waiting = self.exec_unbounded(init, namespaces, plan)?;
+        self.set_oom_score_adj(waiting.as_ref(), oom_score_adj)?;
         Ok(self.bound(waiting))
     }
 

@@ -266,11 +266,11 @@ fn run_foreground(
     let mut client = container.client()?;
     let started = client
         .request(
-            RequestBody::Exec(Exec {
+            RequestBody::Exec(Box::new(Exec {
                 exec_id: exec_id.clone(),
                 process,
                 stdio,
-            }),
+            })),
             Some(REQUEST_DEADLINE),
         )
         .with_context(|| format!("cannot exec in container {}", opts.id))?;

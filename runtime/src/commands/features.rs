@@ -10,7 +10,9 @@
 //! disagrees with this document.
 //!
 //! Not claimed: cgroup managers (hull applies `linux.resources` by sizing the VM, not with
-//! cgroups), AppArmor, SELinux, Intel RDT. `architectures` of a seccomp profile is not read:
+//! cgroups), AppArmor and SELinux (the guest kernel has neither: a profile other than
+//! `unconfined`, a `selinuxLabel` or a `mountLabel` is refused, as runc refuses them on a host
+//! without them), Intel RDT. `architectures` of a seccomp profile is not read:
 //! every filter admits x86-64 system calls only. `mountExtensions` is a runtime-spec 1.2
 //! property, which a document whose `ociVersionMax` is 1.1.0 must not contain.
 //!

@@ -32,6 +32,13 @@ const DEFAULT_ERRNO: u32 = libc::EPERM as u32;
 const MAX_ERRNO: u32 = 4095;
 /// A system call has arguments 0 to 5.
 const SYSCALL_ARGS: usize = 6;
+/// The range of `/proc/<pid>/oom_score_adj`.
+const OOM_SCORE_ADJ_MIN: i32 = -1000;
+const OOM_SCORE_ADJ_MAX: i32 = 1000;
+/// Why an SELinux label is refused.
+const NO_SELINUX: &str = "the guest kernel has no SELinux, so hull cannot label the container \
+     (runc refuses a label on a host without SELinux too); leave it out (Docker and Podman: \
+     --security-opt label=disable)";
 /// Above this many bytes, serde's list of the names it expected is left out of an error.
 const MAX_EXPECTED_LIST: usize = 160;
 
@@ -196,6 +203,31 @@ pub fn process(origin: Origin<'_>, p: &oci::Process) -> Result<Process, SpecErro
             soft: limit.soft(),
         });
     }
+    let oom_score_adj = p.oom_score_adj();
+    if let Some(adj) =
+        oom_score_adj.filter(|adj| !(OOM_SCORE_ADJ_MIN..=OOM_SCORE_ADJ_MAX).contains(adj))
+    {
+        return Err(origin.invalid(
+            "oomScoreAdj",
+            &adj,
+            format!("must be from {OOM_SCORE_ADJ_MIN} to {OOM_SCORE_ADJ_MAX}"),
+        ));
+    }
+    if let Some(profile) = p.apparmor_profile().as_deref().filter(|p| !p.is_empty()) {
+        if profile != "unconfined" {
+            return Err(origin.invalid(
+                "apparmorProfile",
+                &profile,
+                "the guest kernel has no AppArmor, so hull cannot confine the process with a \
+                 profile (runc refuses a profile on a host without AppArmor too); leave it out \
+                 or ask for \"unconfined\" (Docker and Podman: --security-opt \
+                 apparmor=unconfined)",
+            ));
+        }
+    }
+    if let Some(label) = p.selinux_label().as_deref().filter(|l| !l.is_empty()) {
+        return Err(origin.invalid("selinuxLabel", &label, NO_SELINUX));
+    }
     Ok(Process {
         terminal: p.terminal().unwrap_or(false),
         user: User {
@@ -210,6 +242,7 @@ pub fn process(origin: Origin<'_>, p: &oci::Process) -> Result<Process, SpecErro
         capabilities,
         rlimits,
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        oom_score_adj,
     })
 }
 
@@ -235,6 +268,62 @@ fn capabilities(
         permitted: mask("permitted", caps.permitted())?,
         ambient: mask("ambient", caps.ambient())?,
     })
+}
+
+/// A namespace `path` of `linux.namespaces` must open and be a namespace of the entry's type,
+/// as runc insists (`ioctl(NS_GET_NSTYPE)` on it).
+fn check_namespace_path(
+    top: Origin<'_>,
+    field: &str,
+    kind: NamespaceKind,
+    path: &str,
+) -> Result<(), SpecError> {
+    use std::os::fd::AsRawFd;
+    // `ioctl(fd, NS_GET_NSTYPE)`: `_IO(0xb7, 0x3)`.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    let file = std::fs::File::open(path)
+        .map_err(|err| top.invalid(field, &path, format!("on the host: {err}")))?;
+    // SAFETY: the ioctl takes no argument and reads nothing from this process.
+    let found = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    if found < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(top.invalid(
+            field,
+            &path,
+            format!("not a namespace file (ioctl NS_GET_NSTYPE: {err})"),
+        ));
+    }
+    let name = |flag: i32| match flag {
+        libc::CLONE_NEWNET => "network",
+        libc::CLONE_NEWNS => "mount",
+        libc::CLONE_NEWIPC => "ipc",
+        libc::CLONE_NEWUTS => "uts",
+        libc::CLONE_NEWPID => "pid",
+        libc::CLONE_NEWCGROUP => "cgroup",
+        libc::CLONE_NEWUSER => "user",
+        0x80 => "time",
+        _ => "unknown",
+    };
+    let wanted = match kind {
+        NamespaceKind::Network => libc::CLONE_NEWNET,
+        NamespaceKind::Mount => libc::CLONE_NEWNS,
+        NamespaceKind::Ipc => libc::CLONE_NEWIPC,
+        NamespaceKind::Uts => libc::CLONE_NEWUTS,
+        NamespaceKind::Pid => libc::CLONE_NEWPID,
+        NamespaceKind::Cgroup => libc::CLONE_NEWCGROUP,
+    };
+    if found != wanted {
+        return Err(top.invalid(
+            field,
+            &path,
+            format!(
+                "is a namespace of type {}, not {}",
+                name(found),
+                name(wanted)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the whole spec and gives what the agent needs to create the container.
@@ -307,6 +396,9 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
             .as_deref()
             .map(|p| utf8(top, &format!("linux.namespaces[{i}].path"), p).map(str::to_owned))
             .transpose()?;
+        if let Some(path) = &path {
+            check_namespace_path(top, &format!("linux.namespaces[{i}].path"), kind, path)?;
+        }
         namespaces.push(Namespace { kind, path });
     }
     if let Some(hostname) = spec.hostname() {
@@ -317,6 +409,13 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
                 "setting it needs a \"uts\" namespace in linux.namespaces",
             ));
         }
+    }
+
+    if let Some(label) = linux
+        .and_then(|l| l.mount_label().as_deref())
+        .filter(|l| !l.is_empty())
+    {
+        return Err(top.invalid("linux.mountLabel", &label, NO_SELINUX));
     }
 
     let rootfs_propagation = match linux.and_then(|l| l.rootfs_propagation().as_ref()) {
@@ -574,14 +673,15 @@ mod tests {
                 "capabilities": {"bounding": ["CAP_KILL", "CAP_CHOWN"], "effective": ["CAP_KILL"]},
                 "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
                 "noNewPrivileges": true,
-                "apparmorProfile": "ignored"
+                "apparmorProfile": "unconfined",
+                "oomScoreAdj": 500
             },
             "root": {"path": "rootfs", "readonly": true},
             "hostname": "box",
             "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
             "linux": {
                 "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"},
-                               {"type": "network", "path": "/var/run/netns/x"}],
+                               {"type": "network", "path": "/proc/self/ns/net"}],
                 "maskedPaths": ["/proc/kcore"],
                 "readonlyPaths": ["/proc/sys"],
                 "rootfsPropagation": "rslave",
@@ -604,6 +704,7 @@ mod tests {
         .unwrap();
         let p = &spec.process;
         assert!(p.terminal && p.no_new_privileges);
+        assert_eq!(p.oom_score_adj, Some(500));
         assert_eq!(
             (p.user.uid, p.user.gid, p.user.umask),
             (1000, 100, Some(18))
@@ -765,12 +866,76 @@ mod tests {
                 with(&["mounts"], json!([{"type": "tmpfs"}])),
                 "field `mounts[0].destination` is missing",
             ),
+            (
+                with(&["process", "oomScoreAdj"], json!(1001)),
+                "field `process.oomScoreAdj` = 1001: must be from -1000 to 1000",
+            ),
+            (
+                with(&["process", "apparmorProfile"], json!("docker-default")),
+                "field `process.apparmorProfile` = \"docker-default\": the guest kernel has no \
+                 AppArmor, so hull cannot confine the process with a profile",
+            ),
+            (
+                with(
+                    &["process", "selinuxLabel"],
+                    json!("system_u:system_r:container_t:s0"),
+                ),
+                "field `process.selinuxLabel` = \"system_u:system_r:container_t:s0\": the guest \
+                 kernel has no SELinux",
+            ),
+            (
+                with(
+                    &["linux", "mountLabel"],
+                    json!("system_u:object_r:container_file_t:s0"),
+                ),
+                "field `linux.mountLabel` = \"system_u:object_r:container_file_t:s0\": the guest \
+                 kernel has no SELinux",
+            ),
+            (
+                with(
+                    &["linux", "namespaces"],
+                    json!([{"type": "network", "path": "/run/netns/hull-no-such-namespace"}]),
+                ),
+                "field `linux.namespaces[0].path` = \"/run/netns/hull-no-such-namespace\": on the \
+                 host: No such file or directory",
+            ),
+            (
+                with(
+                    &["linux", "namespaces"],
+                    json!([{"type": "cgroup", "path": "/proc/self/ns/ipc"}]),
+                ),
+                "field `linux.namespaces[0].path` = \"/proc/self/ns/ipc\": is a namespace of type \
+                 ipc, not cgroup",
+            ),
+            (
+                with(
+                    &["linux", "namespaces"],
+                    json!([{"type": "uts", "path": "/proc/self/status"}]),
+                ),
+                "field `linux.namespaces[0].path` = \"/proc/self/status\": not a namespace file",
+            ),
         ];
         for (spec, want) in cases {
             let err = check(spec.clone()).expect_err(&spec.to_string());
             assert!(err.starts_with("/b/config.json: field `"), "{err}");
             assert!(err.contains(want), "{err}\nwanted: {want}");
         }
+    }
+
+    #[test]
+    fn what_asks_for_no_confinement_or_names_a_real_namespace_is_taken() {
+        let spec = check(with(&["process", "apparmorProfile"], json!("unconfined"))).unwrap();
+        assert_eq!(spec.process.oom_score_adj, None);
+        check(with(&["process", "selinuxLabel"], json!(""))).unwrap();
+        let spec = check(with(&["process", "oomScoreAdj"], json!(-1000))).unwrap();
+        assert_eq!(spec.process.oom_score_adj, Some(-1000));
+        let spec = check(with(
+            &["linux", "namespaces"],
+            json!([{"type": "network", "path": "/proc/self/ns/net"},
+                   {"type": "ipc", "path": "/proc/self/ns/ipc"}]),
+        ))
+        .unwrap();
+        assert_eq!(spec.namespaces.len(), 2);
     }
 
     #[test]
