@@ -464,3 +464,41 @@ pub fn check_terminal_session(command: &str, env: &[(&str, String)], deadline: D
         "{command}: {tty:?}"
     );
 }
+
+/// Waits (up to `deadline`) until the file at `path` contains `needle`; gives its text.
+pub fn wait_for_text(path: &Path, needle: &str, deadline: Duration) -> String {
+    let end = Instant::now() + deadline;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < end,
+            "no {needle:?} in {}: {text:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asserts that container `id` under the runtime root `root` left nothing: no state directory,
+/// and (within 10 s) no process whose command line names `root`.
+pub fn assert_container_gone(root: &Path, id: &str) {
+    let state = root.join(id);
+    assert!(
+        !state.exists(),
+        "state directory {} left behind",
+        state.display()
+    );
+    let needle = root.display().to_string();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_mentioning(&needle);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "processes left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

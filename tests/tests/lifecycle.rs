@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hull_tests::bundle::Bundle;
-use hull_tests::harness::{processes_mentioning, require_guest_artifacts, workspace_bin, TempDir};
+use hull_tests::harness::{
+    self, processes_mentioning, require_guest_artifacts, workspace_bin, TempDir,
+};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -159,19 +161,7 @@ fn wait_for_status(hull: &Hull, id: &str, status: &str) {
 }
 
 fn wait_for_text(path: &Path, needle: &str) {
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return;
-        }
-        assert!(
-            Instant::now() < end,
-            "no {needle:?} in {}: {text:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    harness::wait_for_text(path, needle, Duration::from_secs(60));
 }
 
 #[test]

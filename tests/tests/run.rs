@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use hull_tests::bundle::{Bundle, BundleBuilder, ROOT_ESCAPE};
 use hull_tests::harness::{
-    footprint, processes_mentioning, require_guest_artifacts, workspace_bin, TempDir,
+    assert_container_gone, footprint, processes_mentioning, require_guest_artifacts, workspace_bin,
+    TempDir,
 };
 
 const DEADLINE: Duration = Duration::from_secs(300);
@@ -60,22 +61,7 @@ fn check_artifacts() {
 }
 
 fn assert_no_leftovers(root: &Path) {
-    let state = root.join(ID);
-    assert!(
-        !state.exists(),
-        "state directory {} left behind",
-        state.display()
-    );
-    let needle = root.display().to_string();
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = processes_mentioning(&needle);
-        if left.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < end, "processes left behind: {left:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert_container_gone(root, ID);
 }
 
 /// A `hull --root <tmp> run --bundle <bundle> test-ctr` in progress.
