@@ -20,8 +20,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use hull_protocol::spec::{
-    Capabilities, ContainerSpec, Mount, Namespace, NamespaceKind, Process, Propagation, Rlimit,
-    RlimitKind, Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule, User,
+    Capabilities, ContainerSpec, IdMapping, Mount, Namespace, NamespaceKind, Process, Propagation,
+    Rlimit, RlimitKind, Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule, User,
 };
 use hull_protocol::{
     attach_stream, host_handshake, read_frame, write_frame, AgentMessage, CreateContainer,
@@ -1813,4 +1813,89 @@ fn the_loopback_interface_of_a_new_network_namespace_is_up() {
     assert!(stdout.contains("<LOOPBACK,UP,LOWER_UP>"), "{out:?}");
     assert!(stdout.ends_with("status 1\n"), "{out:?}");
     assert!(out.stderr().contains("Connection refused"), "{out:?}");
+}
+
+/// `linux.namespaces` with a `user` namespace and `uidMappings`/`gidMappings`: the container's
+/// root is the mapped id outside, with its capabilities only inside; the rest of the setup
+/// (mounts of proc, sysfs, devpts, mqueue, cgroup; devices; the switch of root; the hostname)
+/// happens inside it, as in runc. An exec'd process joins it first. They were refused.
+#[test]
+fn a_user_namespace_maps_the_container_s_ids() {
+    if !can_run() {
+        return;
+    }
+    const OUTSIDE: u32 = 100_000;
+    let mut vm = Vm::boot(&[]);
+    let rootfs = vm.dir.0.join("rootfs");
+    // The image shifted to the mapped ids, as Podman shifts an image for `--userns`: the
+    // container's root owns its rootfs and can make its mount points.
+    let status = Command::new("chown")
+        .args(["-R", "-h", &format!("{OUTSIDE}:{OUTSIDE}")])
+        .arg(&rootfs)
+        .status()
+        .expect("chown");
+    assert!(status.success());
+    let mut spec = spec(&[
+        "sh",
+        "-c",
+        "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; hostname; \
+         echo hi > /dev/null && echo dev-ok; touch /tmp/by-root && echo touched; \
+         exec sleep 100",
+    ]);
+    spec.namespaces.push(Namespace {
+        kind: NamespaceKind::User,
+        path: None,
+    });
+    let map = vec![IdMapping {
+        container_id: 0,
+        host_id: OUTSIDE,
+        size: 65536,
+    }];
+    spec.uid_mappings = map.clone();
+    spec.gid_mappings = map;
+    let stdout = reader(vm.attach(StreamKind::Stdout));
+    let stderr = reader(vm.attach(StreamKind::Stderr));
+    vm.create(spec, false, false).expect("create");
+    vm.request(RequestBody::StartContainer).expect("start");
+    vm.wait_for_process(&["sleep", "100"]);
+
+    let e1 = ProcessRef::Exec("e1".into());
+    let exec_out = reader(vm.attach_to(&e1, StreamKind::Stdout));
+    let _exec_err = reader(vm.attach_to(&e1, StreamKind::Stderr));
+    let pid = vm
+        .exec(
+            "e1",
+            exec_process(&[
+                "sh",
+                "-c",
+                "id -u; readlink /proc/self/ns/user; readlink /proc/1/ns/user",
+            ]),
+            ALL_PIPES,
+        )
+        .expect("exec");
+    assert_eq!(vm.exit_of(&e1), (pid, ExitStatus::Code(0)));
+    let exec_out = String::from_utf8(exec_out.join().unwrap()).unwrap();
+    let lines: Vec<&str> = exec_out.lines().collect();
+    assert_eq!(lines[0], "0", "{exec_out}");
+    assert_eq!(
+        lines[1], lines[2],
+        "the exec'd process is in the init's user namespace"
+    );
+    let made = std::fs::metadata(rootfs.join("tmp/by-root")).expect("the container's file");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (made.uid(), made.gid()),
+        (OUTSIDE, OUTSIDE),
+        "the container's root is {OUTSIDE} outside"
+    );
+    vm.shutdown();
+
+    let out = String::from_utf8(stdout.join().unwrap()).unwrap();
+    let err = String::from_utf8(stderr.join().unwrap()).unwrap();
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        words,
+        ["0", "0", "0", "100000", "65536", "0", "100000", "65536", "runc", "dev-ok", "touched"],
+        "{out}\n{err}"
+    );
 }

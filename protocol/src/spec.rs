@@ -51,6 +51,13 @@ pub struct ContainerSpec {
     /// `linux.devices`.
     #[serde(default)]
     pub devices: Vec<Device>,
+    /// `linux.uidMappings`, when the container has a user namespace of its own (checked by the
+    /// host: given exactly then, sizes positive, no overflow).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uid_mappings: Vec<IdMapping>,
+    /// `linux.gidMappings`, likewise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gid_mappings: Vec<IdMapping>,
     /// `linux.resources.pids.limit`, if positive: the most tasks the container's cgroup in the
     /// guest may hold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,6 +254,35 @@ pub enum NamespaceKind {
     Ipc,
     Uts,
     Cgroup,
+    /// Made in the guest, with [`ContainerSpec::uid_mappings`] and `gid_mappings`: the host
+    /// refuses a `path` for it (a VM cannot join a namespace of the host).
+    User,
+}
+
+/// One line of `linux.uidMappings` or `gidMappings`: the `size` ids from `container_id` of
+/// the container's user namespace are the ids from `host_id` of the guest's (whose ids are the
+/// host's: the file server acts with them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdMapping {
+    #[serde(rename = "containerID")]
+    pub container_id: u32,
+    #[serde(rename = "hostID")]
+    pub host_id: u32,
+    pub size: u32,
+}
+
+impl IdMapping {
+    /// The id in the parent namespace of `id` in the container's, if this line maps it.
+    pub fn map(&self, id: u32) -> Option<u32> {
+        let offset = id.checked_sub(self.container_id)?;
+        (offset < self.size).then(|| self.host_id + offset)
+    }
+}
+
+/// Whether `mappings` map `id` of the container's user namespace.
+pub fn is_mapped(mappings: &[IdMapping], id: u32) -> bool {
+    mappings.iter().any(|m| m.map(id).is_some())
 }
 
 /// `linux.rootfsPropagation`; `rshared` and friends are the same as `shared`, since the

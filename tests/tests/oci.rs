@@ -311,3 +311,47 @@ fn namespace_paths_and_fields_the_guest_cannot_honour_are_refused_naming_them() 
         assert!(started.elapsed() < Duration::from_secs(5), "{context}");
     }
 }
+
+/// `linux.namespaces` with a `user` namespace, `linux.uidMappings` and `gidMappings`: made in
+/// the guest, the container's root is the mapped id outside: in the guest, and through
+/// virtio-fs on the host. The image is shifted to the mapped ids, as Podman shifts it for
+/// `--userns`. They were refused.
+#[test]
+fn a_user_namespace_maps_the_container_s_root_to_the_mapped_id_on_the_host() {
+    require_guest_artifacts();
+    const OUTSIDE: u32 = 100_000;
+    let bundle = Bundle::builder()
+        .script(
+            "id -u; cat /proc/self/uid_map /proc/self/gid_map; echo x > /tmp/by-root && \
+             cat /tmp/by-root",
+        )
+        .build();
+    edit_config(&bundle, |config| {
+        let namespaces = config["linux"]["namespaces"].as_array_mut().unwrap();
+        namespaces.push(json!({"type": "user"}));
+        let map = json!([{"containerID": 0, "hostID": OUTSIDE, "size": 65536}]);
+        config["linux"]["uidMappings"] = map.clone();
+        config["linux"]["gidMappings"] = map;
+    });
+    let status = Command::new("chown")
+        .args(["-R", "-h", &format!("{OUTSIDE}:{OUTSIDE}")])
+        .arg(bundle.rootfs())
+        .status()
+        .expect("chown");
+    assert!(status.success());
+    let out = run(&bundle);
+    let context = context(&out);
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    let words: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        words,
+        ["0", "0", "100000", "65536", "0", "100000", "65536", "x"],
+        "{context}"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let made = std::fs::metadata(bundle.rootfs().join("tmp/by-root")).unwrap();
+    assert_eq!((made.uid(), made.gid()), (OUTSIDE, OUTSIDE), "{context}");
+}

@@ -701,8 +701,9 @@ fn a_spec_hull_cannot_honour_is_refused_before_a_vm_starts() {
     let cases: [(&[&str], serde_json::Value, &str); 4] = [
         (
             &["linux", "namespaces"],
-            serde_json::json!([{"type": "pid"}, {"type": "user"}]),
-            "field `linux.namespaces[1].type` = \"user\": user namespaces are not implemented",
+            serde_json::json!([{"type": "pid"}, {"type": "user", "path": "/proc/self/ns/user"}]),
+            "field `linux.namespaces[1].path` = \"/proc/self/ns/user\": a user namespace of the \
+             host cannot be joined from a VM",
         ),
         (
             &["process", "capabilities"],

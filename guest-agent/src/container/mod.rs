@@ -162,7 +162,7 @@ impl Stages for Config {
         &self.stdio
     }
     fn enter_namespaces(&self) -> Result<(), ErrorResponse> {
-        setup::unshare_namespaces(&self.spec)
+        setup::unshare_namespaces(self)
     }
     fn prepare_root(&self) -> Result<(), ErrorResponse> {
         setup::prepare(self)
@@ -206,6 +206,14 @@ impl Config {
             return Err(ErrorResponse::new(
                 ErrorKind::InvalidSpec,
                 "hostname is set but linux.namespaces has no \"uts\" namespace",
+            ));
+        }
+        if spec.unshares(NamespaceKind::User)
+            && (spec.uid_mappings.is_empty() || spec.gid_mappings.is_empty())
+        {
+            return Err(ErrorResponse::new(
+                ErrorKind::InvalidSpec,
+                "a new user namespace needs linux.uidMappings and linux.gidMappings",
             ));
         }
         let seccomp = spec

@@ -46,7 +46,13 @@ pub fn take_stdio(stdio: &[OwnedFd; 3]) -> Result<(), ErrorResponse> {
 /// mounts must never reach the agent's. A namespace with a `path` is the host's business
 /// (`hull-vmm` joins a network namespace path on the host); in the guest the container shares
 /// the agent's namespace of that type.
-pub fn unshare_namespaces(spec: &ContainerSpec) -> Result<(), ErrorResponse> {
+///
+/// With a user namespace, as in runc, it comes first and owns the others, which are made from
+/// inside it; the virtio-fs shares are mounted before it (a user namespace cannot mount
+/// virtio-fs), in a mount namespace of the guest's own, and reach the container's as locked
+/// copies.
+pub fn unshare_namespaces(config: &Config) -> Result<(), ErrorResponse> {
+    let spec = &config.spec;
     let mut flags = CloneFlags::CLONE_NEWNS;
     let mut pid = false;
     for ns in spec.namespaces.iter().filter(|ns| ns.path.is_none()) {
@@ -56,14 +62,100 @@ pub fn unshare_namespaces(spec: &ContainerSpec) -> Result<(), ErrorResponse> {
             NamespaceKind::Network => flags |= CloneFlags::CLONE_NEWNET,
             NamespaceKind::Cgroup => flags |= CloneFlags::CLONE_NEWCGROUP,
             NamespaceKind::Pid => pid = true,
-            NamespaceKind::Mount => {}
+            NamespaceKind::Mount | NamespaceKind::User => {}
         }
+    }
+    if spec.unshares(NamespaceKind::User) {
+        unshare(CloneFlags::CLONE_NEWNS)
+            .map_err(|e| io("unshare(CLONE_NEWNS) for the virtio-fs shares", e))?;
+        set_propagation(Propagation::Private)?;
+        mount_shares(config)?;
+        enter_user_namespace(spec, &config.agent_root.join("proc"))?;
     }
     unshare(flags).map_err(|e| io(format!("unshare({flags:?}) for linux.namespaces"), e))?;
     if pid {
         // Takes effect for the next child: the container's init.
         unshare(CloneFlags::CLONE_NEWPID)
             .map_err(|e| io("unshare(CLONE_NEWPID) for linux.namespaces \"pid\"", e))?;
+    }
+    Ok(())
+}
+
+/// `unshare(CLONE_NEWUSER)` with the spec's `uidMappings` and `gidMappings`, then root of the
+/// new namespace if its 0 is mapped. The maps are written by a helper child left in the guest's
+/// user namespace: only a process with `CAP_SETUID` and `CAP_SETGID` there may map more than
+/// its own id, and after the unshare this process has its capabilities only in the new one.
+fn enter_user_namespace(spec: &ContainerSpec, proc_dir: &Path) -> Result<(), ErrorResponse> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let me = nix::unistd::getpid();
+    let (mut ours, mut theirs) =
+        UnixStream::pair().map_err(|e| io("socketpair for the id maps", e))?;
+    let helper = match crate::sys::fork().map_err(|e| io("fork of the id map writer", e))? {
+        nix::unistd::ForkResult::Child => {
+            drop(ours);
+            let mut go = [0u8; 1];
+            if !matches!(theirs.read(&mut go), Ok(1)) {
+                crate::sys::exit_now(1);
+            }
+            let written = write_id_maps(&proc_dir.join(me.to_string()), spec);
+            if let Err(message) = &written {
+                let _ = theirs.write_all(message.as_bytes());
+            }
+            crate::sys::exit_now(i32::from(written.is_err()));
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    drop(theirs);
+    let unshared = unshare(CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| io("unshare(CLONE_NEWUSER) for linux.namespaces \"user\"", e));
+    if unshared.is_ok() {
+        let _ = ours.write_all(&[1]);
+    }
+    // Shut our end either way, so that the helper never waits for a byte that will not come.
+    let _ = ours.shutdown(std::net::Shutdown::Write);
+    let mut message = String::new();
+    let _ = ours.read_to_string(&mut message);
+    let status = nix::sys::wait::waitpid(helper, None);
+    unshared?;
+    if !message.is_empty() {
+        return Err(io("linux.uidMappings/gidMappings", message));
+    }
+    match status {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => {}
+        other => return Err(io("the id map writer", format!("{other:?}"))),
+    }
+    let root_uid = hull_protocol::spec::is_mapped(&spec.uid_mappings, 0);
+    let root_gid = hull_protocol::spec::is_mapped(&spec.gid_mappings, 0);
+    if root_gid {
+        let root = nix::unistd::Gid::from_raw(0);
+        nix::unistd::setresgid(root, root, root)
+            .map_err(|e| io("setresgid(0) in the new user namespace", e))?;
+    }
+    if root_uid {
+        let root = nix::unistd::Uid::from_raw(0);
+        nix::unistd::setresuid(root, root, root)
+            .map_err(|e| io("setresuid(0) in the new user namespace", e))?;
+    }
+    Ok(())
+}
+
+/// Writes `uid_map` and `gid_map` of `/proc/<pid>` (each in one `write`, as the kernel
+/// requires).
+fn write_id_maps(proc_pid: &Path, spec: &ContainerSpec) -> Result<(), String> {
+    let lines = |list: &[hull_protocol::spec::IdMapping]| {
+        list.iter()
+            .map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size))
+            .collect::<String>()
+    };
+    for (name, list, field) in [
+        ("uid_map", &spec.uid_mappings, "linux.uidMappings"),
+        ("gid_map", &spec.gid_mappings, "linux.gidMappings"),
+    ] {
+        let path = proc_pid.join(name);
+        std::fs::write(&path, lines(list))
+            .map_err(|e| format!("{field}: writing {}: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -81,10 +173,18 @@ pub fn exec_namespaces(spec: &ContainerSpec) -> Vec<(&'static str, CloneFlags)> 
         (NamespaceKind::Cgroup, "cgroup", CloneFlags::CLONE_NEWCGROUP),
         (NamespaceKind::Pid, "pid", CloneFlags::CLONE_NEWPID),
     ];
-    let mut join: Vec<_> = ORDER
-        .iter()
-        .filter(|(kind, ..)| spec.unshares(*kind))
-        .map(|(_, name, flag)| (*name, *flag))
+    // The user namespace first: it owns the others, and joining it gives the capabilities
+    // that joining them takes.
+    let mut join: Vec<_> = spec
+        .unshares(NamespaceKind::User)
+        .then_some(("user", CloneFlags::CLONE_NEWUSER))
+        .into_iter()
+        .chain(
+            ORDER
+                .iter()
+                .filter(|(kind, ..)| spec.unshares(*kind))
+                .map(|(_, name, flag)| (*name, *flag)),
+        )
         .collect();
     join.push(("mnt", CloneFlags::CLONE_NEWNS));
     join
@@ -174,49 +274,21 @@ pub fn mount_and_enter(config: &Config) -> Result<(), ErrorResponse> {
     }
     umask(Mode::empty());
     let root = &config.rootfs_dir;
-    std::fs::create_dir_all(root).map_err(|e| io(format!("creating {}", root.display()), e))?;
-    match &config.rootfs {
-        RootfsSource::Virtiofs { tag } => mount(
-            Some(tag.as_str()),
-            root,
-            Some("virtiofs"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| {
-            io(
-                format!("mounting virtio-fs tag {tag:?} on {}", root.display()),
-                e,
-            )
-        })?,
-        RootfsSource::Bind(dir) => mount(
-            Some(dir),
+    let userns = spec.unshares(NamespaceKind::User);
+    if userns {
+        // Mounted before the user namespace (`unshare_namespaces`), the shares are locked in
+        // the container's mount namespace, and `pivot_root` refuses a locked mount: the rootfs
+        // bound on itself is a mount of this namespace.
+        mount(
+            Some(root),
             root,
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
         )
-        .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))?,
-    }
-
-    if let Some(tag) = &config.binds_tag {
-        let dir = config
-            .agent_root
-            .join(hull_protocol::BINDS_DIR.trim_start_matches('/'));
-        std::fs::create_dir_all(&dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
-        mount(
-            Some(tag.as_str()),
-            &dir,
-            Some("virtiofs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-        .map_err(|e| {
-            io(
-                format!("mounting virtio-fs tag {tag:?} on {}", dir.display()),
-                e,
-            )
-        })?;
+        .map_err(|e| io(format!("binding {} on itself", root.display()), e))?;
+    } else {
+        mount_shares(config)?;
     }
     let mut dev_tmpfs = false;
     for (i, m) in spec.mounts.iter().enumerate() {
@@ -224,7 +296,7 @@ pub fn mount_and_enter(config: &Config) -> Result<(), ErrorResponse> {
         dev_tmpfs |= m.destination.trim_end_matches('/') == "/dev" && !m.is_bind();
     }
     if dev_tmpfs {
-        default_devices(root)?;
+        default_devices(config, root)?;
     }
     spec_devices(config, root)?;
 
@@ -286,6 +358,57 @@ fn root_propagation(spec: &ContainerSpec) -> Result<(), ErrorResponse> {
         .map_err(|e| {
             io(
                 format!("{name}: propagation, again after linux.rootfsPropagation"),
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The virtio-fs shares: the rootfs on `rootfs_dir`, and the host's bind sources on
+/// `agent_root/run/hull/binds`.
+fn mount_shares(config: &Config) -> Result<(), ErrorResponse> {
+    let root = &config.rootfs_dir;
+    std::fs::create_dir_all(root).map_err(|e| io(format!("creating {}", root.display()), e))?;
+    match &config.rootfs {
+        RootfsSource::Virtiofs { tag } => mount(
+            Some(tag.as_str()),
+            root,
+            Some("virtiofs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| {
+            io(
+                format!("mounting virtio-fs tag {tag:?} on {}", root.display()),
+                e,
+            )
+        })?,
+        RootfsSource::Bind(dir) => mount(
+            Some(dir),
+            root,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))?,
+    }
+
+    if let Some(tag) = &config.binds_tag {
+        let dir = config
+            .agent_root
+            .join(hull_protocol::BINDS_DIR.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
+        mount(
+            Some(tag.as_str()),
+            &dir,
+            Some("virtiofs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            io(
+                format!("mounting virtio-fs tag {tag:?} on {}", dir.display()),
                 e,
             )
         })?;
@@ -380,11 +503,16 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
             None::<&str>,
         )
         .map_err(|e| io(format!("{name}: bind mount of {source:?}"), e))?;
-        let rest = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
+        let mut rest = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
         if !rest.is_empty() {
             // The descriptor names the directory under the new mount; a remount needs the
             // mount's own root, which a fresh lookup finds.
             let top = open_mount_point(root, dest, meta.is_dir()).map_err(|e| io(&name, e))?;
+            if config.spec.unshares(NamespaceKind::User) {
+                // A mount the guest's user namespace made is locked in the container's: a
+                // remount may not clear its flags, so it keeps them (as runc does).
+                rest |= locked_flags(&fd_path(&top)).map_err(|e| io(&name, e))?;
+            }
             mount(
                 None::<&str>,
                 &fd_path(&top),
@@ -497,11 +625,22 @@ const DEFAULT_DEVICES: &[(&str, u64, u64)] = &[
     ("tty", 5, 0),
 ];
 
-fn default_devices(root: &Path) -> Result<(), ErrorResponse> {
+/// Makes the devices of a tmpfs `/dev`: nodes, or in a user namespace (where `mknod` of a
+/// device is refused) bind mounts of the agent's, as runc binds the host's.
+fn default_devices(config: &Config, root: &Path) -> Result<(), ErrorResponse> {
     let dev = root.join("dev");
+    let userns = config.spec.unshares(NamespaceKind::User);
     for (name, major, minor) in DEFAULT_DEVICES {
         let path = dev.join(name);
         let _ = std::fs::remove_file(&path);
+        if userns {
+            let source = config.agent_root.join("dev").join(name);
+            let dir = open_mount_point(root, "/dev", true)
+                .map_err(|e| io(format!("creating device /dev/{name}"), e))?;
+            bind_device(&source, &dir, name)
+                .map_err(|e| io(format!("binding {} on /dev/{name}", source.display()), e))?;
+            continue;
+        }
         mknod(
             &path,
             SFlag::S_IFCHR,
@@ -547,6 +686,14 @@ fn spec_devices(config: &Config, root: &Path) -> Result<(), ErrorResponse> {
         let dir = open_mount_point(root, parent, true).map_err(|e| io(&name, e))?;
         // A file left by the image (or `/dev`'s defaults) goes; a directory stays (and fails).
         let _ = nix::unistd::unlinkat(&dir, file, nix::unistd::UnlinkatFlags::NoRemoveDir);
+        if config.spec.unshares(NamespaceKind::User) && d.kind != DeviceKind::Fifo {
+            // No `mknod` of a device in a user namespace: the guest's node of that path, bound, with its
+            // own owner and mode (changing them would change the guest's).
+            let source = config.agent_root.join(d.path.trim_start_matches('/'));
+            bind_device(&source, &dir, file)
+                .map_err(|e| io(format!("{name}: binding {}", source.display()), e))?;
+            continue;
+        }
         let mode = Mode::from_bits_truncate(d.file_mode.unwrap_or(0o666));
         nix::sys::stat::mknodat(
             &dir,
@@ -568,6 +715,55 @@ fn spec_devices(config: &Config, root: &Path) -> Result<(), ErrorResponse> {
         }
     }
     Ok(())
+}
+
+/// The flags of the mount at `path` that a user namespace cannot clear on a mount it did not
+/// make: read-only, `nosuid`, `nodev`, `noexec` and the access-time ones.
+fn locked_flags(path: &Path) -> nix::Result<MsFlags> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let current = statvfs(path)?.flags();
+    let pairs = [
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ];
+    Ok(pairs
+        .iter()
+        .filter(|(st, _)| current.contains(*st))
+        .fold(MsFlags::empty(), |flags, (_, ms)| flags | *ms))
+}
+
+/// Binds the device node `source` on a new empty file `file` of `dir`.
+fn bind_device(source: &Path, dir: &OwnedFd, file: &str) -> nix::Result<()> {
+    let meta = std::fs::metadata(source)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::ENOENT)))?;
+    use std::os::unix::fs::FileTypeExt;
+    if !(meta.file_type().is_char_device() || meta.file_type().is_block_device()) {
+        return Err(Errno::ENODEV);
+    }
+    drop(nix::fcntl::openat(
+        dir,
+        file,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )?);
+    let target = nix::fcntl::openat(
+        dir,
+        file,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    mount(
+        Some(source),
+        &fd_path(&target),
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
 }
 
 /// Makes `root` the process's root: `pivot_root`, then the old root (the agent's) detached.

@@ -151,9 +151,10 @@ impl Zygote {
     }
 
     /// Whether the pre-made init can be this container's: only if the spec gives it a PID
-    /// namespace of its own (every other namespace can be joined back).
+    /// namespace of its own (every other namespace can be joined back) and no user namespace
+    /// (which must own the others, so it comes before them).
     pub fn fits(spec: &ContainerSpec) -> bool {
-        spec.unshares(NamespaceKind::Pid)
+        spec.unshares(NamespaceKind::Pid) && !spec.unshares(NamespaceKind::User)
     }
 
     /// Hands the container to the pre-made init and waits until it is set up (or has failed),

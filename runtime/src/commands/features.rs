@@ -4,8 +4,9 @@
 //! Everything in the container is the guest agent's doing, and what reaches it is what the host
 //! lets through (`spec/oci.rs`), so the lists come from both: the mount options the agent's
 //! `parse_options` turns into mount flags (every other option goes to the file system as data,
-//! which the spec says not to list), the namespaces the host passes on (`user` and `time` are
-//! refused), the capability table, and the seccomp actions, operators and flags the host
+//! which the spec says not to list), the namespaces the host passes on (`time` is refused; a
+//! `user` namespace is made in the guest, never joined by path), the capability table, and the
+//! seccomp actions, operators and flags the host
 //! accepts. The tests read the agent's source and run the host's checks, and fail when either
 //! disagrees with this document.
 //!
@@ -70,7 +71,7 @@ const MOUNT_OPTIONS: [&str; 30] = [
     "unbindable",
 ];
 
-const NAMESPACES: [&str; 6] = ["cgroup", "ipc", "mount", "network", "pid", "uts"];
+const NAMESPACES: [&str; 7] = ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"];
 
 /// `SCMP_ACT_NOTIFY` and `SCMP_ACT_TRACE` are refused by the host.
 const SECCOMP_ACTIONS: [&str; 7] = [
@@ -277,7 +278,14 @@ mod tests {
         for kind in [
             "cgroup", "ipc", "mount", "network", "pid", "uts", "user", "time",
         ] {
-            let accepted = host_accepts(json!({"namespaces": [{"type": kind}]}));
+            // A user namespace comes with its mappings.
+            let map = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+            let linux = if kind == "user" {
+                json!({"namespaces": [{"type": kind}], "uidMappings": map, "gidMappings": map})
+            } else {
+                json!({"namespaces": [{"type": kind}]})
+            };
+            let accepted = host_accepts(linux);
             assert_eq!(accepted, listed.contains(kind), "namespace {kind}");
         }
     }

@@ -15,9 +15,9 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use hull_protocol::spec::{
-    Capabilities, ContainerSpec, Device, DeviceKind, Mount, Namespace, NamespaceKind, Process,
-    Propagation, Rlimit, RlimitKind, Seccomp, SeccompAction, SeccompArg, SeccompOp, SeccompRule,
-    User,
+    is_mapped, Capabilities, ContainerSpec, Device, DeviceKind, IdMapping, Mount, Namespace,
+    NamespaceKind, Process, Propagation, Rlimit, RlimitKind, Seccomp, SeccompAction, SeccompArg,
+    SeccompOp, SeccompRule, User,
 };
 use oci_spec::runtime as oci;
 use serde::de::DeserializeOwned;
@@ -270,6 +270,90 @@ fn capabilities(
     })
 }
 
+/// The most lines a `uid_map` or `gid_map` takes (Linux 4.15 on).
+const MAX_ID_MAPPINGS: usize = 340;
+
+/// `linux.uidMappings` and `gidMappings`: given exactly when the container has a user namespace
+/// of its own, each line of a positive size within 32 bits, at most [`MAX_ID_MAPPINGS`], and
+/// mapping the process's user and groups (which it could not take otherwise).
+fn id_mappings(
+    top: Origin<'_>,
+    linux: Option<&oci::Linux>,
+    namespaces: &[Namespace],
+    process: &Process,
+) -> Result<(Vec<IdMapping>, Vec<IdMapping>), SpecError> {
+    let userns = namespaces.iter().any(|ns| ns.kind == NamespaceKind::User);
+    let read = |name: &str, list: Option<&Vec<oci::LinuxIdMapping>>| {
+        let field = format!("linux.{name}");
+        let list = list.cloned().unwrap_or_default();
+        if !userns {
+            if !list.is_empty() {
+                return Err(top.invalid(
+                    &field,
+                    &list,
+                    "given without a \"user\" namespace in linux.namespaces",
+                ));
+            }
+            return Ok(Vec::new());
+        }
+        if list.is_empty() {
+            return Err(top.invalid(
+                &field,
+                &list,
+                "a new user namespace needs uidMappings and gidMappings",
+            ));
+        }
+        if list.len() > MAX_ID_MAPPINGS {
+            return Err(top.invalid(
+                &field,
+                &list.len(),
+                format!("at most {MAX_ID_MAPPINGS} lines"),
+            ));
+        }
+        let mut out = Vec::with_capacity(list.len());
+        for (i, m) in list.iter().enumerate() {
+            let line = IdMapping {
+                container_id: m.container_id(),
+                host_id: m.host_id(),
+                size: m.size(),
+            };
+            let fits = |start: u32| u64::from(start) + u64::from(line.size) <= 1 << 32;
+            if line.size == 0 || !fits(line.container_id) || !fits(line.host_id) {
+                return Err(top.invalid(
+                    &format!("{field}[{i}]"),
+                    m,
+                    "the size must be positive and the ids must stay below 2^32",
+                ));
+            }
+            out.push(line);
+        }
+        Ok(out)
+    };
+    let uids = read("uidMappings", linux.and_then(|l| l.uid_mappings().as_ref()))?;
+    let gids = read("gidMappings", linux.and_then(|l| l.gid_mappings().as_ref()))?;
+    if userns {
+        let user = &process.user;
+        let unmapped = |field: &str, id: u32, list: &[IdMapping], by: &str| {
+            if is_mapped(list, id) {
+                Ok(())
+            } else {
+                Err(top.invalid(
+                    field,
+                    &id,
+                    format!("not mapped by linux.{by} in the container's user namespace"),
+                ))
+            }
+        };
+        unmapped("process.user.uid", user.uid, &uids, "uidMappings")?;
+        unmapped("process.user.gid", user.gid, &gids, "gidMappings")?;
+        for (i, gid) in user.additional_gids.iter().enumerate() {
+            let field = format!("process.user.additionalGids[{i}]");
+            unmapped(&field, *gid, &gids, "gidMappings")?;
+        }
+    }
+    Ok((uids, gids))
+}
+
 /// A namespace `path` of `linux.namespaces` must open and be a namespace of the entry's type,
 /// as runc insists (`ioctl(NS_GET_NSTYPE)` on it).
 fn check_namespace_path(
@@ -311,6 +395,7 @@ fn check_namespace_path(
         NamespaceKind::Uts => libc::CLONE_NEWUTS,
         NamespaceKind::Pid => libc::CLONE_NEWPID,
         NamespaceKind::Cgroup => libc::CLONE_NEWCGROUP,
+        NamespaceKind::User => libc::CLONE_NEWUSER,
     };
     if found != wanted {
         return Err(top.invalid(
@@ -377,12 +462,15 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
             oci::LinuxNamespaceType::Uts => NamespaceKind::Uts,
             oci::LinuxNamespaceType::Cgroup => NamespaceKind::Cgroup,
             oci::LinuxNamespaceType::User => {
-                return Err(top.invalid(
-                    &field,
-                    &name,
-                    "user namespaces are not implemented yet (the VM is the container's \
-                     isolation; its root is not the host's)",
-                ))
+                if let Some(path) = ns.path() {
+                    return Err(top.invalid(
+                        &format!("linux.namespaces[{i}].path"),
+                        &path.to_string_lossy(),
+                        "a user namespace of the host cannot be joined from a VM; leave the \
+                         path out for a new user namespace in the guest",
+                    ));
+                }
+                NamespaceKind::User
             }
             oci::LinuxNamespaceType::Time => {
                 return Err(top.invalid(&field, &name, "time namespaces are not implemented"))
@@ -401,6 +489,7 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
         }
         namespaces.push(Namespace { kind, path });
     }
+    let (uid_mappings, gid_mappings) = id_mappings(top, linux, &namespaces, &process)?;
     if let Some(hostname) = spec.hostname() {
         if !namespaces.iter().any(|n| n.kind == NamespaceKind::Uts) {
             return Err(top.invalid(
@@ -496,6 +585,8 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
             .collect(),
         seccomp,
         devices,
+        uid_mappings,
+        gid_mappings,
         pids_limit: linux
             .and_then(|l| l.resources().as_ref())
             .and_then(|r| r.pids().as_ref())
@@ -771,7 +862,47 @@ mod tests {
         let cases = [
             (
                 with(&["linux", "namespaces"], json!([{"type": "user"}])),
-                "field `linux.namespaces[0].type` = \"user\": user namespaces are not implemented",
+                "field `linux.uidMappings` = []: a new user namespace needs uidMappings and \
+                 gidMappings",
+            ),
+            (
+                with(
+                    &["linux"],
+                    json!({"namespaces": [{"type": "user", "path": "/proc/self/ns/user"}]}),
+                ),
+                "field `linux.namespaces[0].path` = \"/proc/self/ns/user\": a user namespace of \
+                 the host cannot be joined from a VM",
+            ),
+            (
+                with(
+                    &["linux"],
+                    json!({"uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}),
+                ),
+                "field `linux.uidMappings` = [{\"containerID\":0,\"hostID\":1,\"size\":1}]: given \
+                 without a \"user\" namespace",
+            ),
+            (
+                with(
+                    &["linux"],
+                    json!({"namespaces": [{"type": "user"}],
+                           "uidMappings": [{"containerID": 0, "hostID": 4294967295u64, "size": 2}],
+                           "gidMappings": [{"containerID": 0, "hostID": 0, "size": 1}]}),
+                ),
+                "field `linux.uidMappings[0]` = {\"containerID\":0,\"hostID\":4294967295,\
+                 \"size\":2}: the size must be positive and the ids must stay below 2^32",
+            ),
+            (
+                {
+                    let mut spec = with(
+                        &["linux"],
+                        json!({"namespaces": [{"type": "user"}],
+                               "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 1}],
+                               "gidMappings": [{"containerID": 0, "hostID": 100000, "size": 1}]}),
+                    );
+                    spec["process"]["user"] = json!({"uid": 1000, "gid": 0});
+                    spec
+                },
+                "field `process.user.uid` = 1000: not mapped by linux.uidMappings",
             ),
             (
                 with(
