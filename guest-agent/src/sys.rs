@@ -305,3 +305,17 @@ pub fn loopback_up() -> nix::Result<()> {
     let set = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
     Errno::result(set).map(drop)
 }
+
+/// `setdomainname(2)`.
+pub fn set_domainname(name: &str) -> nix::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which the call only reads.
+    let rc = unsafe { libc::setdomainname(name.as_ptr().cast(), name.len()) };
+    Errno::result(rc).map(drop)
+}
+
+/// `personality(2)` with the execution domain `persona` (`PER_LINUX`, `PER_LINUX32`).
+pub fn set_personality(persona: libc::c_ulong) -> nix::Result<()> {
+    // SAFETY: takes a value, touches no memory of ours.
+    let rc = unsafe { libc::personality(persona) };
+    Errno::result(rc).map(drop)
+}

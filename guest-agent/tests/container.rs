@@ -1899,3 +1899,22 @@ fn a_user_namespace_maps_the_container_s_ids() {
         "{out}\n{err}"
     );
 }
+
+/// `domainname` (with a UTS namespace, like `hostname`) and `linux.personality`'s domain, which
+/// the container's init runs under. Both were ignored.
+#[test]
+fn the_domainname_and_the_personality_of_the_init() {
+    if !can_run() {
+        return;
+    }
+    let mut spec = spec(&[
+        "sh",
+        "-c",
+        "hostname; cat /proc/sys/kernel/domainname; busybox uname -m",
+    ]);
+    spec.domainname = Some("example.org".into());
+    spec.personality = Some(hull_protocol::spec::Personality::Linux32);
+    let out = run_with(spec, None, false, &[]);
+    assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+    assert_eq!(out.stdout(), "runc\nexample.org\ni686\n", "{out:?}");
+}

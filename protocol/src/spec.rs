@@ -27,6 +27,12 @@ pub struct ContainerSpec {
     /// `hostname`; the host has checked that the spec has a UTS namespace if it is set.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// `domainname`; like `hostname`, only with a UTS namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domainname: Option<String>,
+    /// `linux.personality`'s domain, set for the init before `execve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personality: Option<Personality>,
     /// `mounts`, in order.
     #[serde(default)]
     pub mounts: Vec<Mount>,
@@ -283,6 +289,16 @@ impl IdMapping {
 /// Whether `mappings` map `id` of the container's user namespace.
 pub fn is_mapped(mappings: &[IdMapping], id: u32) -> bool {
     mappings.iter().any(|m| m.map(id).is_some())
+}
+
+/// `linux.personality.domain` (the host refuses `flags`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Personality {
+    /// `PER_LINUX`.
+    Linux,
+    /// `PER_LINUX32`: `uname` says i686.
+    Linux32,
 }
 
 /// `linux.rootfsPropagation`; `rshared` and friends are the same as `shared`, since the

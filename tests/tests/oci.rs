@@ -128,9 +128,10 @@ fn the_root_mount_has_the_spec_s_rootfs_propagation() {
 /// process's [pid] in a proc pseudo-filesystem": the init's, and an exec'd process's (its own,
 /// or the init's when it gives none). A new network namespace's `lo` is up, as in runc.
 /// "If a poststart hook fails, the runtime MUST log a warning, but the remaining hooks and
-/// lifecycle continue as if the hook had succeeded"; likewise poststop.
+/// lifecycle continue as if the hook had succeeded"; likewise poststop. `domainname` and
+/// `linux.personality` (`LINUX32`: `uname -m` says i686), which were ignored.
 #[test]
-fn oom_score_adj_loopback_and_the_hooks_after_a_failing_one() {
+fn oom_score_adj_loopback_domainname_personality_and_the_hooks_after_a_failing_one() {
     require_guest_artifacts();
     let root = TempDir::new("oci-root");
     let r = root.path();
@@ -151,12 +152,15 @@ fn oom_score_adj_loopback_and_the_hooks_after_a_failing_one() {
     let bundle = Bundle::builder()
         .script(
             "cat /proc/self/oom_score_adj; busybox ip -o link show lo; \
-             busybox nc 127.0.0.1 1 </dev/null; echo nc $?; exec sleep 1000",
+             busybox nc 127.0.0.1 1 </dev/null; echo nc $?; \
+             cat /proc/sys/kernel/domainname; busybox uname -m; echo end; exec sleep 1000",
         )
         .hooks(&hooks)
         .build();
     edit_config(&bundle, |config| {
         config["process"]["oomScoreAdj"] = json!(500);
+        config["domainname"] = json!("example.org");
+        config["linux"]["personality"] = json!({"domain": "LINUX32"});
     });
 
     let init_out = r.join("init.out");
@@ -181,12 +185,13 @@ fn oom_score_adj_loopback_and_the_hooks_after_a_failing_one() {
         "the poststart hook after the failing one ran"
     );
 
-    let text = wait_for_text(&init_out, "nc ", Duration::from_secs(120));
+    let text = wait_for_text(&init_out, "end\n", Duration::from_secs(120));
     let err = std::fs::read_to_string(r.join("init.err")).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "500", "{text}\n{err}");
     assert!(lines[1].contains("<LOOPBACK,UP,LOWER_UP>"), "{text}\n{err}");
     assert_eq!(lines[2], "nc 1", "{text}\n{err}");
+    assert_eq!(lines[3..5], ["example.org", "i686"], "{text}\n{err}");
     assert!(err.contains("Connection refused"), "{text}\n{err}");
 
     assert_eq!(

@@ -13,7 +13,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use hull_protocol::spec::{ContainerSpec, DeviceKind, Mount, NamespaceKind, Propagation};
+use hull_protocol::spec::{
+    ContainerSpec, DeviceKind, Mount, NamespaceKind, Personality, Propagation,
+};
 use hull_protocol::{ErrorKind, ErrorResponse};
 use nix::errno::Errno;
 use nix::fcntl::{open, OFlag};
@@ -315,6 +317,18 @@ pub fn mount_and_enter(config: &Config) -> Result<(), ErrorResponse> {
     }
     if let Some(hostname) = &spec.hostname {
         sethostname(hostname).map_err(|e| io(format!("hostname {hostname:?}"), e))?;
+    }
+    if let Some(domainname) = &spec.domainname {
+        crate::sys::set_domainname(domainname)
+            .map_err(|e| io(format!("domainname {domainname:?}"), e))?;
+    }
+    if let Some(personality) = spec.personality {
+        let persona = match personality {
+            Personality::Linux => 0x0000,
+            Personality::Linux32 => 0x0008,
+        };
+        crate::sys::set_personality(persona)
+            .map_err(|e| io(format!("linux.personality {personality:?}"), e))?;
     }
     if config.readonly {
         mount(

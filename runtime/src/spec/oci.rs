@@ -16,8 +16,8 @@ use std::path::Path;
 
 use hull_protocol::spec::{
     is_mapped, Capabilities, ContainerSpec, Device, DeviceKind, IdMapping, Mount, Namespace,
-    NamespaceKind, Process, Propagation, Rlimit, RlimitKind, Seccomp, SeccompAction, SeccompArg,
-    SeccompOp, SeccompRule, User,
+    NamespaceKind, Personality, Process, Propagation, Rlimit, RlimitKind, Seccomp, SeccompAction,
+    SeccompArg, SeccompOp, SeccompRule, User,
 };
 use oci_spec::runtime as oci;
 use serde::de::DeserializeOwned;
@@ -35,6 +35,9 @@ const SYSCALL_ARGS: usize = 6;
 /// The range of `/proc/<pid>/oom_score_adj`.
 const OOM_SCORE_ADJ_MIN: i32 = -1000;
 const OOM_SCORE_ADJ_MAX: i32 = 1000;
+/// Why a runtime-spec 1.2 field is refused.
+const NEWER_THAN_1_1: &str = "a runtime-spec 1.2 field, newer than the 1.1.0 hull implements \
+     (see `hull features`); not applied, so refused";
 /// Why an SELinux label is refused.
 const NO_SELINUX: &str = "the guest kernel has no SELinux, so hull cannot label the container \
      (runc refuses a label on a host without SELinux too); leave it out (Docker and Podman: \
@@ -224,6 +227,16 @@ pub fn process(origin: Origin<'_>, p: &oci::Process) -> Result<Process, SpecErro
                  apparmor=unconfined)",
             ));
         }
+    }
+    // Runtime-spec 1.2 fields, newer than the 1.1.0 hull implements (`hull features`).
+    if let Some(value) = p.scheduler() {
+        return Err(origin.invalid("scheduler", value, NEWER_THAN_1_1));
+    }
+    if let Some(value) = p.io_priority() {
+        return Err(origin.invalid("ioPriority", value, NEWER_THAN_1_1));
+    }
+    if let Some(value) = p.exec_cpu_affinity() {
+        return Err(origin.invalid("execCPUAffinity", value, NEWER_THAN_1_1));
     }
     if let Some(label) = p.selinux_label().as_deref().filter(|l| !l.is_empty()) {
         return Err(origin.invalid("selinuxLabel", &label, NO_SELINUX));
@@ -490,14 +503,47 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
         namespaces.push(Namespace { kind, path });
     }
     let (uid_mappings, gid_mappings) = id_mappings(top, linux, &namespaces, &process)?;
-    if let Some(hostname) = spec.hostname() {
-        if !namespaces.iter().any(|n| n.kind == NamespaceKind::Uts) {
-            return Err(top.invalid(
-                "hostname",
-                hostname,
-                "setting it needs a \"uts\" namespace in linux.namespaces",
-            ));
+    for (field, value) in [
+        ("hostname", spec.hostname()),
+        ("domainname", spec.domainname()),
+    ] {
+        if let Some(value) = value {
+            if !namespaces.iter().any(|n| n.kind == NamespaceKind::Uts) {
+                return Err(top.invalid(
+                    field,
+                    value,
+                    "setting it needs a \"uts\" namespace in linux.namespaces",
+                ));
+            }
         }
+    }
+    let personality = match linux.and_then(|l| l.personality().as_ref()) {
+        None => None,
+        Some(p) if p.flags().as_ref().is_some_and(|f| !f.is_empty()) => {
+            return Err(top.invalid(
+                "linux.personality.flags",
+                p.flags(),
+                "hull applies the personality's domain only (runc too)",
+            ))
+        }
+        Some(p) => Some(match p.domain() {
+            oci::LinuxPersonalityDomain::PerLinux => Personality::Linux,
+            oci::LinuxPersonalityDomain::PerLinux32 => Personality::Linux32,
+        }),
+    };
+    if let Some(rdt) = linux.and_then(|l| l.intel_rdt().as_ref()) {
+        return Err(top.invalid(
+            "linux.intelRdt",
+            rdt,
+            "a VM has no Intel RDT (resctrl) of the host's; leave it out",
+        ));
+    }
+    if let Some(offsets) = linux.and_then(|l| l.time_offsets().as_ref()) {
+        return Err(top.invalid(
+            "linux.timeOffsets",
+            offsets,
+            "time namespaces are not implemented (a VM's clocks are its own)",
+        ));
     }
 
     if let Some(label) = linux
@@ -569,6 +615,8 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
             .and_then(|r| r.readonly())
             .unwrap_or(false),
         hostname: spec.hostname().clone(),
+        domainname: spec.domainname().clone(),
+        personality,
         mounts,
         namespaces,
         masked_paths: linux
@@ -996,6 +1044,41 @@ mod tests {
             (
                 with(&["mounts"], json!([{"type": "tmpfs"}])),
                 "field `mounts[0].destination` is missing",
+            ),
+            (
+                with(&["domainname"], json!("example.org")),
+                "field `domainname` = \"example.org\": setting it needs a \"uts\" namespace",
+            ),
+            (
+                with(
+                    &["linux", "personality"],
+                    json!({"domain": "LINUX32", "flags": ["ADDR_NO_RANDOMIZE"]}),
+                ),
+                "field `linux.personality.flags` = [\"ADDR_NO_RANDOMIZE\"]: hull applies the \
+                 personality's domain only",
+            ),
+            (
+                with(
+                    &["linux", "intelRdt"],
+                    json!({"closID": "guaranteed_group"}),
+                ),
+                "field `linux.intelRdt` = {\"closID\":\"guaranteed_group\"}: a VM has no Intel RDT",
+            ),
+            (
+                with(
+                    &["linux", "timeOffsets"],
+                    json!({"monotonic": {"secs": 1, "nanosecs": 0}}),
+                ),
+                "field `linux.timeOffsets` = {\"monotonic\":{\"nanosecs\":0,\"secs\":1}}: time \
+                 namespaces are not implemented",
+            ),
+            (
+                with(
+                    &["process", "ioPriority"],
+                    json!({"class": "IOPRIO_CLASS_IDLE", "priority": 0}),
+                ),
+                "field `process.ioPriority` = {\"class\":\"IOPRIO_CLASS_IDLE\",\"priority\":0}: a \
+                 runtime-spec 1.2 field",
             ),
             (
                 with(&["process", "oomScoreAdj"], json!(1001)),
