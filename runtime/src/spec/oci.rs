@@ -447,6 +447,19 @@ pub fn container_spec(file: &Path, spec: &oci::Spec) -> Result<ContainerSpec, Sp
             .as_deref()
             .map(|s| utf8(top, &field("source"), s).map(str::to_owned))
             .transpose()?;
+        for (name, list) in [
+            ("uidMappings", m.uid_mappings()),
+            ("gidMappings", m.gid_mappings()),
+        ] {
+            if let Some(list) = list.as_ref().filter(|l| !l.is_empty()) {
+                return Err(top.invalid(
+                    &field(name),
+                    list,
+                    "idmapped mounts are not implemented (a user namespace's mappings apply to \
+                     the whole container: linux.uidMappings)",
+                ));
+            }
+        }
         mounts.push(Mount {
             destination: destination.to_owned(),
             kind: m.typ().clone(),
@@ -1044,6 +1057,15 @@ mod tests {
             (
                 with(&["mounts"], json!([{"type": "tmpfs"}])),
                 "field `mounts[0].destination` is missing",
+            ),
+            (
+                with(
+                    &["mounts"],
+                    json!([{"destination": "/data", "type": "bind", "source": "/srv",
+                            "uidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]}]),
+                ),
+                "field `mounts[0].uidMappings` = [{\"containerID\":0,\"hostID\":1000,\"size\":1}]: \
+                 idmapped mounts are not implemented",
             ),
             (
                 with(&["domainname"], json!("example.org")),
