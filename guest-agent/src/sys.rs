@@ -319,3 +319,19 @@ pub fn set_personality(persona: libc::c_ulong) -> nix::Result<()> {
     let rc = unsafe { libc::personality(persona) };
     Errno::result(rc).map(drop)
 }
+
+/// `prlimit(2)`: sets the limit `resource` of process `pid` to `soft` and `hard`.
+pub fn prlimit(
+    pid: nix::unistd::Pid,
+    resource: nix::sys::resource::Resource,
+    soft: u64,
+    hard: u64,
+) -> nix::Result<()> {
+    let limit = libc::rlimit64 {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `limit` outlives the call, which only reads it; no old limit is asked for.
+    let rc = unsafe { libc::prlimit64(pid.as_raw(), resource as _, &limit, std::ptr::null_mut()) };
+    Errno::result(rc).map(drop)
+}

@@ -1815,6 +1815,35 @@ fn the_loopback_interface_of_a_new_network_namespace_is_up() {
     assert!(out.stderr().contains("Connection refused"), "{out:?}");
 }
 
+/// The agent with its rootfs shifted to ids from `outside`, as Podman shifts an image for
+/// `--userns`: the container's mapped root owns its rootfs and can make its mount points.
+fn boot_shifted(outside: u32) -> Vm {
+    let vm = Vm::boot(&[]);
+    let status = Command::new("chown")
+        .args(["-R", "-h", &format!("{outside}:{outside}")])
+        .arg(vm.dir.0.join("rootfs"))
+        .status()
+        .expect("chown");
+    assert!(status.success());
+    vm
+}
+
+/// `spec` with a user namespace mapping 65536 ids from 0 to `outside`.
+fn in_user_namespace(mut spec: ContainerSpec, outside: u32) -> ContainerSpec {
+    spec.namespaces.push(Namespace {
+        kind: NamespaceKind::User,
+        path: None,
+    });
+    let map = vec![IdMapping {
+        container_id: 0,
+        host_id: outside,
+        size: 65536,
+    }];
+    spec.uid_mappings = map.clone();
+    spec.gid_mappings = map;
+    spec
+}
+
 /// `linux.namespaces` with a `user` namespace and `uidMappings`/`gidMappings`: the container's
 /// root is the mapped id outside, with its capabilities only inside; the rest of the setup
 /// (mounts of proc, sysfs, devpts, mqueue, cgroup; devices; the switch of root; the hostname)
@@ -1825,16 +1854,8 @@ fn a_user_namespace_maps_the_container_s_ids() {
         return;
     }
     const OUTSIDE: u32 = 100_000;
-    let mut vm = Vm::boot(&[]);
+    let mut vm = boot_shifted(OUTSIDE);
     let rootfs = vm.dir.0.join("rootfs");
-    // The image shifted to the mapped ids, as Podman shifts an image for `--userns`: the
-    // container's root owns its rootfs and can make its mount points.
-    let status = Command::new("chown")
-        .args(["-R", "-h", &format!("{OUTSIDE}:{OUTSIDE}")])
-        .arg(&rootfs)
-        .status()
-        .expect("chown");
-    assert!(status.success());
     let mut spec = spec(&[
         "sh",
         "-c",
@@ -1842,17 +1863,15 @@ fn a_user_namespace_maps_the_container_s_ids() {
          echo hi > /dev/null && echo dev-ok; touch /tmp/by-root && echo touched; \
          exec sleep 100",
     ]);
-    spec.namespaces.push(Namespace {
-        kind: NamespaceKind::User,
-        path: None,
-    });
-    let map = vec![IdMapping {
-        container_id: 0,
-        host_id: OUTSIDE,
-        size: 65536,
-    }];
-    spec.uid_mappings = map.clone();
-    spec.gid_mappings = map;
+    spec = in_user_namespace(spec, OUTSIDE);
+    // A read-only bind of a file of the guest's root, as Podman binds its `.containerenv`.
+    std::fs::write(vm.dir.0.join("root/containerenv"), "engine=\"podman\"\n").unwrap();
+    spec.mounts.push(mount(
+        "/run/.containerenv",
+        "bind",
+        "/containerenv",
+        &["bind", "rprivate", "ro"],
+    ));
     let stdout = reader(vm.attach(StreamKind::Stdout));
     let stderr = reader(vm.attach(StreamKind::Stderr));
     vm.create(spec, false, false).expect("create");
@@ -1917,4 +1936,28 @@ fn the_domainname_and_the_personality_of_the_init() {
     let out = run_with(spec, None, false, &[]);
     assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
     assert_eq!(out.stdout(), "runc\nexample.org\ni686\n", "{out:?}");
+}
+
+/// A user namespace may mount sysfs only with a network namespace it owns and cgroup2 only
+/// with a cgroup namespace it owns (Podman's `--uidmap` shares the host's cgroup namespace on
+/// some hosts): without them the guest's are bound, read-only as the spec's options say, as
+/// runc does.
+#[test]
+fn a_user_namespace_sharing_the_network_and_cgroup_namespaces_gets_them_bound() {
+    if !can_run() {
+        return;
+    }
+    let mut vm = boot_shifted(200_000);
+    let mut spec = spec(&[
+        "sh",
+        "-c",
+        "ls /sys/class >/dev/null && echo sys; ls /sys/fs/cgroup >/dev/null && echo cgroup; \
+         touch /sys/fs/cgroup/x 2>/dev/null || echo read-only",
+    ]);
+    spec.namespaces
+        .retain(|ns| !matches!(ns.kind, NamespaceKind::Network | NamespaceKind::Cgroup));
+    let out = run_on(&mut vm, in_user_namespace(spec, 200_000), None, false);
+    vm.shutdown();
+    assert_eq!(out.status, ExitStatus::Code(0), "{out:?}");
+    assert_eq!(out.stdout(), "sys\ncgroup\nread-only\n", "{out:?}");
 }

@@ -110,6 +110,24 @@ fn podman_runs_hull_containers() {
         "from the container\n"
     );
 
+    // --uidmap/--gidmap: a user namespace made in the guest; Podman shifts the image's
+    // files to the mapped ids, and the container's root writes as 100000 on the host.
+    let mapped = hull_run(
+        &[
+            "--rm",
+            "--uidmap",
+            "0:100000:65536",
+            "--gidmap",
+            "0:100000:65536",
+        ],
+        "id -u; cat /proc/self/uid_map; echo x > /tmp/f && ls -n /tmp/f",
+    );
+    assert_eq!(mapped.status.code(), Some(0), "{mapped:?}");
+    let words: Vec<&str> = mapped.stdout.split_whitespace().collect();
+    assert_eq!(words[..4], ["0", "0", "100000", "65536"], "{mapped:?}");
+    // `ls -n` in the container: owner 0 0 (in its namespace).
+    assert_eq!(words[6..8], ["0", "0"], "{mapped:?}");
+
     // -it: a terminal (under script(1), whose pty is the terminal podman sees) of the size
     // set on it, and typed input.
     let mut command = vec![PODMAN.to_owned()];

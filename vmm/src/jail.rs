@@ -189,6 +189,8 @@ pub enum JailError {
     Capabilities(#[source] caps::errors::CapsError),
     #[error("cannot set no_new_privs")]
     NoNewPrivs(#[source] io::Error),
+    #[error("cannot set SECBIT_NO_SETUID_FIXUP")]
+    Securebits(#[source] io::Error),
 }
 
 /// What a jail holds, checked: absolute paths without `.` or `..`, a path inside another
@@ -510,9 +512,39 @@ fn pivot(dir: &Path) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Makes hull-vmm keep its capabilities while a file server thread acts as one of the guest's
+/// users (`SECBIT_NO_SETUID_FIXUP`, locked). The file server makes files with the guest's
+/// uid as its effective uid, and the kernel would otherwise clear the effective capabilities
+/// on that change: a guest process with the capabilities to create in a directory (the root of
+/// a user namespace, uid 100000 outside, in its own 0555 root directory) would get `EACCES`
+/// from the host after the guest kernel allowed it. The guest kernel checks permissions
+/// (virtio-fs is mounted with `default_permissions`), and a guest can claim uid 0 in any
+/// request anyway, so the host's repeat of the check protected nothing. What confines the file
+/// server is the share and the jail.
+pub fn keep_capabilities_across_id_changes() -> Result<(), JailError> {
+    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+    const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
+    // SAFETY: takes values, touches no memory of ours.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECUREBITS,
+            SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(JailError::Securebits(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Keeps [`KEPT_CAPABILITIES`] (bounding, permitted, effective; no inheritable or ambient
 /// ones) and sets `no_new_privs`.
 fn drop_privileges() -> Result<(), JailError> {
+    // Needs `CAP_SETPCAP`, which goes below.
+    keep_capabilities_across_id_changes()?;
     let kept: CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
     for cap in caps::all() {
         if !kept.contains(&cap) {
@@ -735,6 +767,21 @@ mod tests {
                     nix::sys::prctl::get_no_new_privs() == Ok(true),
                     "no_new_privs",
                 )?;
+                // SAFETY: takes no pointer.
+                let securebits = unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) };
+                check(securebits == 0b1100, "SECBIT_NO_SETUID_FIXUP, locked")?;
+                // Acting as another user keeps the capabilities, as the file server does.
+                // SAFETY: a system call on this thread's credentials, no pointers.
+                let acted = unsafe { libc::syscall(libc::SYS_setresuid, -1, 100_000, -1) };
+                check(
+                    acted == 0
+                        && caps::has_cap(None, CapSet::Effective, Capability::CAP_DAC_OVERRIDE)
+                            .unwrap_or(false),
+                    "CAP_DAC_OVERRIDE kept as uid 100000",
+                )?;
+                // SAFETY: as above.
+                let back = unsafe { libc::syscall(libc::SYS_setresuid, -1, 0, -1) };
+                check(back == 0, "back to uid 0")?;
                 check(
                     mount(
                         Some("tmpfs"),

@@ -524,6 +524,10 @@ fn main() -> ExitCode {
         if jail_dir.is_some() {
             log::warn!("HULL_VMM_JAIL=off: hull-vmm is not jailed");
         }
+        // As in the jail: the file server acts as the guest's users with its capabilities.
+        if let Err(err) = vmm::jail::keep_capabilities_across_id_changes() {
+            log::warn!("{}", error_chain(&err));
+        }
         let placed = container_binds(&config)
             .map_err(|e| format!("cannot name the container's bind mounts: {e}"))
             .and_then(|binds| {

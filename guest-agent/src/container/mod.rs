@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::sys;
 
 pub use caps::CapPlan;
+pub use process::set_rlimits_of;
 pub use seccomp::SeccompPlan;
 pub use setup::{exec_namespaces, open_init_namespaces};
 pub use zygote::{Handover, Zygote, ZygotePaths};

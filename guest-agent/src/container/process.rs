@@ -53,6 +53,18 @@ pub fn resource(kind: RlimitKind) -> Resource {
     }
 }
 
+/// Gives the process `pid`, which has not started yet, `process.rlimits` (`prlimit`), from the
+/// agent, as runc sets them from outside: rlimits are not namespaced, and a process in a user
+/// namespace cannot raise a hard limit itself (`RLIMIT_NOFILE` of 1048576 from Podman). The
+/// process sets the same values again, which is then no raise.
+pub fn set_rlimits_of(pid: nix::unistd::Pid, process: &Process) -> Result<(), ErrorResponse> {
+    for (i, r) in process.rlimits.iter().enumerate() {
+        sys::prlimit(pid, resource(r.kind), r.soft, r.hard)
+            .map_err(|e| io(format!("process.rlimits[{i}] {}", r.kind.oci_name()), e))?;
+    }
+    Ok(())
+}
+
 /// Becomes `process` and execs it; returns only the error that stopped it.
 pub fn exec(
     process: &Process,

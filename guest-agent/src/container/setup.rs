@@ -546,8 +546,39 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
         let source = m.source.as_deref().unwrap_or(fstype);
         let point = open_mount_point(root, dest, true).map_err(|e| io(&name, e))?;
         let data = (!data.is_empty()).then_some(data.as_str());
-        mount(Some(source), &fd_path(&point), Some(fstype), flags, data)
-            .map_err(|e| io(format!("{name}: mount"), e))?;
+        match mount(Some(source), &fd_path(&point), Some(fstype), flags, data) {
+            Err(Errno::EPERM) if config.spec.unshares(NamespaceKind::User) => {
+                // A user namespace may mount sysfs only with a network namespace it owns, and
+                // cgroup2 only with a cgroup namespace it owns; without them, as runc does,
+                // the guest's own is bound (read-only if the options say so).
+                let guest = match fstype {
+                    "sysfs" => "sys",
+                    "cgroup2" => "sys/fs/cgroup",
+                    _ => return Err(io(format!("{name}: mount"), Errno::EPERM)),
+                };
+                let source = config.agent_root.join(guest);
+                mount(
+                    Some(&source),
+                    &fd_path(&point),
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|e| io(format!("{name}: binding {}", source.display()), e))?;
+                let top = open_mount_point(root, dest, true).map_err(|e| io(&name, e))?;
+                let path = fd_path(&top);
+                let kept = locked_flags(&path).map_err(|e| io(&name, e))?;
+                mount(
+                    None::<&str>,
+                    &path,
+                    None::<&str>,
+                    flags | kept | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                    None::<&str>,
+                )
+                .map_err(|e| io(format!("{name}: remount with {:?}", m.options), e))?;
+            }
+            result => result.map_err(|e| io(format!("{name}: mount"), e))?,
+        }
     }
     if !propagation.is_empty() {
         // The mount now sits on the mount point: its path, resolved inside the root again.

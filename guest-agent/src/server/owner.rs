@@ -1036,11 +1036,11 @@ mod tests {
             message["request"]["body"]["create_container"]["spec"] = spec;
             serde_json::to_vec(&message).unwrap()
         };
-        // What the host refuses cannot even be decoded: a user namespace, a capability name,
+        // What the host refuses cannot even be decoded: a time namespace, a capability name,
         // a seccomp argument index that is no u8; and the OCI layout itself.
         for spec in [
             serde_json::json!({"process": {"args": ["sh"], "cwd": "/"},
-                "namespaces": [{"kind": "user"}]}),
+                "namespaces": [{"kind": "time"}]}),
             serde_json::json!({"process": {"args": ["sh"], "cwd": "/",
                 "capabilities": {"bounding": ["CAP_KILL"]}}}),
             serde_json::json!({"process": {"args": ["sh"], "cwd": "/"},

@@ -139,15 +139,17 @@ impl RealSystem {
         .map(|created| Box::new(created) as Box<dyn Waiting>)
     }
 
-    /// `process.oomScoreAdj` of a process that has not started yet, written by the agent (as
-    /// runc writes it from the host): the process itself may lack `CAP_SYS_RESOURCE` to lower
-    /// it, or a `/proc` to write it to.
-    fn set_oom_score_adj(
+    /// What the agent sets for a process that has not started yet, as runc sets it from the
+    /// host: `process.rlimits` (see [`container::set_rlimits_of`]) and `process.oomScoreAdj`
+    /// (the process itself may lack `CAP_SYS_RESOURCE` to lower it, or a `/proc` to write it
+    /// to).
+    fn set_from_outside(
         &self,
         waiting: &dyn Waiting,
-        adj: Option<i32>,
+        process: &Process,
     ) -> Result<(), ErrorResponse> {
-        let Some(adj) = adj else {
+        container::set_rlimits_of(waiting.pid(), process)?;
+        let Some(adj) = process.oom_score_adj else {
             return Ok(());
         };
         let path = self
@@ -186,9 +188,9 @@ impl System for RealSystem {
                 )),
             }
         }
-        let oom_score_adj = config.spec.process.oom_score_adj;
+        let process = config.spec.process.clone();
         let waiting = self.create_unbounded(config)?;
-        self.set_oom_score_adj(waiting.as_ref(), oom_score_adj)?;
+        self.set_from_outside(waiting.as_ref(), &process)?;
         Ok(self.bound(waiting))
     }
 
@@ -198,9 +200,9 @@ impl System for RealSystem {
         namespaces: &[(&'static str, CloneFlags)],
         plan: ExecPlan,
     ) -> Result<Box<dyn Waiting>, ErrorResponse> {
-        let oom_score_adj = plan.process.oom_score_adj;
+        let process = plan.process.clone();
         let waiting = self.exec_unbounded(init, namespaces, plan)?;
-        self.set_oom_score_adj(waiting.as_ref(), oom_score_adj)?;
+        self.set_from_outside(waiting.as_ref(), &process)?;
         Ok(self.bound(waiting))
     }
 

@@ -317,10 +317,12 @@ fn make_state_dir(opts: &CreateOptions, checked: &Checked) -> anyhow::Result<Sta
     let state = StateDir::create(&opts.root, &opts.id)?;
     let spec = &checked.spec;
     // The binds share, with the mount point of each bind: what hull-vmm binds there in its own
-    // mount namespace is all the guest can reach of it.
+    // mount namespace is all the guest can reach of it. Searchable by anyone, so that a
+    // container whose root is a mapped id (a user namespace) reaches its binds: each keeps its
+    // own owner and mode.
     let binds = state.binds();
     std::fs::DirBuilder::new()
-        .mode(0o700)
+        .mode(0o711)
         .create(&binds)
         .with_context(|| format!("cannot make {}", binds.display()))?;
     for bind in &spec.binds {
