@@ -104,7 +104,7 @@ lint: deps
 # Each cargo-fuzz target in fuzz/ for FUZZ_SECONDS (docs/fuzzing.md). Not part of `make test`:
 # it needs the nightly toolchain, and its corpus and finds stay in fuzz/corpus, fuzz/artifacts.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := protocol_decoder vsock virtio_fs virtio_mmio emulation_assist
+FUZZ_TARGETS := protocol_decoder vsock virtio_fs virtio_mmio emulation_assist net
 fuzz:
 	@rustup run nightly rustc --version >/dev/null 2>&1 || { echo "error: fuzzing needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz

@@ -17,6 +17,7 @@ pub mod interrupt;
 pub mod mmio;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod mmio_fuzz;
+pub mod net;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
 pub mod vsock;
@@ -163,6 +164,30 @@ pub trait VirtioDevice: Send {
         let _ = progress;
         Err("this device cannot be snapshotted".into())
     }
+}
+
+/// Copies what lies at `offset` of a device's configuration space `config` into `data`; what
+/// `data` reaches past the space's end is left as it is (the transport zeroed it).
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// The queues handed over at activation, each in the slot of its index (a queue of an index
+/// past `N` is dropped).
+pub fn queue_slots<const N: usize>(queues: Vec<ActiveQueue>) -> [Option<ActiveQueue>; N] {
+    let mut slots: [Option<ActiveQueue>; N] = std::array::from_fn(|_| None);
+    for queue in queues {
+        if let Some(slot) = slots.get_mut(queue.index) {
+            *slot = Some(queue);
+        }
+    }
+    slots
 }
 
 /// Locks a device, carrying on with its state if another thread panicked while holding it

@@ -291,13 +291,7 @@ impl VirtioDevice for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
         let config = self.guest_cid.to_le_bytes();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::virtio::read_config_space(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -318,13 +312,7 @@ impl VirtioDevice for Vsock {
                 device_type: TYPE_VSOCK,
             });
         }
-        let mut slots: [Option<ActiveQueue>; 3] = [None, None, None];
-        for queue in queues {
-            if let Some(slot) = slots.get_mut(queue.index) {
-                *slot = Some(queue);
-            }
-        }
-        let [rx, tx, event] = slots;
+        let [rx, tx, event] = crate::virtio::queue_slots::<3>(queues);
         let missing = |index| ActivateError::MissingQueue {
             device_type: TYPE_VSOCK,
             index,
