@@ -120,6 +120,65 @@ fn default_guest_cid() -> u64 {
     3
 }
 
+/// A virtio-net device backed by a TAP of hull-vmm's network namespace, opened (and created if
+/// missing) before the jail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP's name (1 to 15 bytes).
+    pub tap: String,
+    /// The guest NIC's MAC, `aa:bb:cc:dd:ee:ff`: unicast, not all zeros.
+    pub mac: String,
+    /// The guest NIC's MTU (68 and up).
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+}
+
+fn default_mtu() -> u16 {
+    1500
+}
+
+impl NetConfig {
+    /// The MAC's six bytes, if it is one a guest NIC can take.
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        let parts: Vec<u8> = self
+            .mac
+            .split(':')
+            .map(|p| {
+                (p.len() == 2)
+                    .then(|| u8::from_str_radix(p, 16).ok())
+                    .flatten()
+            })
+            .collect::<Option<_>>()?;
+        let mac: [u8; 6] = parts.try_into().ok()?;
+        (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+    }
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// `TAP=MAC` or `TAP=MAC/MTU`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (tap, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("network device {s:?} is not TAP=MAC[/MTU]"))?;
+        let (mac, mtu) = match rest.split_once('/') {
+            Some((mac, mtu)) => (
+                mac,
+                mtu.parse()
+                    .map_err(|_| format!("network device {s:?}: MTU {mtu:?} is not a number"))?,
+            ),
+            None => (rest, default_mtu()),
+        };
+        Ok(Self {
+            tap: tap.to_owned(),
+            mac: mac.to_owned(),
+            mtu,
+        })
+    }
+}
+
 /// Everything hull-vmm needs to boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +209,9 @@ pub struct VmConfig {
     /// The virtio-vsock device, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// virtio-net devices, one per TAP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
 }
 
 fn default_vcpus() -> u8 {
@@ -199,6 +261,7 @@ impl VmConfig {
             boot_messages: false,
             shared_dirs: Vec::new(),
             vsock: None,
+            net: Vec::new(),
         }
     }
 
@@ -238,6 +301,37 @@ impl VmConfig {
                 self.mem_size_mib.to_string(),
                 format!("must be from {MIN_MEM_SIZE_MIB} to {MAX_MEM_SIZE_MIB}"),
             ));
+        }
+        let mut taps = std::collections::HashSet::new();
+        for net in &self.net {
+            if net.tap.is_empty() || net.tap.len() > 15 || net.tap.contains(['\0', '/']) {
+                return Err(invalid(
+                    "net.tap",
+                    format!("{:?}", net.tap),
+                    "must be an interface name of 1 to 15 bytes".into(),
+                ));
+            }
+            if !taps.insert(net.tap.as_str()) {
+                return Err(invalid(
+                    "net.tap",
+                    format!("{:?}", net.tap),
+                    "is used twice".into(),
+                ));
+            }
+            if net.mac_bytes().is_none() {
+                return Err(invalid(
+                    "net.mac",
+                    format!("{:?}", net.mac),
+                    "must be a unicast MAC other than all zeros, as aa:bb:cc:dd:ee:ff".into(),
+                ));
+            }
+            if net.mtu < 68 {
+                return Err(invalid(
+                    "net.mtu",
+                    net.mtu.to_string(),
+                    "must be at least 68 (virtio-net's minimum)".into(),
+                ));
+            }
         }
         let mut tags = std::collections::HashSet::new();
         for dir in &self.shared_dirs {
@@ -398,6 +492,50 @@ mod tests {
         cfg.initramfs = Some(std::env::temp_dir());
         let err = cfg.validate(2).unwrap_err().to_string();
         assert!(err.contains("is not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn net_devices_parse_and_validate_naming_field_and_value() {
+        let net: NetConfig = "tap0=02:00:00:00:00:01/9000".parse().unwrap();
+        assert_eq!((net.tap.as_str(), net.mtu), ("tap0", 9000));
+        assert_eq!(net.mac_bytes(), Some([2, 0, 0, 0, 0, 1]));
+        let net: NetConfig = "tap0=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(net.mtu, 1500);
+        assert!("tap0".parse::<NetConfig>().is_err());
+        assert!("tap0=02:00:00:00:00:01/big".parse::<NetConfig>().is_err());
+
+        let mut cfg = VmConfig::new(existing_file());
+        let check = |cfg: &mut VmConfig, net: &str| {
+            cfg.net = vec![net.parse().unwrap()];
+            cfg.validate(2).err().map(|e| e.to_string())
+        };
+        assert_eq!(check(&mut cfg, "tap0=02:00:00:00:00:01"), None);
+        assert_eq!(
+            check(&mut cfg, "tap0=01:00:00:00:00:01").as_deref(),
+            Some(
+                "field `net.mac` = \"01:00:00:00:00:01\": must be a unicast MAC other than all \
+                 zeros, as aa:bb:cc:dd:ee:ff"
+            )
+        );
+        for bad in [
+            "tap0=00:00:00:00:00:00",
+            "tap0=02:00:00:00:00",
+            "tap0=02:00:00:00:00:0g",
+        ] {
+            assert!(
+                check(&mut cfg, bad).is_some_and(|e| e.contains("net.mac")),
+                "{bad}"
+            );
+        }
+        assert!(check(&mut cfg, "tap0=02:00:00:00:00:01/67").is_some_and(|e| e.contains("net.mtu")));
+        assert!(check(&mut cfg, "a-name-far-too-long=02:00:00:00:00:01")
+            .is_some_and(|e| e.contains("net.tap")));
+        cfg.net = vec!["t=02:00:00:00:00:01".parse().unwrap(); 2];
+        assert!(cfg
+            .validate(2)
+            .unwrap_err()
+            .to_string()
+            .contains("is used twice"));
     }
 
     #[test]

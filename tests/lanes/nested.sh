@@ -109,7 +109,7 @@ fi
 [[ -n $pkg ]] || die "apt knows no linux-image-amd64 dependency: cannot fetch L1's kernel"
 pkg_version=$(apt-cache policy "$pkg" | awk '/Candidate:/{print $2}')
 busybox_version=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || echo unknown)
-all_modules=(kvm_amd overlay "${modules[@]}")
+all_modules=(kvm_amd overlay tun "${modules[@]}")
 key=$( {
     echo "$pkg $pkg_version busybox $busybox_version"
     echo "modules ${all_modules[*]}"

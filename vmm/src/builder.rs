@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::virtio::fs::{Fs, FsConfig};
+use devices::virtio::net::{Net, Tap};
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -61,6 +62,13 @@ pub enum VmmError {
         tag: String,
         #[source]
         source: devices::virtio::fs::FsError,
+    },
+    /// A net device could not be set up on its TAP.
+    #[error("net device on TAP {tap}")]
+    Net {
+        tap: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The virtio-vsock device could not be created.
     #[error("vsock device on {path}")]
@@ -292,12 +300,60 @@ pub fn build(config: &VmConfig, kind: KvmKind) -> Result<Vmm, VmmError> {
     build_with_devices(config, kind, Vec::new())
 }
 
+/// The net devices of `config`'s TAPs, opened in the calling thread's network namespace: before
+/// the jail, which takes hull-vmm into a new, empty one (the TAPs' descriptors keep theirs).
+pub fn open_net_devices(config: &VmConfig) -> Result<Vec<Arc<Mutex<Net>>>, VmmError> {
+    config
+        .net
+        .iter()
+        .map(|net| {
+            let fail = |source: Box<dyn std::error::Error + Send + Sync>| VmmError::Net {
+                tap: net.tap.clone(),
+                source,
+            };
+            let mac = net
+                .mac_bytes()
+                .ok_or_else(|| fail(format!("MAC {:?} is not one a NIC takes", net.mac).into()))?;
+            let tap = Tap::open(&net.tap).map_err(|e| fail(Box::new(e)))?;
+            let device = Net::new(Box::new(tap), mac, net.mtu).map_err(|e| fail(Box::new(e)))?;
+            Ok(Arc::new(Mutex::new(device)))
+        })
+        .collect()
+}
+
 /// Builds a VM from `config` with extra virtio devices, announced to the guest in order.
 pub fn build_with_devices(
     config: &VmConfig,
     kind: KvmKind,
     virtio_devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
 ) -> Result<Vmm, VmmError> {
+    build_with_net(config, kind, Vec::new(), virtio_devices)
+}
+
+/// Builds a VM from `config` with the net devices of its TAPs ([`open_net_devices`], one per
+/// `config.net` entry, in order) and extra virtio devices.
+pub fn build_with_net(
+    config: &VmConfig,
+    kind: KvmKind,
+    nets: Vec<Arc<Mutex<Net>>>,
+    virtio_devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+) -> Result<Vmm, VmmError> {
+    if nets.len() != config.net.len() {
+        return Err(VmmError::Net {
+            tap: config
+                .net
+                .iter()
+                .map(|n| n.tap.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            source: format!(
+                "{} net devices opened for {} configured",
+                nets.len(),
+                config.net.len()
+            )
+            .into(),
+        });
+    }
     let kvm = Kvm::new().map_err(VmmError::Kvm)?;
     config.validate(kvm.get_max_vcpus())?;
 
@@ -311,7 +367,7 @@ pub fn build_with_devices(
         .transpose()?;
 
     let mut parts = Parts::new(&vm, config, None)?;
-    parts.attach_virtio(&vm, config, virtio_devices)?;
+    parts.attach_virtio(&vm, config, nets, virtio_devices)?;
     let device_manager = &parts.device_manager;
     let cmdline = kernel_cmdline(config, kind, &device_manager.cmdline_args())?;
     boot::configure_system(vm.memory(), &cmdline, initramfs)?;
@@ -347,6 +403,12 @@ pub fn restore(
         None => (Kvm::new().map_err(VmmError::Kvm)?, None),
     };
     config.validate(kvm.get_max_vcpus())?;
+    if let Some(net) = config.net.first() {
+        return Err(VmmError::Net {
+            tap: net.tap.clone(),
+            source: "a VM with network devices cannot be restored from a snapshot yet".into(),
+        });
+    }
     timeline.mark("open KVM");
     let (state_path, memory_path) = snapshot::paths(dir);
     let snap: Snapshot = snapshot::file::read(&state_path).map_err(SnapshotError::from)?;
@@ -374,7 +436,7 @@ pub fn restore(
     };
     snapshot_state::check_xsave_size(vm.fd()).map_err(SnapshotError::from)?;
     let mut parts = Parts::new(&vm, config, Some(&snap.serial))?;
-    parts.attach_virtio(&vm, config, Vec::new())?;
+    parts.attach_virtio(&vm, config, Vec::new(), Vec::new())?;
     parts.device_manager.restore_virtio(&snap.virtio)?;
     timeline.mark("devices");
     // The agent said it was ready before the snapshot; it is ready again at once.
@@ -478,12 +540,14 @@ struct Parts {
 }
 
 impl Parts {
-    /// The VM's virtio devices: `config`'s vsock and shared directories, then `extra`, in
-    /// that order (a snapshot's devices are restored in it).
+    /// The VM's virtio devices: `config`'s vsock and shared directories, its net devices
+    /// (opened by [`open_net_devices`]), then `extra`, in that order (a snapshot's devices are
+    /// restored in it).
     fn attach_virtio(
         &mut self,
         vm: &Vm,
         config: &VmConfig,
+        nets: Vec<Arc<Mutex<Net>>>,
         extra: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     ) -> Result<(), VmmError> {
         if let Some(vsock) = &config.vsock {
@@ -514,6 +578,12 @@ impl Parts {
             })?;
             self.device_manager
                 .attach_virtio(vm.fd(), vm.memory(), Arc::new(Mutex::new(fs)))?;
+        }
+        for net in nets {
+            // The device serves its queues and its TAP on the VMM's event loop.
+            self.event_manager.add_subscriber(net.clone());
+            self.device_manager
+                .attach_virtio(vm.fd(), vm.memory(), net)?;
         }
         for device in extra {
             self.device_manager

@@ -24,8 +24,8 @@ pub mod thread;
 pub mod vstate;
 
 pub use builder::{
-    build, build_with_devices, restore, PreparedVm, RunOutcome, SnapshotReport, Stopper, Vmm,
-    VmmError,
+    build, build_with_devices, build_with_net, open_net_devices, restore, PreparedVm, RunOutcome,
+    SnapshotReport, Stopper, Vmm, VmmError,
 };
 pub use config::{ConsoleConfig, VmConfig};
 pub use host::KvmKind;

@@ -22,7 +22,7 @@ use vmm::KvmKind;
 #[command(name = "hull-vmm", version, about = "Boot one hull micro-VM")]
 struct Args {
     /// VM configuration as a JSON file (exclusive with the flags below).
-    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_size_mib", "console", "boot_messages", "shared_dir", "vsock_uds", "vsock_cid"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "cmdline", "vcpus", "mem_size_mib", "console", "boot_messages", "shared_dir", "net", "vsock_uds", "vsock_cid"])]
     config: Option<PathBuf>,
     /// Uncompressed ELF vmlinux.
     #[arg(long, required_unless_present_any = ["config", "check_host"])]
@@ -48,6 +48,10 @@ struct Args {
     /// Share a host directory over virtio-fs: TAG=PATH or TAG=PATH:ro (repeatable).
     #[arg(long = "shared-dir")]
     shared_dir: Vec<vmm::config::SharedDirConfig>,
+    /// Give the guest a virtio-net device on a TAP of hull-vmm's network namespace (made if
+    /// missing): TAP=MAC or TAP=MAC/MTU (repeatable).
+    #[arg(long = "net")]
+    net: Vec<vmm::config::NetConfig>,
     /// Give the guest a virtio-vsock device backed by this Unix socket.
     #[arg(long = "vsock-uds")]
     vsock_uds: Option<PathBuf>,
@@ -201,6 +205,7 @@ impl Args {
         config.console = self.console.unwrap_or_default();
         config.boot_messages = self.boot_messages;
         config.shared_dirs = self.shared_dir;
+        config.net = self.net;
         config.vsock = self.vsock_uds.map(|uds_path| vmm::config::VsockConfig {
             guest_cid: self.vsock_cid,
             uds_path,
@@ -519,6 +524,16 @@ fn main() -> ExitCode {
             );
         }
     }
+    // The TAPs are opened in the namespace hull-vmm was started in: the jail's is new and
+    // empty, and an open TAP keeps its own.
+    let nets = if restore_dir.is_none() {
+        match vmm::open_net_devices(&config) {
+            Ok(nets) => nets,
+            Err(err) => return fail(&mut sync, error_chain(&err)),
+        }
+    } else {
+        Vec::new()
+    };
     let jail_off = std::env::var_os("HULL_VMM_JAIL").is_some_and(|v| v == "off");
     if jail_dir.is_none() || jail_off {
         if jail_dir.is_some() {
@@ -575,7 +590,7 @@ fn main() -> ExitCode {
         Some(dir) => vmm::restore(&config, dir, prepared),
         None => {
             drop(prepared);
-            vmm::build(&config, kind)
+            vmm::build_with_net(&config, kind, nets, Vec::new())
         }
     };
     let mut vmm = match built {

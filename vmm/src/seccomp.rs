@@ -252,6 +252,8 @@ const VMM: &[i64] = &[
     SYS_unlink,
     SYS_pread64,
     SYS_pwrite64,
+    // The net device's TAP.
+    SYS_readv,
 ];
 
 /// A vCPU: KVM's ioctls, eventfds (ioeventfd writes, a device's activation and reset, which
