@@ -359,22 +359,11 @@ fn root_propagation(spec: &ContainerSpec) -> Result<(), ErrorResponse> {
         if propagation.is_empty() {
             continue;
         }
-        let name = format!("mounts[{i}] ({})", m.destination);
-        let top =
-            open_mount_point(Path::new("/"), &m.destination, true).map_err(|e| io(&name, e))?;
-        mount(
-            None::<&str>,
-            &fd_path(&top),
-            None::<&str>,
-            propagation,
-            None::<&str>,
-        )
-        .map_err(|e| {
-            io(
-                format!("{name}: propagation, again after linux.rootfsPropagation"),
-                e,
-            )
-        })?;
+        let name = format!(
+            "mounts[{i}] ({}), again after linux.rootfsPropagation",
+            m.destination
+        );
+        set_mount_propagation(Path::new("/"), &m.destination, propagation, &name)?;
     }
     Ok(())
 }
@@ -581,19 +570,29 @@ fn mount_one(config: &Config, root: &Path, i: usize, m: &Mount) -> Result<(), Er
         }
     }
     if !propagation.is_empty() {
-        // The mount now sits on the mount point: its path, resolved inside the root again.
-        // (The descriptor must outlive the call: its path is only a name for it.)
-        let top = open_mount_point(root, dest, true).map_err(|e| io(&name, e))?;
-        mount(
-            None::<&str>,
-            &fd_path(&top),
-            None::<&str>,
-            propagation,
-            None::<&str>,
-        )
-        .map_err(|e| io(format!("{name}: propagation"), e))?;
+        set_mount_propagation(root, dest, propagation, &name)?;
     }
     Ok(())
+}
+
+/// Gives the mount on `dest` (below `root`) the propagation flags `propagation`. The mount sits
+/// on the mount point: its path is resolved inside the root again (the descriptor must outlive
+/// the call: its path is only a name for it).
+fn set_mount_propagation(
+    root: &Path,
+    dest: &str,
+    propagation: MsFlags,
+    name: &str,
+) -> Result<(), ErrorResponse> {
+    let top = open_mount_point(root, dest, true).map_err(|e| io(name, e))?;
+    mount(
+        None::<&str>,
+        &fd_path(&top),
+        None::<&str>,
+        propagation,
+        None::<&str>,
+    )
+    .map_err(|e| io(format!("{name}: propagation"), e))
 }
 
 /// Opens (`O_PATH`) the mount point `dest` below `root`, making what is missing (directories,
