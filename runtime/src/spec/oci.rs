@@ -378,8 +378,23 @@ fn check_namespace_path(
     use std::os::fd::AsRawFd;
     // `ioctl(fd, NS_GET_NSTYPE)`: `_IO(0xb7, 0x3)`.
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    let file = std::fs::File::open(path)
-        .map_err(|err| top.invalid(field, &path, format!("on the host: {err}")))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let on_host = |err: std::io::Error| top.invalid(field, &path, format!("on the host: {err}"));
+    // A namespace file is a regular (nsfs) file. Anything else is refused before it is opened:
+    // opening a FIFO would block `create`, and opening a device may do something.
+    let meta = std::fs::metadata(path).map_err(on_host)?;
+    if !meta.is_file() {
+        return Err(top.invalid(
+            field,
+            &path,
+            "not a namespace file (not even a regular file)",
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(on_host)?;
     // SAFETY: the ioctl takes no argument and reads nothing from this process.
     let found = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
     if found < 0 {
@@ -1146,6 +1161,14 @@ mod tests {
             (
                 with(
                     &["linux", "namespaces"],
+                    json!([{"type": "ipc", "path": "/dev/null"}]),
+                ),
+                "field `linux.namespaces[0].path` = \"/dev/null\": not a namespace file (not even a \
+                 regular file)",
+            ),
+            (
+                with(
+                    &["linux", "namespaces"],
                     json!([{"type": "uts", "path": "/proc/self/status"}]),
                 ),
                 "field `linux.namespaces[0].path` = \"/proc/self/status\": not a namespace file",
@@ -1156,6 +1179,28 @@ mod tests {
             assert!(err.starts_with("/b/config.json: field `"), "{err}");
             assert!(err.contains(want), "{err}\nwanted: {want}");
         }
+    }
+
+    #[test]
+    fn a_fifo_as_a_namespace_path_is_refused_without_blocking() {
+        let fifo = std::env::temp_dir().join(format!("hull-ns-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let path = fifo.to_str().unwrap().to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let spec = with(
+                &["linux", "namespaces"],
+                json!([{"type": "network", "path": path}]),
+            );
+            let _ = tx.send(check(spec));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("checking a FIFO path blocked");
+        std::fs::remove_file(&fifo).unwrap();
+        let err = result.unwrap_err();
+        assert!(err.contains("not a namespace file"), "{err}");
     }
 
     #[test]
