@@ -141,17 +141,7 @@ fn default_mtu() -> u16 {
 impl NetConfig {
     /// The MAC's six bytes, if it is one a guest NIC can take.
     pub fn mac_bytes(&self) -> Option<[u8; 6]> {
-        let parts: Vec<u8> = self
-            .mac
-            .split(':')
-            .map(|p| {
-                (p.len() == 2)
-                    .then(|| u8::from_str_radix(p, 16).ok())
-                    .flatten()
-            })
-            .collect::<Option<_>>()?;
-        let mac: [u8; 6] = parts.try_into().ok()?;
-        (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+        hull_protocol::parse_mac(&self.mac)
     }
 }
 
@@ -212,6 +202,31 @@ pub struct VmConfig {
     /// virtio-net devices, one per TAP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<NetConfig>,
+    /// Empty NIC slots, filled while the VM runs with TAPs of hull-vmm's network namespace
+    /// (a container's interfaces, mirrored): at most [`MAX_NIC_SLOTS`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub nic_slots: u8,
+    /// The network namespace hull-vmm lives in, joined or made before the jail; without one
+    /// the jail gives it a new, empty one (the TAPs of `net` are opened before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetNamespace>,
+}
+
+/// The most NIC slots a VM has (each is a virtio-mmio device with an interrupt line).
+pub const MAX_NIC_SLOTS: u8 = 8;
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// Where hull-vmm's network namespace comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum NetNamespace {
+    /// A new one, made for the VM: it is the container's (`/proc/<hull-vmm>/ns/net`).
+    New,
+    /// The namespace file at this path (a container's `linux.namespaces[].path`), joined.
+    Path(PathBuf),
 }
 
 fn default_vcpus() -> u8 {
@@ -262,6 +277,8 @@ impl VmConfig {
             shared_dirs: Vec::new(),
             vsock: None,
             net: Vec::new(),
+            nic_slots: 0,
+            netns: None,
         }
     }
 
@@ -301,6 +318,22 @@ impl VmConfig {
                 self.mem_size_mib.to_string(),
                 format!("must be from {MIN_MEM_SIZE_MIB} to {MAX_MEM_SIZE_MIB}"),
             ));
+        }
+        if self.nic_slots > MAX_NIC_SLOTS {
+            return Err(invalid(
+                "nic_slots",
+                self.nic_slots.to_string(),
+                format!("a VM has at most {MAX_NIC_SLOTS}"),
+            ));
+        }
+        if let Some(NetNamespace::Path(path)) = &self.netns {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    "netns.path",
+                    format!("{:?}", path.display().to_string()),
+                    "must be an absolute path".into(),
+                ));
+            }
         }
         let mut taps = std::collections::HashSet::new();
         for net in &self.net {

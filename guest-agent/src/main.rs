@@ -21,6 +21,7 @@ mod container;
 mod init;
 mod listener;
 mod mode;
+mod network;
 mod power;
 mod ready;
 mod reaper;

@@ -189,10 +189,74 @@ pub struct Exec {
     pub stdio: Stdio,
 }
 
+/// The guest's network: the container's interfaces, mirrored from its network namespace on
+/// the host onto NICs, with their addresses, and the routes through them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub interfaces: Vec<NetInterface>,
+    /// Added once every interface is up, in order.
+    pub routes: Vec<NetRoute>,
+}
+
+/// One NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetInterface {
+    /// Its name in the guest: the mirrored interface's (`eth0`).
+    pub name: String,
+    /// `aa:bb:cc:dd:ee:ff`, the mirrored interface's.
+    pub mac: String,
+    pub mtu: u16,
+    /// `ADDRESS/PREFIX`, IPv4 or IPv6.
+    pub addresses: Vec<String>,
+    /// The TAP on the host, in hull-vmm's network namespace, that hull-vmm puts in a NIC slot
+    /// (the host's part; the agent ignores it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tap: String,
+    /// The guest's platform device of that slot (`virtio-mmio.N`), which the agent binds the
+    /// virtio-mmio driver to; set by hull-vmm.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub device: String,
+}
+
+/// The six bytes of a MAC written `aa:bb:cc:dd:ee:ff`, if it is one a NIC can take: unicast,
+/// not all zeros.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|p| {
+            (p.len() == 2)
+                .then(|| u8::from_str_radix(p, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    let mac: [u8; 6] = bytes.try_into().ok()?;
+    (mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+/// One route of the main table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRoute {
+    /// `ADDRESS/PREFIX`; `None` is the default route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The name of the interface it goes out of (one of [`NetworkConfig::interfaces`], or one
+    /// the guest has already).
+    pub interface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<u32>,
+}
+
 /// What the host asks of the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestBody {
+    /// Brings up NICs and adds routes; answered with [`ResponseBody::Ok`].
+    ConfigureNetwork(Box<NetworkConfig>),
     /// Answered with [`ResponseBody::Ok`] once the container is ready to start.
     CreateContainer(Box<CreateContainer>),
     /// Starts the init process; answered with [`ResponseBody::Started`].

@@ -9,6 +9,7 @@
 //! (or a zombie), else `created` or `running` as recorded.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,12 @@ pub struct Saved {
     /// hull-vmm's host cgroup (removed at `delete`).
     #[serde(default)]
     pub cgroup: Option<crate::cgroup::VmCgroup>,
+    /// The container's network namespace on the host.
+    #[serde(default)]
+    pub network: Option<crate::network::Namespace>,
+    /// Its interfaces mirrored into the VM (their TAPs and qdiscs are removed at `delete`).
+    #[serde(default)]
+    pub mirrored: Vec<crate::network::Mirrored>,
 }
 
 /// A container's status, as runc reports it.
@@ -197,6 +204,8 @@ impl Container {
                 self.saved.id
             ),
         }
+        self.sync_network()
+            .with_context(|| format!("cannot start container {}", self.saved.id))?;
         let answer = self
             .client()?
             .request(RequestBody::StartContainer, Some(REQUEST_DEADLINE))
@@ -216,6 +225,46 @@ impl Container {
             &self.hook_state(Status::Running),
         );
         Ok(())
+    }
+
+    /// Mirrors the interfaces of the container's network namespace that are not in the VM yet
+    /// (all of them at `create`; at `start`, those added since, by a prestart hook or by hand).
+    pub fn sync_network(&mut self) -> anyhow::Result<()> {
+        let Some(namespace) = &self.saved.network else {
+            return Ok(());
+        };
+        let vmm = (self.saved.pid, self.saved.pid_start);
+        let all = crate::network::sync(namespace, vmm, &self.saved.mirrored, || self.client())?;
+        if all != self.saved.mirrored {
+            self.saved.mirrored = all;
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Removes the TAPs and qdiscs of the mirroring from a network namespace that outlives
+    /// the container: the spec's path, or hull-vmm's own while it lives (`netns`, opened before
+    /// hull-vmm is killed). A namespace that is gone took them along.
+    fn unmirror(&self, netns: Option<File>) {
+        let Some(netns) = netns else { return };
+        if let Err(err) = crate::network::unmirror(&netns, &self.saved.mirrored) {
+            log::warn!("container {}: {err:#}", self.saved.id);
+        }
+    }
+
+    /// The network namespace to remove the mirroring from, if it can be reached.
+    fn namespace_to_clean(&self) -> Option<File> {
+        if self.saved.mirrored.is_empty() {
+            return None;
+        }
+        let namespace = self.saved.network.as_ref()?;
+        match namespace.open((self.saved.pid, self.saved.pid_start)) {
+            Ok(file) => Some(file),
+            Err(err) => {
+                log::debug!("no network namespace to clean: {err:#}");
+                None
+            }
+        }
     }
 
     /// `hull kill`: `SIGKILL` to the init ends the VM (hull-vmm itself is killed); other
@@ -264,6 +313,7 @@ impl Container {
     /// `hull delete`: a stopped container, or any with `force` (its VM is killed). Runs the
     /// poststop hooks, then removes the state.
     pub fn delete(&self, force: bool) -> anyhow::Result<()> {
+        let netns = self.namespace_to_clean();
         let status = self.status();
         if status != Status::Stopped {
             if !force {
@@ -277,6 +327,7 @@ impl Container {
         }
         let poststop = self.hooks().map(|h| h.poststop).unwrap_or_default();
         crate::hooks::run_hooks_warning("poststop", &poststop, &self.hook_state(Status::Stopped));
+        self.unmirror(netns);
         if let Some(cgroup) = &self.saved.cgroup {
             cgroup.remove();
         }

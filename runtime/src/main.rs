@@ -19,6 +19,7 @@ mod forward;
 mod hooks;
 mod logger;
 mod mountpoints;
+mod network;
 mod paths;
 mod signal_name;
 mod spec;

@@ -99,6 +99,9 @@ pub struct Key {
     pub vsock_cid: Option<u64>,
     /// Each shared directory's tag and whether it is read-only.
     pub shared_dirs: Vec<(String, bool)>,
+    /// Empty NIC slots.
+    #[serde(default)]
+    pub nic_slots: u8,
 }
 
 impl Key {
@@ -122,6 +125,7 @@ impl Key {
                 .iter()
                 .map(|d| (d.tag.clone(), d.read_only))
                 .collect(),
+            nic_slots: config.nic_slots,
         })
     }
 
@@ -304,6 +308,9 @@ fn build_in(
     let share = work.join("share");
     std::fs::create_dir_all(&share).with_context(|| format!("cannot make {}", share.display()))?;
     let mut template = config.clone();
+    // The template's hull-vmm lives in the jail's empty network namespace; a container's
+    // hull-vmm joins its own before it restores.
+    template.netns = None;
     template.console = hull_contract::vm::ConsoleConfig::File(work.join("console.log"));
     if let Some(vsock) = &mut template.vsock {
         vsock.uds_path = work.join("v.sock");
@@ -460,6 +467,7 @@ mod tests {
             boot_messages: false,
             vsock_cid: Some(3),
             shared_dirs: vec![("rootfs".into(), false)],
+            nic_slots: 4,
         }
     }
 

@@ -58,7 +58,8 @@ deadline=900
 exec_cmd=
 programs=()
 files=()
-host_bins=(/usr/bin/timeout)
+# `ip`: the network tests build their namespaces, veths and bridges with it, as CNI would.
+host_bins=(/usr/bin/timeout /usr/sbin/ip)
 modules=()
 declare -A requires=() reasons=() skip_args=()
 skip_notes=()
@@ -109,7 +110,8 @@ fi
 [[ -n $pkg ]] || die "apt knows no linux-image-amd64 dependency: cannot fetch L1's kernel"
 pkg_version=$(apt-cache policy "$pkg" | awk '/Candidate:/{print $2}')
 busybox_version=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || echo unknown)
-all_modules=(kvm_amd overlay tun "${modules[@]}")
+# tun, veth, bridge and tc's ingress qdisc, u32 filter and mirred action: hull's networking.
+all_modules=(kvm_amd overlay tun veth bridge sch_ingress cls_u32 act_mirred "${modules[@]}")
 key=$( {
     echo "$pkg $pkg_version busybox $busybox_version"
     echo "modules ${all_modules[*]}"

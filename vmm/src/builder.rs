@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::virtio::fs::{Fs, FsConfig};
-use devices::virtio::net::{Net, Tap};
+use devices::virtio::net::{Net, NetSlot, Tap};
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -248,6 +248,7 @@ pub struct Vmm {
     /// The agent's readiness (or fatal) line, from the console, until taken.
     agent_reports: Option<Receiver<AgentReport>>,
     cmdline: String,
+    nic_slots: crate::nic::NicSlots,
 }
 
 /// Ends a running VM from another thread: [`Vmm::run`] returns [`VmExit::Stopped`] unless
@@ -537,6 +538,8 @@ struct Parts {
     agent_reports: Receiver<AgentReport>,
     /// Where the agent's reports come from (the console's scanner has a clone).
     reports_tx: Sender<AgentReport>,
+    /// The empty NIC slots (`VmConfig::nic_slots`).
+    nic_slots: crate::nic::NicSlots,
 }
 
 impl Parts {
@@ -585,6 +588,18 @@ impl Parts {
             self.device_manager
                 .attach_virtio(vm.fd(), vm.memory(), net)?;
         }
+        let mut slots = Vec::with_capacity(usize::from(config.nic_slots));
+        for _ in 0..config.nic_slots {
+            let slot = NetSlot::new().map_err(setup_err("a NIC slot's eventfd"))?;
+            let slot = Arc::new(Mutex::new(slot));
+            // The platform device the guest makes of the next command-line entry.
+            let guest_device = format!("virtio-mmio.{}", self.device_manager.cmdline_args().len());
+            self.event_manager.add_subscriber(slot.clone());
+            self.device_manager
+                .attach_virtio(vm.fd(), vm.memory(), slot.clone())?;
+            slots.push((slot, guest_device));
+        }
+        self.nic_slots = crate::nic::NicSlots::new(slots);
         for device in extra {
             self.device_manager
                 .attach_virtio(vm.fd(), vm.memory(), device)?;
@@ -634,6 +649,7 @@ impl Parts {
             threads,
             agent_reports,
             reports_tx,
+            nic_slots: crate::nic::NicSlots::default(),
         })
     }
 
@@ -666,6 +682,7 @@ impl Parts {
             threads: self.threads,
             agent_reports: Some(self.agent_reports),
             cmdline,
+            nic_slots: self.nic_slots,
         }
     }
 }
@@ -685,6 +702,11 @@ impl Vmm {
     /// console (once; `None` after the first call). See `container::ready`.
     pub fn agent_reports(&mut self) -> Option<Receiver<AgentReport>> {
         self.agent_reports.take()
+    }
+
+    /// The VM's NIC slots, for the container supervisor to fill.
+    pub fn nic_slots(&self) -> crate::nic::NicSlots {
+        self.nic_slots.clone()
     }
 
     /// The guest's memory.

@@ -1,9 +1,10 @@
 //! The jail hull-vmm puts itself in before it builds the VM (DESIGN.md Security), Firecracker's
 //! jailer done by hull-vmm itself:
 //!
-//! - **Namespaces**: a mount namespace of its own, and new IPC, UTS and network namespaces (a
-//!   hull-vmm needs no host network: the vsock device is Unix sockets, and a TAP is opened
-//!   before the jail). No PID namespace: `unshare(CLONE_NEWPID)` only moves children, and a
+//! - **Namespaces**: a mount namespace of its own, new IPC and UTS namespaces, and a new
+//!   network namespace unless hull-vmm joined the container's (whose interfaces it serves to
+//!   the guest through TAPs; otherwise it needs no network: the vsock device is Unix sockets,
+//!   and a TAP of `--net` is opened before the jail). No PID namespace: `unshare(CLONE_NEWPID)` only moves children, and a
 //!   process whose children live in another PID namespace can start no threads.
 //! - **The root**: a small tmpfs, made read-only once filled, holding only what hull-vmm names
 //!   ([`Bind`]): its state directory (its sockets, configuration and logs), the guest kernel and
@@ -318,7 +319,10 @@ fn threads() -> usize {
 /// Jails hull-vmm in `dir` (made if missing, and left empty on the host) with `binds`: see the
 /// module's documentation. Call while hull-vmm has one thread, after everything the jail does
 /// not hold has been opened.
-pub fn enter(dir: &Path, binds: &[Bind]) -> Result<(), JailError> {
+///
+/// `new_netns`: a new, empty network namespace too; without, hull-vmm stays in the one it
+/// joined (the container's, where its TAPs are).
+pub fn enter(dir: &Path, binds: &[Bind], new_netns: bool) -> Result<(), JailError> {
     let plan = plan(binds)?;
     if !dir.is_absolute() {
         return Err(JailError::BadPath(dir.to_owned()));
@@ -337,13 +341,12 @@ pub fn enter(dir: &Path, binds: &[Bind]) -> Result<(), JailError> {
             })
         }
     }
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWNET,
-    )
-    .map_err(|e| JailError::Unshare(e.into()))?;
+    let mut namespaces =
+        CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    if new_netns {
+        namespaces |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(namespaces).map_err(|e| JailError::Unshare(e.into()))?;
     let mount_err = |what: &'static str, path: &Path| {
         let path = path.to_owned();
         move |e: nix::Error| JailError::Mount {
@@ -708,6 +711,7 @@ mod tests {
                         Bind::read_only(&kernel),
                         Bind::writable(&state),
                     ],
+                    true,
                 )
                 .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
                 let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_owned()) };

@@ -18,10 +18,23 @@ pub mod jail;
 pub mod limits;
 pub use hull_contract::host;
 pub mod log_limit;
+pub mod nic;
 pub mod seccomp;
 pub mod snapshot;
 pub mod thread;
 pub mod vstate;
+
+/// An error and its sources, `: `-separated.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 pub use builder::{
     build, build_with_devices, build_with_net, open_net_devices, restore, PreparedVm, RunOutcome,

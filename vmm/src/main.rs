@@ -261,16 +261,7 @@ impl log::Log for Logger {
     fn flush(&self) {}
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+use vmm::error_chain;
 
 /// Takes the `--sync-fd` descriptor (checking that it is open) so that it closes on exec and
 /// when dropped.
@@ -354,6 +345,10 @@ fn jail_binds(
     use vmm::jail::Bind;
     // `/dev/urandom`: the seed the agent's handshake gives the guest.
     let mut binds = vec![Bind::device("/dev/kvm"), Bind::device("/dev/urandom")];
+    if config.nic_slots > 0 {
+        // The TAPs `hull` makes for the slots, attached by name.
+        binds.push(Bind::device("/dev/net/tun"));
+    }
     let mut dirs: Vec<&std::path::Path> = files.to_vec();
     if let ConsoleConfig::File(console) = &config.console {
         dirs.push(console);
@@ -380,6 +375,27 @@ fn jail_binds(
     }
     binds.extend(container_binds(config)?);
     Ok(binds)
+}
+
+/// Joins the network namespace at a path, or makes a new one: the container's. hull-vmm is
+/// then the process whose `/proc/PID/ns/net` it is, as a container's init is under runc.
+fn enter_netns(netns: &vmm::config::NetNamespace) -> Result<(), String> {
+    use nix::sched::CloneFlags;
+    match netns {
+        vmm::config::NetNamespace::New => nix::sched::unshare(CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("cannot make a network namespace: {e}")),
+        vmm::config::NetNamespace::Path(path) => {
+            let file = std::fs::File::open(path).map_err(|e| {
+                format!("field `netns.path` = {:?}: {e}", path.display().to_string())
+            })?;
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
+                format!(
+                    "field `netns.path` = {:?}: cannot join it as a network namespace: {e}",
+                    path.display().to_string()
+                )
+            })
+        }
+    }
 }
 
 /// Points standard input, output and error at `/dev/null`.
@@ -534,6 +550,13 @@ fn main() -> ExitCode {
     } else {
         Vec::new()
     };
+    // The container's network namespace, while hull-vmm has one thread (`setns` and
+    // `unshare` move the calling thread alone), before the jail, which keeps it.
+    if let Some(netns) = &config.netns {
+        if let Err(message) = enter_netns(netns) {
+            return fail(&mut sync, message);
+        }
+    }
     let jail_off = std::env::var_os("HULL_VMM_JAIL").is_some_and(|v| v == "off");
     if jail_dir.is_none() || jail_off {
         if jail_dir.is_some() {
@@ -567,7 +590,7 @@ fn main() -> ExitCode {
         let entered_jail = jail_binds(&config, &files, restore_dir.as_deref())
             .map_err(|e| format!("cannot name the jail's paths: {e}"))
             .and_then(|binds| {
-                vmm::jail::enter(&dir, &binds).map_err(|e| {
+                vmm::jail::enter(&dir, &binds, config.netns.is_none()).map_err(|e| {
                     format!(
                         "cannot jail hull-vmm in {}: {}",
                         dir.display(),
@@ -656,6 +679,7 @@ fn main() -> ExitCode {
                 signals,
                 sync.take(),
                 vmm.stopper(),
+                vmm.nic_slots(),
             )
             .map_err(|e| format!("cannot start the container supervisor: {e}"));
             match started {

@@ -436,7 +436,8 @@ impl MmioTransport {
         match offset {
             VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC_VALUE,
             VIRTIO_MMIO_VERSION => MMIO_VERSION,
-            VIRTIO_MMIO_DEVICE_ID => self.device_type,
+            // Asked each time: a NIC slot's changes when a NIC is put in it.
+            VIRTIO_MMIO_DEVICE_ID => lock_device(&self.device).device_type(),
             VIRTIO_MMIO_VENDOR_ID => MMIO_VENDOR_ID,
             VIRTIO_MMIO_DEVICE_FEATURES => {
                 let features = lock_device(&self.device).avail_features();

@@ -282,6 +282,9 @@ impl<S: System> Owner<S> {
         let id = request.id;
         let reply = match request.body {
             RequestBody::CreateContainer(create) => self.create(*create),
+            RequestBody::ConfigureNetwork(config) => {
+                Reply::Now(crate::network::configure(&config).map(|()| ResponseBody::Ok))
+            }
             RequestBody::StartContainer => self.start_container(id),
             RequestBody::Signal {
                 process,

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use hull_contract::vm::VmConfig;
+use hull_contract::vm::{NetNamespace, VmConfig};
 use hull_contract::{ContainerConfig, CreateReport};
 use hull_protocol::{CreateContainer, Rootfs};
 
@@ -145,6 +145,16 @@ impl Created {
 impl Drop for Created {
     fn drop(&mut self) {
         if self.state.is_some() {
+            // A namespace of the spec's outlives the container: the mirroring goes first.
+            if let Some(crate::network::Namespace::Path(path)) = &self.container.saved.network {
+                if let Ok(netns) = File::open(path) {
+                    if let Err(err) =
+                        crate::network::unmirror(&netns, &self.container.saved.mirrored)
+                    {
+                        log::warn!("{err:#}");
+                    }
+                }
+            }
             // Not kept: the container must not outlive the failure (its cgroup goes after it).
             let _ = self.vmm.kill();
             let _ = self.vmm.wait();
@@ -523,9 +533,14 @@ fn record(
             annotations,
             hooks: spec.spec.get("hooks").cloned().unwrap_or_default(),
             cgroup: cgroup.0.clone(),
+            network: Some(crate::network::namespace_of(match &spec.netns {
+                NetNamespace::Path(path) => Some(path),
+                NetNamespace::New => None,
+            })),
+            mirrored: Vec::new(),
         },
     };
-    let created = Created {
+    let mut created = Created {
         container,
         vmm,
         state: Some(state),
@@ -534,6 +549,8 @@ fn record(
     let state_doc = created.container.hook_state(Status::Created);
     crate::hooks::run_hooks("createRuntime", &checked.hooks.create_runtime, &state_doc)?;
     crate::hooks::run_hooks("prestart", &checked.hooks.prestart, &state_doc)?;
+    // After the hooks, which may have added interfaces (Docker's does).
+    created.container.sync_network()?;
     created.container.save()?;
     if let Some(path) = &opts.pid_file {
         write_atomic(path, pid.to_string().as_bytes())

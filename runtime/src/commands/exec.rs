@@ -470,6 +470,8 @@ mod tests {
                 annotations: Default::default(),
                 hooks: Value::Null,
                 cgroup: None,
+                network: None,
+                mirrored: Vec::new(),
             },
         };
         (container, dir)

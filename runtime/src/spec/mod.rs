@@ -5,8 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use hull_contract::vm::{HostBind, SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB};
-use hull_protocol::spec::ContainerSpec;
+use hull_contract::vm::{
+    HostBind, NetNamespace, SharedDirConfig, VmConfig, VsockConfig, MAX_MEM_SIZE_MIB,
+};
+use hull_protocol::spec::{ContainerSpec, NamespaceKind};
 use hull_protocol::Stdio;
 use serde_json::Value;
 
@@ -76,6 +78,10 @@ pub struct BundleSpec {
     /// The bind mounts of host paths, which hull-vmm binds into the binds share; their sources
     /// in [`BundleSpec::container`] point at the share in the guest.
     pub binds: Vec<HostBind>,
+    /// The container's network namespace on the host, where hull-vmm lives and whose
+    /// interfaces are mirrored into the VM. In the guest the container shares the agent's,
+    /// which holds the mirrored NICs: [`BundleSpec::container`] asks for none.
+    pub netns: NetNamespace,
 }
 
 /// Where the VM's files are.
@@ -196,6 +202,7 @@ impl BundleSpec {
         let mut container =
             oci::container_spec(&config_path, &oci::read_spec(&config_path, &spec)?)?;
         let binds = host_binds(bundle, &config_path, &mut container)?;
+        let netns = take_network_namespace(&config_path, &spec, &mut container)?;
 
         Ok(Self {
             config_path,
@@ -208,6 +215,7 @@ impl BundleSpec {
             terminal,
             console_size,
             binds,
+            netns,
         })
     }
 
@@ -254,8 +262,42 @@ impl BundleSpec {
             guest_cid: u64::from(hull_protocol::GUEST_CID),
             uds_path: paths.vsock_uds.clone(),
         });
+        config.nic_slots = crate::network::NIC_SLOTS;
+        config.netns = Some(self.netns.clone());
         config
     }
+}
+
+/// The spec's network namespace, taken out of what the guest is asked (see
+/// [`BundleSpec::netns`]). A spec without one asks for the host's network, which a VM cannot
+/// have.
+fn take_network_namespace(
+    config_path: &Path,
+    spec: &Value,
+    container: &mut ContainerSpec,
+) -> Result<NetNamespace, SpecError> {
+    let Some(at) = container
+        .namespaces
+        .iter()
+        .position(|n| n.kind == NamespaceKind::Network)
+    else {
+        let value = lookup(spec, &["linux", "namespaces"])
+            .cloned()
+            .unwrap_or(Value::Null);
+        return Err(SpecError::invalid(
+            config_path,
+            "linux.namespaces",
+            &value,
+            "has no `network` namespace: the container would share the host's network (host \
+             networking), which a micro-VM cannot; ask for {\"type\": \"network\"} (Docker \
+             and Podman: leave out --network host)",
+        ));
+    };
+    let namespace = container.namespaces.remove(at);
+    Ok(match namespace.path {
+        Some(path) => NetNamespace::Path(path.into()),
+        None => NetNamespace::New,
+    })
 }
 
 /// The spec's bind mounts of host paths (every `bind` mount: an OCI spec's sources are the
@@ -481,8 +523,48 @@ mod tests {
         json!({
             "ociVersion": "1.0.2",
             "process": {"args": ["sh"], "cwd": "/", "terminal": false},
-            "root": {"path": "rootfs"}
+            "root": {"path": "rootfs"},
+            "linux": {"namespaces": [{"type": "network"}]}
         })
+    }
+
+    #[test]
+    fn the_network_namespace_is_hull_vmm_s_and_host_networking_is_refused() {
+        let bundle = Bundle::new();
+        let spec = bundle.parse(&minimal()).unwrap();
+        assert_eq!(spec.netns, NetNamespace::New);
+        assert!(
+            spec.container.namespaces.is_empty(),
+            "the guest is asked for no network namespace: {:?}",
+            spec.container.namespaces
+        );
+        let config = spec.vm_config(&paths(), 2);
+        assert_eq!(config.netns, Some(NetNamespace::New));
+        assert_eq!(config.nic_slots, crate::network::NIC_SLOTS);
+
+        let mut joined = minimal();
+        joined["linux"]["namespaces"] =
+            json!([{"type": "pid"}, {"type": "network", "path": "/proc/self/ns/net"}]);
+        let spec = bundle.parse(&joined).unwrap();
+        assert_eq!(spec.netns, NetNamespace::Path("/proc/self/ns/net".into()));
+        assert_eq!(spec.container.namespaces.len(), 1);
+
+        let mut host = minimal();
+        host["linux"]["namespaces"] = json!([{"type": "pid"}]);
+        let err = bundle.parse(&host).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "field `linux.namespaces` = [{\"type\":\"pid\"}]: has no `network` namespace"
+            ) && err.contains("host networking"),
+            "{err}"
+        );
+        let mut none = minimal();
+        none.as_object_mut().unwrap().remove("linux");
+        let err = bundle.parse(&none).unwrap_err().to_string();
+        assert!(
+            err.contains("field `linux.namespaces` = null: has no `network`"),
+            "{err}"
+        );
     }
 
     fn paths() -> VmPaths {
@@ -622,23 +704,23 @@ mod tests {
         ];
         for (cpu, want) in cases {
             let mut s = minimal();
-            s["linux"] = json!({"resources": {"cpu": cpu.clone()}});
+            s["linux"]["resources"] = json!({"cpu": cpu.clone()});
             let spec = bundle.parse(&s).unwrap();
             assert_eq!(spec.vcpus, want, "{cpu}");
             assert_eq!(u32::from(spec.vm_config(&paths(), 255).vcpus), want);
         }
         let mut s = minimal();
-        s["linux"] = json!({"resources": {"cpu": {"cpus": "0-63"}}});
+        s["linux"]["resources"] = json!({"cpu": {"cpus": "0-63"}});
         let spec = bundle.parse(&s).unwrap();
         assert_eq!(spec.vm_config(&paths(), 2).vcpus, 2);
 
-        s["linux"] = json!({"resources": {"cpu": {"cpus": "3-1"}}});
+        s["linux"]["resources"] = json!({"cpu": {"cpus": "3-1"}});
         let err = bundle.parse(&s).unwrap_err().to_string();
         assert!(
             err.contains("field `linux.resources.cpu.cpus` = \"3-1\""),
             "{err}"
         );
-        s["linux"] = json!({"resources": {"cpu": {"quota": 1000, "period": 0}}});
+        s["linux"]["resources"] = json!({"cpu": {"quota": 1000, "period": 0}});
         let err = bundle.parse(&s).unwrap_err().to_string();
         assert!(
             err.contains("field `linux.resources.cpu.period` = 0"),
@@ -658,7 +740,7 @@ mod tests {
 
         let bundle = Bundle::new();
         let mut s = minimal();
-        s["linux"] = json!({"resources": {"memory": {"limit": 268435456}}});
+        s["linux"]["resources"] = json!({"memory": {"limit": 268435456}});
         assert_eq!(
             bundle
                 .parse(&s)
@@ -667,7 +749,7 @@ mod tests {
                 .mem_size_mib,
             320
         );
-        s["linux"] = json!({"resources": {"memory": {"limit": -1}}});
+        s["linux"]["resources"] = json!({"memory": {"limit": -1}});
         assert_eq!(
             bundle
                 .parse(&s)
@@ -676,7 +758,7 @@ mod tests {
                 .mem_size_mib,
             256
         );
-        s["linux"] = json!({"resources": {"memory": {"limit": "1G"}}});
+        s["linux"]["resources"] = json!({"memory": {"limit": "1G"}});
         let err = bundle.parse(&s).unwrap_err().to_string();
         assert!(
             err.contains("field `linux.resources.memory.limit` = \"1G\""),

@@ -120,6 +120,7 @@ pub fn start(
     signals: SigSet,
     sync: Option<File>,
     stopper: Stopper,
+    nic_slots: crate::nic::NicSlots,
 ) -> io::Result<ExitCell> {
     let status: ExitCell = Arc::new(Mutex::new(None));
     let created = Arc::new(AtomicBool::new(false));
@@ -140,6 +141,7 @@ pub fn start(
         pending: HashMap::new(),
         next_id: 1,
         host_tty,
+        nic_slots,
     };
     let early_stop = supervisor.stopper.clone();
     let early_status = status.clone();
@@ -162,6 +164,8 @@ pub fn start(
 }
 
 struct Supervisor {
+    /// The VM's NIC slots, filled by `configure_network` requests before they go to the agent.
+    nic_slots: crate::nic::NicSlots,
     /// Starts the supervisor's helper threads.
     threads: Spawner,
     /// When the supervisor started (with the VM), for the timings it logs.
@@ -424,6 +428,38 @@ impl Supervisor {
         Ok(1)
     }
 
+    /// Puts each interface's TAP in a NIC slot and tells the agent which device that is.
+    fn fill_nic_slots(
+        &self,
+        network: &mut hull_protocol::NetworkConfig,
+    ) -> Result<(), hull_protocol::ErrorResponse> {
+        for (i, iface) in network.interfaces.iter_mut().enumerate() {
+            if iface.tap.is_empty() {
+                return Err(hull_protocol::ErrorResponse::new(
+                    hull_protocol::ErrorKind::InvalidRequest,
+                    format!(
+                        "interfaces[{i}] ({}): no TAP to put in a NIC slot",
+                        iface.name
+                    ),
+                ));
+            }
+            iface.device = self
+                .nic_slots
+                .fill(&iface.tap, &iface.mac, iface.mtu)
+                .map_err(|e| {
+                    hull_protocol::ErrorResponse::new(
+                        hull_protocol::ErrorKind::InvalidRequest,
+                        format!(
+                            "interfaces[{i}] ({}): {}",
+                            iface.name,
+                            crate::error_chain(&e)
+                        ),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
     /// Serves until the VM is told to power off.
     fn serve(mut self, mut running: Running, rx: &Receiver<Incoming>) {
         let mut deadline: Option<Instant> = None;
@@ -474,7 +510,17 @@ impl Supervisor {
                         writer: writer.clone(),
                         id: request.id,
                     };
-                    if let Err(err) = self.send(&mut running.control, request.body, route) {
+                    let body = match request.body {
+                        RequestBody::ConfigureNetwork(mut network) => {
+                            if let Err(err) = self.fill_nic_slots(&mut network) {
+                                control::respond(&writer, request.id, Err(err));
+                                continue;
+                            }
+                            RequestBody::ConfigureNetwork(network)
+                        }
+                        body => body,
+                    };
+                    if let Err(err) = self.send(&mut running.control, body, route) {
                         control::respond(
                             &writer,
                             request.id,

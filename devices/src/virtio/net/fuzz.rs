@@ -31,7 +31,7 @@ const REGION: u64 = 16 << 20;
 const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 
 /// One end of a `SOCK_SEQPACKET` pair as the device's backend.
-struct PairIo(OwnedFd);
+pub struct PairIo(pub OwnedFd);
 
 impl AsRawFd for PairIo {
     fn as_raw_fd(&self) -> RawFd {

@@ -24,11 +24,13 @@ mod device;
 mod event_handler;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
+mod slot;
 pub mod tap;
 #[cfg(test)]
 mod tests;
 
 pub use device::{Net, NetStats};
+pub use slot::{NetSlot, SlotError};
 pub use tap::{FrameIo, Tap, TapError};
 
 /// Queue indices (virtio spec 5.1.2).
