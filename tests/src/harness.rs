@@ -502,3 +502,26 @@ pub fn assert_container_gone(root: &Path, id: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `GET /` from `addr` over HTTP/1.0, retried until it answers: the whole response.
+pub fn http_get(addr: &str, deadline: Duration) -> String {
+    use std::io::{Read, Write};
+    let end = Instant::now() + deadline;
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut conn = std::net::TcpStream::connect(addr)?;
+            conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+            conn.write_all(b"GET / HTTP/1.0\r\nHost: hull\r\n\r\n")?;
+            let mut text = String::new();
+            conn.read_to_string(&mut text)?;
+            Ok(text)
+        })();
+        match attempt {
+            Ok(text) if text.starts_with("HTTP/") => return text,
+            other => {
+                assert!(Instant::now() < end, "no page from {addr}: {other:?}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}

@@ -1,10 +1,12 @@
 //! End to end: Debian's Docker (dockerd 20.10) runs hull containers, `--runtime hull`. The test
 //! starts a private dockerd (its own data root, exec root, socket and pid file in a temporary
-//! directory, no bridge, no iptables), imports a busybox image made here (no registry is
-//! reachable) with `docker import`, and checks what a Docker user does: `docker run` with its
+//! directory, a bridge of its own, no iptables), imports a busybox image made here (no
+//! registry is reachable) with `docker import`, and checks what a Docker user does: `docker run` with its
 //! output and exit status, Docker's `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`,
 //! volumes both ways and read-only, `-it` (typed input and the window size), `-d` with `exec`, `logs`, `top`, `stop` (SIGTERM, then
-//! SIGKILL after the timeout), `restart`, `kill`, `wait` and `rm -f`. Docker's exec root gives
+//! SIGKILL after the timeout), `restart`, `kill`, `wait` and `rm -f`; on Docker's default
+//! bridge (a bridge the test makes), `-p` serving a page to the host through Docker's userland
+//! proxy, and a container fetching it from another by address. Docker's exec root gives
 //! hull state directories far past the length a socket address holds. When dockerd has
 //! stopped, nothing may be left: no `hull-vmm`, no hull state directory, no mount.
 
@@ -13,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hull_tests::harness::{
-    check_terminal_session, processes_mentioning, require_guest_artifacts, run, unmount_below,
-    workspace_bin, Finished, TempDir, TERMINAL_SCRIPT,
+    check_terminal_session, http_get, processes_mentioning, require_guest_artifacts, run,
+    unmount_below, workspace_bin, Finished, TempDir, TERMINAL_SCRIPT,
 };
 use hull_tests::image::write_busybox_tar;
 
@@ -28,10 +30,45 @@ const VM_DEADLINE: Duration = Duration::from_secs(300);
 /// host is emulated), and to stop.
 const DAEMON_DEADLINE: Duration = Duration::from_secs(300);
 
+/// The bridge of the private dockerd's default network, made by the test (dockerd would
+/// otherwise make `docker0`, which a system dockerd may own), and its address.
+const BRIDGE_CIDR: &str = "10.231.0.1/24";
+
+/// A bridge of the host made with iproute2's `ip`, deleted on drop.
+struct Bridge(String);
+
+impl Bridge {
+    fn new() -> Self {
+        let name = format!("hullbr{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let out = Command::new("/usr/sbin/ip")
+                .args(args)
+                .output()
+                .expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        ip(&["link", "add", &name, "type", "bridge"]);
+        let bridge = Self(name);
+        ip(&["addr", "add", BRIDGE_CIDR, "dev", &bridge.0]);
+        ip(&["link", "set", &bridge.0, "up"]);
+        bridge
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("/usr/sbin/ip")
+            .args(["link", "del", &self.0])
+            .status();
+    }
+}
+
 /// A private dockerd, stopped (and waited for) on drop.
 struct Dockerd {
     dir: TempDir,
     daemon: Option<Child>,
+    /// Dropped after the daemon.
+    _bridge: Bridge,
 }
 
 impl Dockerd {
@@ -41,6 +78,7 @@ impl Dockerd {
             "Debian's docker.io is not installed (make deps installs it)"
         );
         let dir = TempDir::new("docker");
+        let bridge = Bridge::new();
         let path = dir.path();
         let log = std::fs::File::create(path.join("dockerd.log")).unwrap();
         let daemon = Command::new(DOCKERD)
@@ -54,8 +92,9 @@ impl Dockerd {
             .arg(format!("unix://{}", path.join("docker.sock").display()))
             .arg("--add-runtime")
             .arg(format!("hull={}", workspace_bin("hull").display()))
+            .arg(format!("--bridge={}", bridge.0))
+            // Published ports go through Docker's userland proxy: no iptables rules.
             .args([
-                "--bridge=none",
                 "--iptables=false",
                 "--ip-masq=false",
                 "--storage-driver=overlay2",
@@ -68,6 +107,7 @@ impl Dockerd {
         let dockerd = Self {
             dir,
             daemon: Some(daemon),
+            _bridge: bridge,
         };
         let end = Instant::now() + DAEMON_DEADLINE;
         while !dockerd
@@ -161,6 +201,23 @@ impl Drop for Dockerd {
         }
         unmount_below(self.dir.path());
     }
+}
+
+/// `docker run --rm --runtime hull IMAGE sh -c SCRIPT` on the default bridge.
+fn hull_run_on_bridge(dockerd: &Dockerd, script: &str) -> Finished {
+    dockerd.docker(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "hull",
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ],
+        VM_DEADLINE,
+    )
 }
 
 fn processes_mentioning_pids(needle: &str) -> Vec<(i32, String)> {
@@ -316,6 +373,43 @@ fn docker_runs_hull_containers() {
     let forced = hull_run(&["-d", "--name", "forced"], "while :; do sleep 1; done");
     assert!(forced.status.success(), "{forced:?}");
     dockerd.ok(&["rm", "-f", "forced", "stubborn"], VM_DEADLINE);
+
+    // Docker's default bridge: a published port serves a page to the host, and another
+    // container reaches the server by its address.
+    let web = dockerd.ok(
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            "hull",
+            "--name",
+            "web",
+            "-p",
+            "127.0.0.1:18080:80",
+            IMAGE,
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-from-hull > /www/index.html && \
+             exec httpd -f -p 80 -h /www",
+        ],
+        VM_DEADLINE,
+    );
+    assert!(!web.trim().is_empty(), "{web:?}");
+    let page = http_get("127.0.0.1:18080", VM_DEADLINE);
+    assert!(
+        page.starts_with("HTTP/1.") && page.ends_with("hello-from-hull\n"),
+        "{page:?}"
+    );
+    let address = dockerd.ok(
+        &["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web"],
+        VM_DEADLINE,
+    );
+    let address = address.trim();
+    assert!(address.starts_with("10.231.0."), "{address:?}");
+    let fetched = hull_run_on_bridge(&dockerd, &format!("wget -qO- http://{address}/"));
+    assert!(fetched.status.success(), "{fetched:?}\n{}", dockerd.log());
+    assert_eq!(fetched.stdout, "hello-from-hull\n", "{fetched:?}");
+    dockerd.ok(&["rm", "-f", "web"], VM_DEADLINE);
 
     // Nothing is left once dockerd has stopped.
     dockerd.stop();

@@ -3,16 +3,17 @@
 //! event log of its own in a temporary directory, imports a busybox image made here, and checks
 //! what a Podman user does: `podman run` with output and exit status (and Podman's
 //! `/run/.containerenv`), a volume, `-it` (a terminal: typed input and the window size),
-//! `-d` with `exec`, `logs`, `stop` and `rm`. Nothing may be left: no `hull-vmm`, no hull state
-//! directory.
+//! `-d` with `exec`, `logs`, `stop` and `rm`; on Podman's default network (a CNI bridge),
+//! `-p` serving a page to the host and a container fetching it from another by address.
+//! Nothing may be left: no `hull-vmm`, no hull state directory.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use hull_tests::harness::{
-    check_terminal_session, processes_mentioning, require_guest_artifacts, run, unmount_below,
-    workspace_bin, Finished, TempDir, TERMINAL_SCRIPT,
+    check_terminal_session, http_get, processes_mentioning, require_guest_artifacts, run,
+    unmount_below, workspace_bin, Finished, TempDir, TERMINAL_SCRIPT,
 };
 use hull_tests::image::write_busybox_tar;
 
@@ -169,6 +170,45 @@ fn podman_runs_hull_containers() {
     );
     assert!(podman.ok(&["logs", "bg"]).contains("got-term"));
     podman.ok(&["rm", "bg"]);
+
+    // Podman's default network (a CNI bridge): a published port serves a page to the host,
+    // and another container reaches the server by its address.
+    let web = podman.podman(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        "127.0.0.1:18081:80",
+        IMAGE,
+        "sh",
+        "-c",
+        "mkdir -p /www && echo hello-from-hull > /www/index.html && exec httpd -f -p 80 -h /www",
+    ]);
+    assert!(web.status.success(), "{web:?}");
+    let page = http_get("127.0.0.1:18081", VM_DEADLINE);
+    assert!(
+        page.starts_with("HTTP/1.") && page.ends_with("hello-from-hull\n"),
+        "{page:?}"
+    );
+    let address = podman.ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web"]);
+    let fetched = podman.podman(&[
+        "run",
+        "--rm",
+        IMAGE,
+        "wget",
+        "-qO-",
+        &format!("http://{}/", address.trim()),
+    ]);
+    assert!(fetched.status.success(), "{fetched:?}");
+    assert_eq!(fetched.stdout, "hello-from-hull\n", "{fetched:?}");
+    podman.ok(&["rm", "-f", "web"]);
+    let web = web.stdout.trim();
+    assert!(
+        processes_mentioning(web).is_empty(),
+        "left: {:?}",
+        processes_mentioning(web)
+    );
 
     // Podman gives hull no --root: its state directories are in hull's default one.
     let id = id.stdout.trim();

@@ -332,7 +332,8 @@ const STREAMS: &[i64] = &[
 ];
 
 /// Besides [`STREAMS`]: connecting to the agent, the host pty (opened, made the controlling
-/// terminal, its size read), the console socket, and the control socket.
+/// terminal, its size read), the console socket, and the control socket; and a NIC put in a
+/// slot (its TAP attached by `TUNSETIFF`, its wake eventfd made).
 const SUPERVISOR: &[i64] = &[
     SYS_socket,
     SYS_connect,
@@ -343,6 +344,7 @@ const SUPERVISOR: &[i64] = &[
     SYS_ioctl,
     SYS_dup,
     SYS_dup3,
+    SYS_eventfd2,
 ];
 
 const CONTROL_LISTENER: &[i64] = &[
