@@ -13,7 +13,9 @@
 //!   the memory (RSS and PSS) of 10 idle VMs restored from one snapshot next to one booted;
 //! - `hull run` of a busybox `/bin/true` bundle, restored from its template (warm) and booted
 //!   (cold), next to `runc run` of the same bundle, on the same machine, in the same run, when
-//!   runc is installed.
+//!   runc is installed;
+//! - networking: TCP throughput host to container and back, and the round trip of a 64-byte
+//!   request, for runc and hull in the same namespace setup (a veth to a host-side namespace).
 //!
 //! Times are wall-clock; the figures are printed, never asserted.
 
@@ -66,6 +68,13 @@ struct Args {
     /// Yields per process in the context-switch measurement.
     #[arg(long, default_value_t = 2000)]
     yields: u32,
+    /// MiB sent each way in the network measurement (default 64, 2 on a PVM host, where the
+    /// guest's network stack runs emulated at tens of KB/s).
+    #[arg(long)]
+    net_mib: Option<usize>,
+    /// Round trips of a 64-byte request in the network measurement.
+    #[arg(long, default_value_t = 200)]
+    round_trips: usize,
     /// The lane the figures come from, printed with each of them (default: this host's KVM).
     #[arg(long)]
     lane: Option<String>,
@@ -584,6 +593,165 @@ fn bench_run(lane: &str, runc_runs: usize, hull_runs: usize, figures: &mut Figur
     }
 }
 
+/// The network setup of [`bench_network`]: the host side's address, and the container's.
+const NET_HOST: &str = "10.66.0.1";
+const NET_CONTAINER: &str = "10.66.0.2";
+
+/// What the container runs in [`bench_network`]: a sink that answers the byte count it read
+/// (host to container), a source of `blocks` 64 KiB blocks (container to host), an echo server
+/// (round trips). The same script under runc and hull.
+fn network_script(blocks: usize) -> String {
+    format!(
+        "/bin/busybox nc -l -p 5001 -e /bin/busybox wc -c; \
+         /bin/busybox dd if=/dev/zero bs=65536 count={blocks} 2>/dev/null | \
+         /bin/busybox nc {NET_HOST} 5002; \
+         /bin/busybox nc -l -p 5003 -e /bin/busybox cat"
+    )
+}
+
+/// Network figures of one runtime.
+struct NetFigures {
+    to_container: Duration,
+    from_container: Duration,
+    round_trips: Vec<Duration>,
+}
+
+/// The host side of [`network_script`], from a thread in the host namespace.
+fn network_host_side(bytes: usize, round_trips: usize) -> Result<NetFigures, String> {
+    use std::io::Write;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let connect = |port: u16| -> Result<TcpStream, String> {
+        let addr: std::net::SocketAddr = format!("{NET_CONTAINER}:{port}").parse().unwrap();
+        loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(stream) => return Ok(stream),
+                Err(e) if Instant::now() > deadline => return Err(format!("connect {addr}: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    };
+    let listener = TcpListener::bind(format!("{NET_HOST}:5002")).map_err(|e| e.to_string())?;
+    // Host to container: from the first byte written to the container's count of them.
+    let mut sink = connect(5001)?;
+    let block = vec![0x5au8; 65536];
+    let started = Instant::now();
+    for _ in 0..bytes / block.len() {
+        sink.write_all(&block).map_err(|e| e.to_string())?;
+    }
+    sink.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    let mut count = String::new();
+    sink.read_to_string(&mut count).map_err(|e| e.to_string())?;
+    let to_container = started.elapsed();
+    if count.trim() != bytes.to_string() {
+        return Err(format!("the container counted {count:?} of {bytes} bytes"));
+    }
+    // Container to host: from the first byte read to the last.
+    let (mut source, _) = listener.accept().map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 65536];
+    let mut got = source.read(&mut buf).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    while got < bytes {
+        match source.read(&mut buf).map_err(|e| e.to_string())? {
+            0 => return Err(format!("the container sent {got} of {bytes} bytes")),
+            n => got += n,
+        }
+    }
+    let from_container = started.elapsed();
+    drop(source);
+    // Round trips of 64 bytes through the echo server.
+    let mut echo = connect(5003)?;
+    echo.set_nodelay(true).map_err(|e| e.to_string())?;
+    let request = [0x42u8; 64];
+    let mut answer = [0u8; 64];
+    let mut times = Vec::with_capacity(round_trips);
+    for _ in 0..round_trips + 1 {
+        let sent = Instant::now();
+        echo.write_all(&request).map_err(|e| e.to_string())?;
+        echo.read_exact(&mut answer).map_err(|e| e.to_string())?;
+        times.push(sent.elapsed());
+    }
+    // The first round trip warms up the path.
+    times.remove(0);
+    Ok(NetFigures {
+        to_container,
+        from_container,
+        round_trips: times,
+    })
+}
+
+/// TCP throughput both ways and the round trip of a 64-byte request for runc and hull, each in
+/// a network namespace with a veth to the host side's namespace: the same setup, bundle and
+/// script, in the same run. hull's traffic crosses the mirroring (tc redirects, the TAP,
+/// virtio-net and the guest's own network stack); runc's is the host kernel's alone.
+fn bench_network(lane: &str, mib: usize, round_trips: usize) {
+    use hull_tests::netns::{use_netns, Netns};
+    let dir = TempDir::new("bench-net");
+    let bundle = match (runc_bundle(dir.path()), hull_tests::netns::unavailable()) {
+        (Ok(bundle), None) => bundle,
+        (Err(why), _) | (_, Some(why)) => {
+            println!("[{lane}] network throughput and round trips: skipped ({why})");
+            return;
+        }
+    };
+    let bytes = mib << 20;
+    let config = bundle.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    spec["process"]["args"] =
+        serde_json::json!(["/bin/busybox", "sh", "-c", network_script(bytes / 65536)]);
+    std::fs::write(&config, spec.to_string()).unwrap();
+    let templates = dir.path().join("templates");
+    println!(
+        "[{lane}] network, {mib} MiB each way and {round_trips} round trips of 64 bytes over a \
+         veth (MTU 1500), runc and hull in the same setup, same run:"
+    );
+    for (name, binary) in [
+        ("runc", PathBuf::from("runc")),
+        ("hull", workspace_bin("hull")),
+    ] {
+        let host = Netns::new("bench-h");
+        let netns = Netns::new("bench-c");
+        host.veth_to(
+            "vb0",
+            Some(&format!("{NET_HOST}/24")),
+            &netns,
+            &format!("{NET_CONTAINER}/24"),
+            NET_HOST,
+            1500,
+        );
+        use_netns(&config, Some(&netns.path()));
+        let host_side = host.run(move || network_host_side(bytes, round_trips));
+        let status = Command::new(&binary)
+            .env("HULL_TEMPLATE_DIR", &templates)
+            .arg("--root")
+            .arg(dir.path().join(format!("{name}-root")))
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(format!("hull-bench-net-{}", std::process::id()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+        let figures = host_side.join().expect("the host side");
+        match (status, figures) {
+            (Ok(status), Ok(figures)) if status.success() => {
+                let rate = |took: Duration| (bytes * 8) as f64 / took.as_secs_f64() / 1e6;
+                println!(
+                    "  {name:<5} host to container {:>9.1} Mbit/s   container to host {:>9.1} \
+                     Mbit/s   round trip {}",
+                    rate(figures.to_container),
+                    rate(figures.from_container),
+                    summary_us(figures.round_trips)
+                );
+            }
+            (status, figures) => println!(
+                "  {name}: failed ({status:?}, {:?})",
+                figures.err().unwrap_or_default()
+            ),
+        }
+    }
+}
+
 /// A `hull-vmm` of the real guest serving the agent (`hull.serve`), with its vsock socket and
 /// an empty share in `dir`, named `name`.
 fn agent_vm(kernel: &Path, initramfs: &Path, dir: &Path, name: &str) -> Command {
@@ -936,5 +1104,10 @@ fn main() {
         &mut figures,
     );
     bench_run(&lane, args.runc_runs, args.hull_runs, &mut figures);
+    let net_mib = args.net_mib.unwrap_or(match KvmKind::detect() {
+        KvmKind::Pvm => 2,
+        KvmKind::Hardware => 64,
+    });
+    bench_network(&lane, net_mib, args.round_trips);
     figures.print_ratios(&lane);
 }

@@ -354,6 +354,120 @@ mod tests {
         assert!(refused(one(bad_mtu)).contains("interfaces[0].mtu = 67"));
     }
 
+    /// A TAP named `name` in the calling thread's network namespace, gone when the
+    /// descriptor closes.
+    #[allow(unsafe_code)]
+    fn tap(name: &str) -> std::os::fd::OwnedFd {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+        // SAFETY: a plain open of a NUL-terminated path; the result is checked.
+        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: `raw` was just opened and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: an all-zero ifreq is valid.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *dst = *src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+        // SAFETY: TUNSETIFF reads and writes the ifreq, which outlives the call.
+        assert!(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } >= 0);
+        fd
+    }
+
+    /// The agent's side against the kernel, in a network namespace of a thread of its own,
+    /// with a TAP standing for the NIC a bound slot brings (found by its MAC).
+    #[test]
+    fn a_nic_found_by_its_mac_is_named_sized_addressed_and_routed() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root, to make a network namespace");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let _fd = tap("hulltest0");
+            let mut nl = Netlink::open().unwrap();
+            let before = nl
+                .links()
+                .unwrap()
+                .into_iter()
+                .find(|l| l.name == "hulltest0")
+                .unwrap();
+            let mac: Vec<String> = before
+                .mac
+                .unwrap()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let mac = mac.join(":");
+            let config = NetworkConfig {
+                interfaces: vec![iface("eth0", &mac, &["10.6.0.2/24"], "")],
+                routes: vec![
+                    NetRoute {
+                        destination: None,
+                        gateway: Some("10.6.0.1".into()),
+                        interface: "eth0".into(),
+                        metric: None,
+                    },
+                    NetRoute {
+                        destination: Some("192.168.7.0/24".into()),
+                        gateway: None,
+                        interface: "eth0".into(),
+                        metric: Some(5),
+                    },
+                ],
+            };
+            configure(&config).unwrap();
+            // Again: no error, nothing doubled.
+            configure(&config).unwrap();
+            let after = nl
+                .links()
+                .unwrap()
+                .into_iter()
+                .find(|l| l.index == before.index)
+                .unwrap();
+            assert_eq!(
+                (after.name.as_str(), after.mtu, after.up),
+                ("eth0", 1500, true)
+            );
+            let addresses: Vec<_> = nl
+                .addresses()
+                .unwrap()
+                .into_iter()
+                .filter(|a| a.index == before.index && a.ip.is_ipv4())
+                .map(|a| format!("{}/{}", a.ip, a.prefix))
+                .collect();
+            assert_eq!(addresses, ["10.6.0.2/24"]);
+            let routes = nl.routes().unwrap();
+            assert!(routes.iter().any(|r| r.destination.is_none()
+                && r.gateway == Some("10.6.0.1".parse().unwrap())
+                && r.interface == before.index));
+            assert!(routes.iter().any(|r| r.destination
+                == Some(("192.168.7.0".parse().unwrap(), 24))
+                && r.metric == Some(5)));
+
+            // A route through an interface the guest does not have.
+            let mut bad = config.clone();
+            bad.interfaces.clear();
+            bad.routes[0].interface = "eth9".into();
+            let err = configure(&bad).unwrap_err().message;
+            assert!(
+                err.contains("routes[0].interface = \"eth9\": no such interface"),
+                "{err}"
+            );
+            // No NIC of that MAC, and no device to bind.
+            let missing = NetworkConfig {
+                interfaces: vec![iface("eth1", "02:00:00:00:00:99", &[], "")],
+                routes: vec![],
+            };
+            let err = configure(&missing).unwrap_err().message;
+            assert!(err.contains("no NIC with MAC 02:00:00:00:00:99"), "{err}");
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn slot_devices_and_cidrs_parse() {
         assert!(is_slot_device("virtio-mmio.0"));

@@ -147,6 +147,12 @@ fn ingress_redirects_are_made_listed_and_removed_with_their_qdisc() {
         assert!(!nl.qdiscs(a).unwrap().contains(&"ingress".to_owned()));
         let err = nl.redirects(a).map(|r| r.len());
         assert!(matches!(err, Ok(0) | Err(_)), "{err:?}");
+        nl.add_veth("hullv0", "hullv1").unwrap();
+        let v0 = link(&mut nl, "hullv0").expect("the veth");
+        assert_eq!(v0.kind.as_deref(), Some("veth"));
+        assert!(link(&mut nl, "hullv1").is_some(), "its peer");
+        let err = nl.add_veth("hullv0", "hullv2").unwrap_err();
+        assert_eq!(err.errno(), Some(libc::EEXIST), "{err}");
         nl.delete_link(b).unwrap_or_else(|e| panic!("{e}"));
         assert!(link(&mut nl, "hulltest1").is_none());
         let err = nl.delete_link(b).unwrap_err();

@@ -401,3 +401,153 @@ pub fn namespace_of(path: Option<&Path>) -> Namespace {
         None => Namespace::Vmm,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use hull_netlink::Route;
+
+    use super::*;
+
+    /// Runs `body` on a thread in a new network namespace, given the namespace's file; `None`
+    /// (skipped) without root.
+    fn in_new_netns<T: Send>(body: impl FnOnce(File, Netlink) -> T + Send) -> Option<T> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root, to make a network namespace");
+            return None;
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                    let netns = File::open("/proc/thread-self/ns/net").unwrap();
+                    Some(body(netns, Netlink::open().unwrap()))
+                })
+                .join()
+                .unwrap()
+        })
+    }
+
+    fn index(nl: &mut Netlink, name: &str) -> Option<u32> {
+        nl.links()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.name == name)
+            .map(|l| l.index)
+    }
+
+    fn ingress(nl: &mut Netlink, index: u32) -> bool {
+        nl.qdiscs(index).unwrap().iter().any(|k| k == "ingress")
+    }
+
+    #[test]
+    fn an_interface_is_mirrored_onto_a_tap_both_ways_and_unmirrored() {
+        in_new_netns(|netns, mut nl| {
+            nl.add_veth("eth0", "peer0").unwrap();
+            let eth0 = index(&mut nl, "eth0").unwrap();
+            nl.set_link(eth0, None, Some(9000), Some(true)).unwrap();
+            nl.add_address(eth0, "10.5.0.2".parse().unwrap(), 24)
+                .unwrap();
+            let gateway: IpAddr = "10.5.0.1".parse().unwrap();
+            nl.add_route(&Route {
+                destination: None,
+                gateway: Some(gateway),
+                interface: eth0,
+                kernel: false,
+                metric: None,
+            })
+            .unwrap();
+            let mac = nl
+                .links()
+                .unwrap()
+                .into_iter()
+                .find(|l| l.index == eth0)
+                .and_then(|l| l.mac)
+                .unwrap();
+
+            let (mirrored, config) = mirror(&netns, &[]).unwrap();
+            // Both ends of the veth are here: both are mirrored, each onto a TAP of its own.
+            let mut names: Vec<_> = mirrored.iter().map(|m| m.link.as_str()).collect();
+            names.sort();
+            assert_eq!(names, ["eth0", "peer0"]);
+            let find = |name: &str| config.interfaces.iter().find(|i| i.name == name).unwrap();
+            let iface = find("eth0");
+            assert_eq!(iface.mac, format_mac(&mac));
+            assert_eq!(iface.mtu, 9000);
+            assert_eq!(iface.addresses, ["10.5.0.2/24"]);
+            let peer = find("peer0");
+            assert!(peer.addresses.is_empty());
+            let mut taps = [iface.tap.as_str(), peer.tap.as_str()];
+            taps.sort();
+            assert_eq!(taps, ["tap0_hull", "tap1_hull"]);
+            assert_eq!(
+                config.routes,
+                [NetRoute {
+                    destination: None,
+                    gateway: Some("10.5.0.1".into()),
+                    interface: "eth0".into(),
+                    metric: None,
+                }],
+                "the default route, not the kernel's subnet route"
+            );
+            let tap = index(&mut nl, &iface.tap).unwrap();
+            let tap_link = nl
+                .links()
+                .unwrap()
+                .into_iter()
+                .find(|l| l.index == tap)
+                .unwrap();
+            assert_eq!((tap_link.mtu, tap_link.up), (9000, true));
+            assert_eq!(tap_link.kind.as_deref(), Some("tun"));
+            assert_eq!(nl.redirects(eth0).unwrap(), [tap]);
+            assert_eq!(nl.redirects(tap).unwrap(), [eth0]);
+
+            // Again: nothing new to mirror.
+            let (again, config) = mirror(&netns, &mirrored).unwrap();
+            assert!(again.is_empty() && config.interfaces.is_empty());
+
+            unmirror(&netns, &mirrored).unwrap();
+            assert_eq!(index(&mut nl, "tap0_hull"), None);
+            assert_eq!(index(&mut nl, "tap1_hull"), None);
+            assert!(!ingress(&mut nl, eth0));
+            // Twice: what is gone is no error.
+            unmirror(&netns, &mirrored).unwrap();
+        });
+    }
+
+    #[test]
+    fn a_mirroring_that_fails_leaves_nothing_made() {
+        in_new_netns(|netns, mut nl| {
+            // The second interface has an ingress qdisc of someone else's: the first's TAP and
+            // qdiscs, made before, are undone too.
+            nl.add_veth("eth0", "eth1").unwrap();
+            let eth1 = index(&mut nl, "eth1").unwrap();
+            nl.add_ingress_qdisc(eth1).unwrap();
+            let err = format!("{:#}", mirror(&netns, &[]).unwrap_err());
+            assert!(
+                err.contains("cannot mirror interface eth1: eth1 has an ingress qdisc already"),
+                "{err}"
+            );
+            assert_eq!(index(&mut nl, "tap0_hull"), None);
+            assert_eq!(index(&mut nl, "tap1_hull"), None);
+            let eth0 = index(&mut nl, "eth0").unwrap();
+            assert!(!ingress(&mut nl, eth0));
+            assert!(ingress(&mut nl, eth1), "the qdisc that was there stays");
+
+            // More interfaces than NIC slots: refused before anything is made.
+            nl.add_veth("a0", "a1").unwrap();
+            nl.add_veth("b0", "b1").unwrap();
+            let err = format!("{:#}", mirror(&netns, &[]).unwrap_err());
+            assert!(
+                err.contains("has 6 interfaces to mirror into the VM; a VM has 4 NIC slots"),
+                "{err}"
+            );
+            assert!(nl
+                .links()
+                .unwrap()
+                .iter()
+                .all(|l| !l.name.ends_with("_hull")));
+        });
+    }
+}

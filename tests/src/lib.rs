@@ -4,5 +4,6 @@
 pub mod bundle;
 pub mod harness;
 pub mod image;
+pub mod netns;
 pub mod rng;
 pub mod tiny_guest;

@@ -3,7 +3,7 @@
 //! plugin would, and talks to the container from a thread that has joined the "host side"
 //! namespace:
 //!
-//! - TCP both ways, UDP, ICMP and 100 MiB checked by SHA-256, over a veth of MTU 9000; the
+//! - TCP both ways, UDP (a DNS query answered by the test), ICMP and 100 MiB checked by SHA-256, over a veth of MTU 9000; the
 //!   guest's NIC has the interface's name, MAC, MTU, address and default route;
 //! - two containers in two namespaces on one bridge (MTU 1280) talking to each other;
 //! - an interface moved into a new namespace after `create` (Docker's prestart hook does this),
@@ -16,64 +16,34 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use hull_netlink::Netlink;
 use hull_tests::bundle::Bundle;
 use hull_tests::harness::{assert_container_gone, require_guest_artifacts, workspace_bin, TempDir};
-use serde_json::{json, Value};
+use hull_tests::netns::{unavailable, use_netns, Netns};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const DEADLINE: Duration = Duration::from_secs(600);
-const IP: &str = "/usr/sbin/ip";
-/// Bytes sent to the container and checked there.
-const BULK: usize = 100 << 20;
+/// MiB sent to the container and checked there, unless `HULL_TEST_NET_MIB` says otherwise
+/// (the PVM lane, where the guest's network stack runs emulated at tens of KB/s, sends less).
+const BULK_MIB: usize = 100;
 
-/// A network namespace made with `ip netns add`, deleted on drop.
-struct Netns(String);
+fn bulk_bytes() -> usize {
+    std::env::var("HULL_TEST_NET_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(BULK_MIB)
+        << 20
+}
 
-impl Netns {
-    fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "hull-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        ip(&["netns", "add", &name]);
-        Self(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.0)
-    }
-
-    /// `ip -n NAME ARGS`.
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.0];
-        all.extend_from_slice(args);
-        ip(&all);
-    }
-
-    /// Runs `body` on a thread that has joined this namespace.
-    fn run<T: Send + 'static>(
-        &self,
-        body: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = self.path();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("the namespace file");
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            body()
-        })
-    }
-
-    /// The namespace's interfaces named `tapN_hull`, and those with an ingress qdisc.
-    fn leftovers(&self) -> (Vec<String>, Vec<String>) {
-        self.run(|| {
+/// The namespace's interfaces named `tapN_hull`, and those with an ingress qdisc.
+fn leftovers(netns: &Netns) -> (Vec<String>, Vec<String>) {
+    netns
+        .run(|| {
             let mut nl = Netlink::open().unwrap();
             let links = nl.links().unwrap();
             let taps = links
@@ -90,104 +60,35 @@ impl Netns {
         })
         .join()
         .unwrap()
-    }
-
-    fn assert_clean(&self) {
-        let (taps, ingress) = self.leftovers();
-        assert!(taps.is_empty(), "TAPs left in {}: {taps:?}", self.0);
-        assert!(
-            ingress.is_empty(),
-            "ingress qdiscs left in {}: {ingress:?}",
-            self.0
-        );
-    }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new(IP).args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new(IP)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {IP}: {e}"));
+fn assert_clean(netns: &Netns) {
+    let (taps, ingress) = leftovers(netns);
+    assert!(taps.is_empty(), "TAPs left in {}: {taps:?}", netns.0);
     assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ingress.is_empty(),
+        "ingress qdiscs left in {}: {ingress:?}",
+        netns.0
     );
 }
 
 /// Skips (returning false) where the test cannot build its namespaces.
 fn can_run() -> bool {
     require_guest_artifacts();
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root, for network namespaces");
-        return false;
+    match unavailable() {
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+        None => true,
     }
-    if !Path::new(IP).exists() {
-        eprintln!("skipped: needs iproute2's {IP}, to build the test's namespaces");
-        return false;
-    }
-    true
-}
-
-/// A veth from `host` (named `host_name`, with `host_cidr`) to `eth0` in `container` (with
-/// `cidr` and a default route through the host side), both of MTU `mtu`.
-fn veth(
-    host: &Netns,
-    host_name: &str,
-    host_cidr: Option<&str>,
-    container: &Netns,
-    cidr: &str,
-    gateway: &str,
-    mtu: u32,
-) {
-    let mtu = mtu.to_string();
-    host.ip(&[
-        "link",
-        "add",
-        host_name,
-        "mtu",
-        &mtu,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "mtu",
-        &mtu,
-        "netns",
-        &container.0,
-    ]);
-    if let Some(host_cidr) = host_cidr {
-        host.ip(&["addr", "add", host_cidr, "dev", host_name]);
-    }
-    host.ip(&["link", "set", host_name, "up"]);
-    container.ip(&["addr", "add", cidr, "dev", "eth0"]);
-    container.ip(&["link", "set", "eth0", "up"]);
-    container.ip(&["route", "add", "default", "via", gateway]);
 }
 
 /// A bundle running `script` in the network namespace at `netns` (a new one if `None`), with
 /// `CAP_NET_RAW` for `ping`.
 fn bundle(script: &str, netns: Option<&Path>) -> Bundle {
     let bundle = Bundle::builder().script(script).build();
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(bundle.config()).unwrap()).unwrap();
-    for ns in config["linux"]["namespaces"].as_array_mut().unwrap() {
-        if ns["type"] == "network" {
-            if let Some(path) = netns {
-                ns["path"] = json!(path);
-            }
-        }
-    }
-    config["process"]["capabilities"] = json!({
-        "bounding": ["CAP_NET_RAW"], "effective": ["CAP_NET_RAW"], "permitted": ["CAP_NET_RAW"]});
-    std::fs::write(bundle.config(), config.to_string()).unwrap();
+    use_netns(&bundle.config(), netns);
     bundle
 }
 
@@ -228,22 +129,64 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-fn connect_until(addr: SocketAddr, deadline: Instant) -> TcpStream {
+fn connect_until(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, String> {
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-            Ok(stream) => return stream,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            Ok(stream) => return Ok(stream),
+            Err(e) if Instant::now() > deadline => return Err(format!("connect to {addr}: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
+    }
+}
+
+/// UDP both ways: answers the container's DNS queries on `udp` (busybox's `nslookup` asks for
+/// A and AAAA records) until it has answered an A query, with 10.88.0.77; returns the name asked.
+fn answer_dns(udp: &UdpSocket) -> Result<String, String> {
+    let mut asked = None;
+    udp.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    loop {
+        let mut query = [0u8; 512];
+        let (n, from) = match udp.recv_from(&mut query) {
+            Ok(got) => got,
+            // Once the A query is answered, a while without another ends it.
+            Err(_) if asked.is_some() => return Ok(asked.unwrap_or_default()),
+            Err(e) => return Err(format!("no DNS query from the container: {e}")),
+        };
+        let query = &query[..n];
+        // The header, then one question: labels up to a zero byte, then type and class.
+        let mut at = 12;
+        let mut labels = Vec::new();
+        while at < n && query[at] != 0 {
+            let len = usize::from(query[at]);
+            let label = query
+                .get(at + 1..at + 1 + len)
+                .ok_or("a label past the end")?;
+            labels.push(String::from_utf8_lossy(label).into_owned());
+            at += 1 + len;
+        }
+        let end = at + 5;
+        let kind = query
+            .get(at + 1..at + 3)
+            .ok_or("a question without a type")?;
+        let is_a = kind == [0, 1];
+        let mut answer = query[..2].to_vec();
+        answer.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(is_a), 0, 0, 0, 0]);
+        answer.extend_from_slice(&query[12..end]);
+        if is_a {
+            answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 88, 0, 77]);
+            asked = Some(labels.join("."));
+            udp.set_read_timeout(Some(Duration::from_secs(3)))
+                .map_err(|e| e.to_string())?;
+        }
+        udp.send_to(&answer, from).map_err(|e| e.to_string())?;
     }
 }
 
 /// What the host side sends the container, and its SHA-256.
 fn bulk() -> (Vec<u8>, String) {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..BULK)
+    let data: Vec<u8> = (0..bulk_bytes())
         .map(|_| {
             state ^= state << 13;
             state ^= state >> 7;
@@ -265,8 +208,7 @@ fn traffic_flows_both_ways_through_a_mirrored_veth() {
     }
     let host = Netns::new("net-h");
     let netns = Netns::new("net-c");
-    veth(
-        &host,
+    host.veth_to(
         "vh0",
         Some("10.88.0.1/24"),
         &netns,
@@ -281,7 +223,7 @@ fn traffic_flows_both_ways_through_a_mirrored_veth() {
         echo \"route:$(busybox ip route | busybox grep default)\"; \
         busybox ping -c 3 -W 10 10.88.0.1 >/dev/null && echo ping-ok; \
         echo tcp-from-container | busybox nc 10.88.0.1 7001 && echo tcp-sent; \
-        echo udp-from-container | busybox nc -u -w 1 10.88.0.1 7002; \
+        busybox nslookup hull.test 10.88.0.1 | busybox grep -A1 'hull.test' | busybox tail -1; \
         echo \"hash:$(busybox nc -l -p 7003 | busybox sha256sum | busybox cut -d' ' -f1)\"";
     let bundle = bundle(script, Some(&netns.path()));
     let root = TempDir::new("net-root");
@@ -305,28 +247,48 @@ fn traffic_flows_both_ways_through_a_mirrored_veth() {
         .unwrap();
     let (data, want_hash) = bulk();
     // The host side: listeners first, then the bulk transfer into the container.
-    let host_side = host.run(move || {
-        let tcp = TcpListener::bind("10.88.0.1:7001").unwrap();
-        let udp = UdpSocket::bind("10.88.0.1:7002").unwrap();
+    // Every step bounded, so that a container that fails cannot hang the test.
+    let host_side = host.run(move || -> Result<(String, String, Duration), String> {
+        let err = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+        let tcp = TcpListener::bind("10.88.0.1:7001").map_err(err("bind 7001"))?;
+        let udp = UdpSocket::bind("10.88.0.1:53").map_err(err("bind 53"))?;
         let deadline = Instant::now() + DEADLINE;
-        let (mut conn, _) = tcp.accept().unwrap();
+        tcp.set_nonblocking(true).map_err(err("nonblocking"))?;
+        let mut conn = loop {
+            match tcp.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err("the container never connected to 7001".into());
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            }
+        };
+        conn.set_nonblocking(false).map_err(err("blocking"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(err("timeout"))?;
         let mut got = String::new();
-        conn.read_to_string(&mut got).unwrap();
-        udp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut buf = [0u8; 64];
-        let n = udp.recv(&mut buf).unwrap();
-        let datagram = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let mut stream = connect_until("10.88.0.2:7003".parse().unwrap(), deadline);
+        conn.read_to_string(&mut got).map_err(err("read 7001"))?;
+        let question = answer_dns(&udp)?;
+        let mut stream = connect_until("10.88.0.2:7003".parse().unwrap(), deadline)?;
+        stream
+            .set_write_timeout(Some(DEADLINE))
+            .map_err(err("timeout"))?;
         let started = Instant::now();
-        stream.write_all(&data).unwrap();
-        stream.shutdown(Shutdown::Write).unwrap();
-        (got, datagram, started.elapsed())
+        stream.write_all(&data).map_err(err("write 7003"))?;
+        stream.shutdown(Shutdown::Write).map_err(err("shutdown"))?;
+        Ok((got, question, started.elapsed()))
     });
     let out = run_in_background(root.path(), &bundle, "net-veth")
         .join()
         .unwrap();
     let context = context(&out);
-    let (tcp, udp, took) = host_side.join().expect("the host side");
+    let (tcp, question, took) = host_side
+        .join()
+        .expect("the host side")
+        .unwrap_or_else(|e| panic!("the host side: {e}\n{context}"));
     assert_eq!(out.status.code(), Some(0), "{context}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(field(&stdout, "mtu:"), Some("9000"), "{context}");
@@ -347,19 +309,24 @@ fn traffic_flows_both_ways_through_a_mirrored_veth() {
     assert!(stdout.contains("ping-ok"), "{context}");
     assert!(stdout.contains("tcp-sent"), "{context}");
     assert_eq!(tcp, "tcp-from-container\n");
-    assert_eq!(udp, "udp-from-container\n");
+    assert_eq!(question, "hull.test", "{context}");
+    assert!(
+        stdout.contains("Address: 10.88.0.77"),
+        "the DNS answer: {context}"
+    );
     assert_eq!(
         field(&stdout, "hash:"),
         Some(want_hash.as_str()),
         "{context}"
     );
     eprintln!(
-        "100 MiB host to container in {:.1} s ({:.0} Mbit/s)",
+        "{} MiB host to container in {:.1} s ({:.1} Mbit/s)",
+        bulk_bytes() >> 20,
         took.as_secs_f64(),
-        (BULK * 8) as f64 / took.as_secs_f64() / 1e6
+        (bulk_bytes() * 8) as f64 / took.as_secs_f64() / 1e6
     );
     assert_container_gone(root.path(), "net-veth");
-    netns.assert_clean();
+    assert_clean(&netns);
 }
 
 #[test]
@@ -374,7 +341,7 @@ fn two_containers_on_one_bridge_talk_to_each_other() {
     let one = Netns::new("br-1");
     let two = Netns::new("br-2");
     for (netns, side, cidr) in [(&one, "vb1", "10.89.0.2/24"), (&two, "vb2", "10.89.0.3/24")] {
-        veth(&host, side, None, netns, cidr, "10.89.0.1", 1280);
+        host.veth_to(side, None, netns, cidr, "10.89.0.1", 1280);
         host.ip(&["link", "set", side, "master", "br0"]);
     }
     let listener = bundle(
@@ -407,7 +374,7 @@ fn two_containers_on_one_bridge_talk_to_each_other() {
     assert!(out2.contains("ping-ok") && out2.contains("sent"), "{c2}");
     for (id, netns) in [("br-one", &one), ("br-two", &two)] {
         assert_container_gone(root.path(), id);
-        netns.assert_clean();
+        assert_clean(netns);
     }
 }
 
@@ -444,10 +411,8 @@ fn an_interface_added_after_create_is_picked_up_at_start() {
     .unwrap();
     let pid = state["pid"].as_i64().expect("a pid").to_string();
     // The container's namespace is hull-vmm's: named for `ip`, as Docker bind-mounts it.
-    let late = Netns(format!("hull-late-c-{}", std::process::id()));
-    ip(&["netns", "attach", &late.0, &pid]);
-    veth(
-        &host,
+    let late = Netns::of_process("late-c", &pid);
+    host.veth_to(
         "vl0",
         Some("10.90.0.1/24"),
         &late,
@@ -532,7 +497,7 @@ fn bad_network_input_is_refused_and_nothing_is_left() {
         err.contains("has 5 interfaces to mirror into the VM; a VM has 4 NIC slots"),
         "{err}"
     );
-    crowded.assert_clean();
+    assert_clean(&crowded);
 
     // An interface whose ingress is someone else's: refused, and the TAP made before undone.
     let taken = Netns::new("badnet-q");
@@ -557,7 +522,7 @@ fn bad_network_input_is_refused_and_nothing_is_left() {
         err.contains("cannot mirror interface eth0: eth0 has an ingress qdisc already"),
         "{err}"
     );
-    let (taps, ingress) = taken.leftovers();
+    let (taps, ingress) = leftovers(&taken);
     assert!(taps.is_empty(), "{taps:?}");
     assert_eq!(ingress, ["eth0"], "only the qdisc that was there before");
 }
