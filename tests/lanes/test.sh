@@ -119,7 +119,8 @@ if has_lane nested; then
     nested_start=$SECONDS
     nested_args=()
     for program in "${kvm_programs[@]}"; do nested_args+=("${program_path[$program]}"); done
-    tests/lanes/nested.sh "${nested_requires[@]}" "${nested_args[@]}" \
+    # 1500 s a program: network's four tests each boot VMs and send 100 MiB under TCG.
+    tests/lanes/nested.sh --deadline 1500 "${nested_requires[@]}" "${nested_args[@]}" \
         >"$log_dir/nested.log" 2>&1 &
     nested_pid=$!
 fi

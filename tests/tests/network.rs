@@ -14,7 +14,7 @@
 //!
 //! After each container is deleted its namespace has no `tapN_hull` and no ingress qdisc.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -143,7 +143,8 @@ fn connect_until(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, Strin
 /// A and AAAA records) until it has answered an A query, with 10.88.0.77; returns the name asked.
 fn answer_dns(udp: &UdpSocket) -> Result<String, String> {
     let mut asked = None;
-    udp.set_read_timeout(Some(Duration::from_secs(120)))
+    // Until the container gets to its query (minutes on a PVM host), then a few seconds.
+    udp.set_read_timeout(Some(DEADLINE))
         .map_err(|e| e.to_string())?;
     loop {
         let mut query = [0u8; 512];
@@ -224,7 +225,7 @@ fn traffic_flows_both_ways_through_a_mirrored_veth() {
         busybox ping -c 3 -W 10 10.88.0.1 >/dev/null && echo ping-ok; \
         echo tcp-from-container | busybox nc 10.88.0.1 7001 && echo tcp-sent; \
         busybox nslookup hull.test 10.88.0.1 | busybox grep -A1 'hull.test' | busybox tail -1; \
-        echo \"hash:$(busybox nc -l -p 7003 | busybox sha256sum | busybox cut -d' ' -f1)\"";
+        echo \"hash:$(busybox timeout 300 busybox nc -l -p 7003 | busybox sha256sum | busybox cut -d' ' -f1)\"";
     let bundle = bundle(script, Some(&netns.path()));
     let root = TempDir::new("net-root");
     let container_mac = netns
@@ -248,13 +249,20 @@ fn traffic_flows_both_ways_through_a_mirrored_veth() {
     let (data, want_hash) = bulk();
     // The host side: listeners first, then the bulk transfer into the container.
     // Every step bounded, so that a container that fails cannot hang the test.
+    // UDP: a DNS server of the host side's, from before the container starts.
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let dns = host.run(move || -> Result<String, String> {
+        let udp = UdpSocket::bind("10.88.0.1:53").map_err(|e| format!("bind 53: {e}"))?;
+        let _ = bound_tx.send(());
+        answer_dns(&udp)
+    });
+    let _ = bound_rx.recv_timeout(Duration::from_secs(30));
     let host_side = host.run(move || -> Result<(String, String, Duration), String> {
         let err = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
         let tcp = TcpListener::bind("10.88.0.1:7001").map_err(err("bind 7001"))?;
-        let udp = UdpSocket::bind("10.88.0.1:53").map_err(err("bind 53"))?;
         let deadline = Instant::now() + DEADLINE;
         tcp.set_nonblocking(true).map_err(err("nonblocking"))?;
-        let mut conn = loop {
+        let conn = loop {
             match tcp.accept() {
                 Ok((conn, _)) => break conn,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -267,11 +275,14 @@ fn traffic_flows_both_ways_through_a_mirrored_veth() {
             }
         };
         conn.set_nonblocking(false).map_err(err("blocking"))?;
-        conn.set_read_timeout(Some(Duration::from_secs(120)))
+        conn.set_read_timeout(Some(DEADLINE))
             .map_err(err("timeout"))?;
+        // One line; busybox's nc then waits for this side to close.
         let mut got = String::new();
-        conn.read_to_string(&mut got).map_err(err("read 7001"))?;
-        let question = answer_dns(&udp)?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&conn), &mut got)
+            .map_err(err("read 7001"))?;
+        drop(conn);
+        let question = dns.join().map_err(|_| "the DNS thread panicked")??;
         let mut stream = connect_until("10.88.0.2:7003".parse().unwrap(), deadline)?;
         stream
             .set_write_timeout(Some(DEADLINE))
@@ -346,14 +357,17 @@ fn two_containers_on_one_bridge_talk_to_each_other() {
     }
     let listener = bundle(
         "echo \"mtu:$(busybox cat /sys/class/net/eth0/mtu)\"; \
-         echo \"got:$(busybox nc -l -p 7100)\"",
+         echo \"got:$(busybox timeout 300 busybox nc -l -p 7100)\"",
         Some(&one.path()),
     );
     let talker = bundle(
         "echo \"mtu:$(busybox cat /sys/class/net/eth0/mtu)\"; \
-         busybox ping -c 2 -W 10 -s 1252 10.89.0.2 >/dev/null && echo ping-ok; \
+         for i in $(busybox seq 1 60); do \
+           busybox ping -c 1 -W 5 -s 1252 10.89.0.2 >/dev/null && { echo ping-ok; break; }; \
+         done; \
          for i in $(busybox seq 1 100); do \
-           echo from-two | busybox nc 10.89.0.2 7100 && { echo sent; break; }; busybox sleep 1; \
+           echo from-two | busybox timeout 10 busybox nc 10.89.0.2 7100; \
+           [ $? -ne 1 ] && { echo sent; break; }; busybox sleep 1; \
          done",
         Some(&two.path()),
     );
