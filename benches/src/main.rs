@@ -72,6 +72,9 @@ struct Args {
     /// guest's network stack runs emulated at tens of KB/s).
     #[arg(long)]
     net_mib: Option<usize>,
+    /// Only the network measurement.
+    #[arg(long)]
+    network_only: bool,
     /// Round trips of a 64-byte request in the network measurement.
     #[arg(long, default_value_t = 200)]
     round_trips: usize,
@@ -1081,6 +1084,14 @@ fn main() {
     if let Some(warning) = kind.warning() {
         println!("note: {warning}");
     }
+    let net_mib = args.net_mib.unwrap_or(match kind {
+        KvmKind::Pvm => 2,
+        KvmKind::Hardware => 64,
+    });
+    if args.network_only {
+        bench_network(&lane, net_mib, args.round_trips);
+        return;
+    }
     let mut figures = Figures::default();
     bench_tiny(&lane, args.tiny_runs);
     bench_jail(&lane, args.tiny_runs);
@@ -1104,10 +1115,6 @@ fn main() {
         &mut figures,
     );
     bench_run(&lane, args.runc_runs, args.hull_runs, &mut figures);
-    let net_mib = args.net_mib.unwrap_or(match KvmKind::detect() {
-        KvmKind::Pvm => 2,
-        KvmKind::Hardware => 64,
-    });
     bench_network(&lane, net_mib, args.round_trips);
     figures.print_ratios(&lane);
 }
