@@ -2,13 +2,15 @@
 //! a TAP and puts it in one of the VM's NIC slots; here the slot's virtio-mmio device is bound
 //! to its driver (a slot was a placeholder when the kernel probed it at boot), and the NIC it
 //! becomes is given the mirrored interface's name, MTU and addresses, brought up, and the
-//! routes added, all over netlink, in the agent's network namespace, which the container
-//! shares.
+//! routes added, all over netlink, in the container's network namespace (the NIC appears in
+//! the agent's and is moved there).
 //!
 //! Everything in the request is checked before it is used; a NIC that is found is configured
 //! again as asked (a repeated request is no error).
 
+use std::fs::File;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use hull_netlink::{Link, Netlink, Route};
@@ -29,8 +31,10 @@ fn failed(message: String) -> ErrorResponse {
     ErrorResponse::new(ErrorKind::Io, message)
 }
 
-/// Brings up every interface of `config`, then adds its routes.
-pub fn configure(config: &NetworkConfig) -> Result<(), ErrorResponse> {
+/// Brings up every interface of `config`, then adds its routes, in the network namespace
+/// `target` (the container's) if given, else the agent's own. A slot's NIC appears in the
+/// agent's namespace and is moved into `target` first.
+pub fn configure(config: &NetworkConfig, target: Option<&File>) -> Result<(), ErrorResponse> {
     let checked = config
         .interfaces
         .iter()
@@ -43,8 +47,59 @@ pub fn configure(config: &NetworkConfig) -> Result<(), ErrorResponse> {
         .enumerate()
         .map(|(i, route)| CheckedRoute::of(i, route))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut nl = Netlink::open().map_err(|e| failed(e.to_string()))?;
+    let mut here = Netlink::open().map_err(|e| failed(e.to_string()))?;
     for iface in &checked {
+        let already_there = match target {
+            Some(target) => in_netns(target, || iface.find(&mut open()?))?.is_some(),
+            None => false,
+        };
+        if already_there {
+            continue;
+        }
+        let link = iface.arrive(&mut here)?;
+        if let (Some(target), Some(link)) = (target, link) {
+            here.move_link(link.index, target.as_raw_fd())
+                .map_err(|e| iface.fail(error_chain(&e)))?;
+        }
+    }
+    match target {
+        Some(target) => in_netns(target, || configure_here(&checked, &routes)),
+        None => configure_here(&checked, &routes),
+    }
+}
+
+fn open() -> Result<Netlink, ErrorResponse> {
+    Netlink::open().map_err(|e| failed(e.to_string()))
+}
+
+/// Runs `body` on a thread that has joined the network namespace `netns`.
+fn in_netns<T: Send>(
+    netns: &File,
+    body: impl FnOnce() -> Result<T, ErrorResponse> + Send,
+) -> Result<T, ErrorResponse> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    failed(format!(
+                        "cannot join the container's network namespace: {e}"
+                    ))
+                })?;
+                body()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(failed("the network thread panicked".into())))
+    })
+}
+
+/// Names, sizes, brings up and addresses every interface, then adds the routes, in the calling
+/// thread's network namespace.
+fn configure_here(
+    checked: &[Checked<'_>],
+    routes: &[CheckedRoute<'_>],
+) -> Result<(), ErrorResponse> {
+    let mut nl = open()?;
+    for iface in checked {
         iface.bring_up(&mut nl)?;
     }
     if routes.is_empty() {
@@ -133,41 +188,50 @@ impl<'a> Checked<'a> {
         })
     }
 
-    /// Finds the NIC (binding its slot first if it is not there), names it, sets its MTU,
-    /// brings it up and adds its addresses.
+    fn fail(&self, what: String) -> ErrorResponse {
+        failed(format!(
+            "interfaces[{}] ({}): {what}",
+            self.at, self.iface.name
+        ))
+    }
+
+    /// The NIC in the calling thread's namespace, binding its slot first if it is not there;
+    /// `None` if it is not there and there is no slot to bind.
+    fn arrive(&self, nl: &mut Netlink) -> Result<Option<Link>, ErrorResponse> {
+        if let Some(link) = self.find(nl)? {
+            return Ok(Some(link));
+        }
+        if self.iface.device.is_empty() {
+            return Ok(None);
+        }
+        std::fs::write(BIND, &self.iface.device)
+            .map_err(|e| self.fail(format!("cannot bind {} ({BIND}): {e}", self.iface.device)))?;
+        let deadline = Instant::now() + NIC_DEADLINE;
+        loop {
+            if let Some(link) = self.find(nl)? {
+                return Ok(Some(link));
+            }
+            if Instant::now() > deadline {
+                return Err(self.fail(format!(
+                    "{} was bound, but no NIC with MAC {} came within {} s",
+                    self.iface.device,
+                    self.iface.mac,
+                    NIC_DEADLINE.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Names the NIC, sets its MTU, brings it up and adds its addresses.
     fn bring_up(&self, nl: &mut Netlink) -> Result<(), ErrorResponse> {
-        let at = self.at;
-        let fail = |what: String| failed(format!("interfaces[{at}] ({}): {what}", self.iface.name));
-        let link = match self.find(nl)? {
-            Some(link) => link,
-            None if self.iface.device.is_empty() => {
-                return Err(fail(format!(
-                    "no NIC with MAC {} and no device to bind",
-                    self.iface.mac
-                )))
-            }
-            None => {
-                std::fs::write(BIND, &self.iface.device).map_err(|e| {
-                    fail(format!("cannot bind {} ({BIND}): {e}", self.iface.device))
-                })?;
-                let deadline = Instant::now() + NIC_DEADLINE;
-                loop {
-                    if let Some(link) = self.find(nl)? {
-                        break link;
-                    }
-                    if Instant::now() > deadline {
-                        return Err(fail(format!(
-                            "{} was bound, but no NIC with MAC {} came within {} s",
-                            self.iface.device,
-                            self.iface.mac,
-                            NIC_DEADLINE.as_secs()
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
+        let Some(link) = self.find(nl)? else {
+            return Err(self.fail(format!(
+                "no NIC with MAC {} and no device to bind",
+                self.iface.mac
+            )));
         };
-        let chain = |e: hull_netlink::Error| fail(error_chain(&e));
+        let chain = |e: hull_netlink::Error| self.fail(error_chain(&e));
         if link.name != self.iface.name {
             if link.up {
                 nl.set_link(link.index, None, None, Some(false))
@@ -175,7 +239,7 @@ impl<'a> Checked<'a> {
             }
             nl.set_link(link.index, Some(&self.iface.name), None, None)
                 .map_err(|e| match e.errno() {
-                    Some(libc::EEXIST) => fail(format!(
+                    Some(libc::EEXIST) => self.fail(format!(
                         "cannot rename {} to {}: the guest has an interface of that name",
                         link.name, self.iface.name
                     )),
@@ -289,7 +353,7 @@ mod tests {
     }
 
     fn refused(config: NetworkConfig) -> String {
-        configure(&config).unwrap_err().message
+        configure(&config, None).unwrap_err().message
     }
 
     #[test]
@@ -418,9 +482,9 @@ mod tests {
                     },
                 ],
             };
-            configure(&config).unwrap();
+            configure(&config, None).unwrap();
             // Again: no error, nothing doubled.
-            configure(&config).unwrap();
+            configure(&config, None).unwrap();
             let after = nl
                 .links()
                 .unwrap()
@@ -451,7 +515,7 @@ mod tests {
             let mut bad = config.clone();
             bad.interfaces.clear();
             bad.routes[0].interface = "eth9".into();
-            let err = configure(&bad).unwrap_err().message;
+            let err = configure(&bad, None).unwrap_err().message;
             assert!(
                 err.contains("routes[0].interface = \"eth9\": no such interface"),
                 "{err}"
@@ -461,7 +525,7 @@ mod tests {
                 interfaces: vec![iface("eth1", "02:00:00:00:00:99", &[], "")],
                 routes: vec![],
             };
-            let err = configure(&missing).unwrap_err().message;
+            let err = configure(&missing, None).unwrap_err().message;
             assert!(err.contains("no NIC with MAC 02:00:00:00:00:99"), "{err}");
         })
         .join()

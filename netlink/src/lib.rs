@@ -303,6 +303,19 @@ impl Netlink {
         .map(drop)
     }
 
+    /// Moves an interface into the network namespace of the open namespace file `netns`.
+    pub fn move_link(&mut self, index: u32, netns: std::os::fd::RawFd) -> Result<(), Error> {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message.attributes.push(LinkAttribute::NetNsFd(netns));
+        self.exchange(
+            &|| format!("move interface {index} into the container's network namespace"),
+            RouteNetlinkMessage::SetLink(message),
+            NLM_F_ACK,
+        )
+        .map(drop)
+    }
+
     /// Deletes an interface.
     pub fn delete_link(&mut self, index: u32) -> Result<(), Error> {
         let mut message = LinkMessage::default();

@@ -192,14 +192,8 @@ fn podman_runs_hull_containers() {
         "{page:?}"
     );
     let address = podman.ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web"]);
-    let fetched = podman.podman(&[
-        "run",
-        "--rm",
-        IMAGE,
-        "wget",
-        "-qO-",
-        &format!("http://{}/", address.trim()),
-    ]);
+    let fetch = format!("wget -qO- http://{}/", address.trim());
+    let fetched = podman.podman(&["run", "--rm", IMAGE, "sh", "-c", &fetch]);
     assert!(fetched.status.success(), "{fetched:?}");
     assert_eq!(fetched.stdout, "hello-from-hull\n", "{fetched:?}");
     podman.ok(&["rm", "-f", "web"]);

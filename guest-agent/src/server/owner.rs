@@ -282,9 +282,7 @@ impl<S: System> Owner<S> {
         let id = request.id;
         let reply = match request.body {
             RequestBody::CreateContainer(create) => self.create(*create),
-            RequestBody::ConfigureNetwork(config) => {
-                Reply::Now(crate::network::configure(&config).map(|()| ResponseBody::Ok))
-            }
+            RequestBody::ConfigureNetwork(config) => self.configure_network(&config),
             RequestBody::StartContainer => self.start_container(id),
             RequestBody::Signal {
                 process,
@@ -651,6 +649,24 @@ impl<S: System> Owner<S> {
             return err(ErrorKind::InvalidState, format!("{process} has exited"));
         }
         Reply::Now(terminal.resize(rows, cols).map(|()| ResponseBody::Ok))
+    }
+
+    /// `configure_network`: in the network namespace of the container's init, or the agent's
+    /// own before there is a container.
+    fn configure_network(&self, config: &hull_protocol::NetworkConfig) -> Reply {
+        let target = match self.pid_of(&ProcessRef::Init) {
+            Ok((init, _)) => match std::fs::File::open(format!("/proc/{init}/ns/net")) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    return Reply::Now(Err(ErrorResponse::new(
+                        ErrorKind::Io,
+                        format!("the container's network namespace (pid {init}): {e}"),
+                    )))
+                }
+            },
+            Err(_) => None,
+        };
+        Reply::Now(crate::network::configure(config, target.as_ref()).map(|()| ResponseBody::Ok))
     }
 
     /// The container's processes (see [`System::container_pids`]); none before it is created.

@@ -79,8 +79,8 @@ pub struct BundleSpec {
     /// in [`BundleSpec::container`] point at the share in the guest.
     pub binds: Vec<HostBind>,
     /// The container's network namespace on the host, where hull-vmm lives and whose
-    /// interfaces are mirrored into the VM. In the guest the container shares the agent's,
-    /// which holds the mirrored NICs: [`BundleSpec::container`] asks for none.
+    /// interfaces are mirrored into the VM. In the guest the container gets a new one (the
+    /// agent moves the mirrored NICs into it): [`BundleSpec::container`] has no path for it.
     pub netns: NetNamespace,
 }
 
@@ -268,8 +268,8 @@ impl BundleSpec {
     }
 }
 
-/// The spec's network namespace, taken out of what the guest is asked (see
-/// [`BundleSpec::netns`]). A spec without one asks for the host's network, which a VM cannot
+/// The spec's network namespace on the host, its path taken out of what the guest is asked
+/// (see [`BundleSpec::netns`]). A spec without one asks for the host's network, which a VM cannot
 /// have.
 fn take_network_namespace(
     config_path: &Path,
@@ -293,8 +293,9 @@ fn take_network_namespace(
              and Podman: leave out --network host)",
         ));
     };
-    let namespace = container.namespaces.remove(at);
-    Ok(match namespace.path {
+    // The guest makes the container a namespace of its own, into which the agent moves the
+    // mirrored NICs; the path is the host's.
+    Ok(match container.namespaces[at].path.take() {
         Some(path) => NetNamespace::Path(path.into()),
         None => NetNamespace::New,
     })
@@ -533,11 +534,8 @@ mod tests {
         let bundle = Bundle::new();
         let spec = bundle.parse(&minimal()).unwrap();
         assert_eq!(spec.netns, NetNamespace::New);
-        assert!(
-            spec.container.namespaces.is_empty(),
-            "the guest is asked for no network namespace: {:?}",
-            spec.container.namespaces
-        );
+        assert_eq!(spec.container.namespaces.len(), 1, "a new one in the guest");
+        assert_eq!(spec.container.namespaces[0].path, None);
         let config = spec.vm_config(&paths(), 2);
         assert_eq!(config.netns, Some(NetNamespace::New));
         assert_eq!(config.nic_slots, crate::network::NIC_SLOTS);
@@ -547,7 +545,8 @@ mod tests {
             json!([{"type": "pid"}, {"type": "network", "path": "/proc/self/ns/net"}]);
         let spec = bundle.parse(&joined).unwrap();
         assert_eq!(spec.netns, NetNamespace::Path("/proc/self/ns/net".into()));
-        assert_eq!(spec.container.namespaces.len(), 1);
+        assert_eq!(spec.container.namespaces.len(), 2);
+        assert!(spec.container.namespaces.iter().all(|n| n.path.is_none()));
 
         let mut host = minimal();
         host["linux"]["namespaces"] = json!([{"type": "pid"}]);
