@@ -452,19 +452,8 @@ mod tests {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let _fd = tap("hulltest0");
             let mut nl = Netlink::open().unwrap();
-            let before = nl
-                .links()
-                .unwrap()
-                .into_iter()
-                .find(|l| l.name == "hulltest0")
-                .unwrap();
-            let mac: Vec<String> = before
-                .mac
-                .unwrap()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            let mac = mac.join(":");
+            let before = nl.link("hulltest0").unwrap().unwrap();
+            let mac = hull_protocol::format_mac(&before.mac.unwrap());
             let config = NetworkConfig {
                 interfaces: vec![iface("eth0", &mac, &["10.6.0.2/24"], "")],
                 routes: vec![

@@ -205,6 +205,11 @@ impl Netlink {
             .collect())
     }
 
+    /// The interface named `name`, if there is one.
+    pub fn link(&mut self, name: &str) -> Result<Option<Link>, Error> {
+        Ok(self.links()?.into_iter().find(|l| l.name == name))
+    }
+
     /// Every address, IPv4 and IPv6.
     pub fn addresses(&mut self) -> Result<Vec<Address>, Error> {
         let answers = self.exchange(

@@ -40,9 +40,9 @@ pub use hello::{
     SEED_ENTROPY_BYTES,
 };
 pub use message::{
-    parse_mac, request_id_of, AgentMessage, CreateContainer, ErrorKind, ErrorResponse, Event, Exec,
-    ExitStatus, HostMessage, NetInterface, NetRoute, NetworkConfig, ProcessInfo, ProcessRef,
-    Request, RequestBody, Response, ResponseBody, Rootfs, Stdio, StreamKind, BINDS_DIR,
+    format_mac, parse_mac, request_id_of, AgentMessage, CreateContainer, ErrorKind, ErrorResponse,
+    Event, Exec, ExitStatus, HostMessage, NetInterface, NetRoute, NetworkConfig, ProcessInfo,
+    ProcessRef, Request, RequestBody, Response, ResponseBody, Rootfs, Stdio, StreamKind, BINDS_DIR,
     BINDS_FS_TAG, CAPABILITY_NAMES,
 };
 pub use stdio::{attach_stream, read_stream_hello, StreamError, StreamHello, StreamReply};

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use hull_netlink::{Link, Netlink};
-use hull_protocol::{NetInterface, NetRoute, NetworkConfig};
+use hull_protocol::{format_mac, NetInterface, NetRoute, NetworkConfig};
 use serde::{Deserialize, Serialize};
 
 /// NIC slots every container's VM has (and its template): interfaces beyond are refused.
@@ -319,13 +319,6 @@ fn mirror_one(
     ))
 }
 
-fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Makes a persistent TAP named `name` (with virtio-net headers, as hull-vmm opens it) in the
 /// calling thread's network namespace, owned by uid 0, hull-vmm's.
 fn make_tap(name: &str) -> anyhow::Result<()> {
@@ -430,11 +423,7 @@ mod tests {
     }
 
     fn index(nl: &mut Netlink, name: &str) -> Option<u32> {
-        nl.links()
-            .unwrap()
-            .into_iter()
-            .find(|l| l.name == name)
-            .map(|l| l.index)
+        nl.link(name).unwrap().map(|l| l.index)
     }
 
     fn ingress(nl: &mut Netlink, index: u32) -> bool {

@@ -230,19 +230,8 @@ fn traffic_flows_both_ways_through_a_mirrored_veth() {
     let root = TempDir::new("net-root");
     let container_mac = netns
         .run(|| {
-            let mut nl = Netlink::open().unwrap();
-            let link = nl
-                .links()
-                .unwrap()
-                .into_iter()
-                .find(|l| l.name == "eth0")
-                .unwrap();
-            link.mac
-                .unwrap()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
+            let link = Netlink::open().unwrap().link("eth0").unwrap().unwrap();
+            hull_protocol::format_mac(&link.mac.unwrap())
         })
         .join()
         .unwrap();
@@ -521,12 +510,7 @@ fn bad_network_input_is_refused_and_nothing_is_left() {
     taken
         .run(|| {
             let mut nl = Netlink::open().unwrap();
-            let eth0 = nl
-                .links()
-                .unwrap()
-                .into_iter()
-                .find(|l| l.name == "eth0")
-                .unwrap();
+            let eth0 = nl.link("eth0").unwrap().unwrap();
             nl.add_ingress_qdisc(eth0.index).unwrap();
         })
         .join()

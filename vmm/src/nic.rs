@@ -63,12 +63,7 @@ impl NicSlots {
     /// Opens the TAP `tap` and puts a NIC with `mac` and `mtu` on it in the first empty slot;
     /// returns the slot's guest device.
     pub fn fill(&self, tap: &str, mac: &str, mtu: u16) -> Result<String, NicError> {
-        let net_config = crate::config::NetConfig {
-            tap: tap.to_owned(),
-            mac: mac.to_owned(),
-            mtu,
-        };
-        let mac_bytes = net_config.mac_bytes().ok_or_else(|| NicError::Mac {
+        let mac_bytes = hull_protocol::parse_mac(mac).ok_or_else(|| NicError::Mac {
             tap: tap.to_owned(),
             mac: mac.to_owned(),
         })?;

@@ -81,10 +81,4 @@ pub enum NetError {
     EventFd(#[source] std::io::Error),
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use hull_protocol::format_mac;
