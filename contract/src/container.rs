@@ -96,9 +96,11 @@ mod tests {
                 rootfs: hull_protocol::Rootfs {
                     fs_tag: "rootfs".into(),
                     readonly: false,
+                    subdir: None,
                 },
                 stdio: Stdio::Terminal { rows: 24, cols: 80 },
                 binds_fs_tag: None,
+                pod: false,
             },
             control_socket: dir.join("control.sock"),
             console_socket: Some(dir.join("console.sock")),

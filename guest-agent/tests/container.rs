@@ -210,6 +210,7 @@ impl Vm {
             exec_id: exec_id.into(),
             process,
             stdio,
+            container_id: None,
         }));
         self.request(body).map(|r| match r {
             ResponseBody::Started { pid } => pid,
@@ -323,9 +324,11 @@ impl Vm {
             rootfs: Rootfs {
                 fs_tag: "rootfs".into(),
                 readonly,
+                subdir: None,
             },
             stdio,
             binds_fs_tag: None,
+            pod: false,
         }));
         self.request(body).map(|r| assert_eq!(r, ResponseBody::Ok))
     }

@@ -40,10 +40,10 @@ pub use hello::{
     SEED_ENTROPY_BYTES,
 };
 pub use message::{
-    format_mac, parse_mac, request_id_of, AgentMessage, CreateContainer, ErrorKind, ErrorResponse,
-    Event, Exec, ExitStatus, HostMessage, NetInterface, NetRoute, NetworkConfig, ProcessInfo,
-    ProcessRef, Request, RequestBody, Response, ResponseBody, Rootfs, Stdio, StreamKind, BINDS_DIR,
-    BINDS_FS_TAG, CAPABILITY_NAMES,
+    format_mac, parse_mac, request_id_of, AgentMessage, ContainerStats, CreateContainer, ErrorKind,
+    ErrorResponse, Event, Exec, ExitStatus, HostMessage, NetInterface, NetRoute, NetworkConfig,
+    ProcessInfo, ProcessRef, Request, RequestBody, Resources, Response, ResponseBody, Rootfs,
+    Stdio, StreamKind, BINDS_DIR, BINDS_FS_TAG, CAPABILITY_NAMES, POD_DIR, POD_FS_TAG,
 };
 pub use stdio::{attach_stream, read_stream_hello, StreamError, StreamHello, StreamReply};
 

@@ -60,6 +60,8 @@ pub enum ProcessRef {
     Init,
     /// A process added by [`Exec`], by the id the host gave it.
     Exec(String),
+    /// In a pod VM ([`CreateContainer::pod`]), the init of the container with this id.
+    Container(String),
 }
 
 impl std::fmt::Display for ProcessRef {
@@ -67,6 +69,7 @@ impl std::fmt::Display for ProcessRef {
         match self {
             ProcessRef::Init => f.write_str("the init process"),
             ProcessRef::Exec(exec_id) => write!(f, "exec {exec_id:?}"),
+            ProcessRef::Container(id) => write!(f, "the init process of container {id:?}"),
         }
     }
 }
@@ -154,7 +157,18 @@ pub struct Rootfs {
     pub fs_tag: String,
     /// Mount it read-only (the agent also does so when the spec's `root.readonly` is set).
     pub readonly: bool,
+    /// In a pod VM: the share holds every container's rootfs, and this one's is this relative
+    /// directory of it. The agent mounts the share on [`POD_DIR`] and the rootfs from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdir: Option<String>,
 }
+
+/// The virtio-fs tag of a pod VM's one share: `<container id>/rootfs` and
+/// `<container id>/binds/<index>` for each container, attached by the host while the VM runs.
+pub const POD_FS_TAG: &str = "hull-pod";
+/// Where the agent mounts the pod's share; the host points a pod container's bind sources at
+/// `POD_DIR/<container id>/binds/<index>`.
+pub const POD_DIR: &str = "/run/hull/pod";
 
 /// The virtio-fs tag of the share that carries the container's bind mounts from the host: one
 /// entry per bind mount, named by its index in `mounts`.
@@ -177,6 +191,11 @@ pub struct CreateContainer {
     /// mounts, when the spec has bind mounts of host paths.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binds_fs_tag: Option<String>,
+    /// A container of a pod VM: one of several, its init is [`ProcessRef::Container`], it has
+    /// a cgroup of its own, and the namespaces its spec does not make new are the VM's (the
+    /// pod's network, IPC and UTS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pod: bool,
 }
 
 /// Starts another process in the running container (`hull exec`).
@@ -187,6 +206,42 @@ pub struct Exec {
     /// The process, checked by the host as the spec's own.
     pub process: Process,
     pub stdio: Stdio,
+    /// In a pod VM, the container the process joins; none means the VM's one container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+/// A pod container's limits, changed while it runs (`update`). `None` leaves one as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// `memory.max` in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<u64>,
+    /// `pids.max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<u64>,
+}
+
+/// What a pod container's cgroup has used (answers `stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    /// `cpu.stat` `usage_usec`, `user_usec`, `system_usec`.
+    pub cpu_usage_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    /// `memory.current` and `memory.max` (`u64::MAX` for `max`).
+    pub memory_usage_bytes: u64,
+    pub memory_limit_bytes: u64,
+    /// `memory.stat` `anon`, `file` and `inactive_file`: the working set is usage less
+    /// inactive file pages, as the kubelet counts it.
+    pub memory_anon_bytes: u64,
+    pub memory_file_bytes: u64,
+    pub memory_inactive_file_bytes: u64,
+    /// `pids.current` and `pids.max` (`u64::MAX` for `max`).
+    pub pids_current: u64,
+    pub pids_limit: u64,
+    /// `memory.events` `oom_kill`.
+    pub oom_kills: u64,
 }
 
 /// The guest's network: the container's interfaces, mirrored from its network namespace on
@@ -292,6 +347,24 @@ pub enum RequestBody {
     /// Answered with [`ResponseBody::Ok`]; then the agent kills what is left, syncs and powers
     /// the VM off.
     Shutdown,
+    /// Starts the init of a created container: [`ProcessRef::Init`] (as `start_container`) or
+    /// a pod's [`ProcessRef::Container`]; answered with [`ResponseBody::Started`].
+    Start { process: ProcessRef },
+    /// The processes of a pod's container; answered with [`ResponseBody::Processes`].
+    ContainerProcesses { container_id: String },
+    /// What a pod's container has used; answered with [`ResponseBody::Stats`].
+    Stats { container_id: String },
+    /// Changes a pod container's limits; answered with [`ResponseBody::Ok`].
+    Update {
+        container_id: String,
+        resources: Resources,
+    },
+    /// Forgets a pod's container once its init has ended, killing what is left of it and
+    /// removing its cgroup; answered with [`ResponseBody::Ok`]. Its id may then be used again.
+    RemoveContainer { container_id: String },
+    /// Sets the VM's host name: a pod's, which its containers share (they make no UTS
+    /// namespace of their own); answered with [`ResponseBody::Ok`].
+    SetHostname { hostname: String },
 }
 
 /// An answer to the request with the same id.
@@ -313,6 +386,8 @@ pub enum ResponseBody {
     Exited { status: ExitStatus },
     /// The container's processes. JSON: `{"processes": [...]}`.
     Processes(Vec<ProcessInfo>),
+    /// A pod container's use (answers `stats`).
+    Stats(ContainerStats),
 }
 
 /// One process for `hull ps`.
@@ -528,6 +603,7 @@ mod tests {
                 rootfs: Rootfs {
                     fs_tag: "rootfs".into(),
                     readonly: true,
+                    subdir: None,
                 },
                 stdio: Stdio::Pipes {
                     stdin: false,
@@ -535,6 +611,7 @@ mod tests {
                     stderr: true,
                 },
                 binds_fs_tag: Some(BINDS_FS_TAG.into()),
+                pod: false,
             })),
             RequestBody::StartContainer,
             RequestBody::Exec(Box::new(Exec {
@@ -546,6 +623,7 @@ mod tests {
                     ..Process::default()
                 },
                 stdio: Stdio::Terminal { rows: 24, cols: 80 },
+                container_id: None,
             })),
             RequestBody::Signal {
                 process: ProcessRef::Init,

@@ -37,9 +37,11 @@ pub fn pids_max(spec_limit: Option<u64>, pid_max: u64) -> u64 {
     spec_limit.unwrap_or_else(|| pid_max.saturating_sub(AGENT_TASKS).max(1))
 }
 
-/// Makes `<root>/container` with its limits; returns its directory.
+/// Makes `<root>/<name>` with its limits; returns its directory. A VM's one container is
+/// `container`; each of a pod's is `pod-<container id>`.
 pub fn create(
     root: &Path,
+    name: &str,
     proc_dir: &Path,
     memory_limit: Option<u64>,
     pids_limit: Option<u64>,
@@ -50,7 +52,7 @@ pub fn create(
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(32_768);
     write(&root.join("cgroup.subtree_control"), "+memory +pids")?;
-    let dir = root.join("container");
+    let dir = root.join(name);
     match fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -67,6 +69,73 @@ pub fn create(
         &pids_max(pids_limit, pid_max).to_string(),
     )?;
     Ok(dir)
+}
+
+/// Changes the limits of the cgroup at `dir` (`update`); `None` leaves one as it is.
+pub fn update(dir: &Path, resources: &hull_protocol::Resources) -> Result<(), String> {
+    if let Some(limit) = resources.memory_limit {
+        write(&dir.join("memory.max"), &limit.to_string())?;
+    }
+    if let Some(limit) = resources.pids_limit {
+        write(&dir.join("pids.max"), &limit.to_string())?;
+    }
+    Ok(())
+}
+
+/// What the cgroup at `dir` has used. A file the kernel lacks counts as zero.
+pub fn stats(dir: &Path) -> hull_protocol::ContainerStats {
+    let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let single = |name: &str| parse_limit(read(name).trim());
+    let keyed = |name: &str| {
+        let text = read(name);
+        move |key: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+    let cpu = keyed("cpu.stat");
+    let memory = keyed("memory.stat");
+    let events = keyed("memory.events");
+    hull_protocol::ContainerStats {
+        cpu_usage_usec: cpu("usage_usec"),
+        cpu_user_usec: cpu("user_usec"),
+        cpu_system_usec: cpu("system_usec"),
+        memory_usage_bytes: single("memory.current"),
+        memory_limit_bytes: single("memory.max"),
+        memory_anon_bytes: memory("anon"),
+        memory_file_bytes: memory("file"),
+        memory_inactive_file_bytes: memory("inactive_file"),
+        pids_current: single("pids.current"),
+        pids_limit: single("pids.max"),
+        oom_kills: events("oom_kill"),
+    }
+}
+
+/// A cgroup file's one value: a number, or `max` as `u64::MAX`; zero if unreadable.
+fn parse_limit(value: &str) -> u64 {
+    if value == "max" {
+        u64::MAX
+    } else {
+        value.parse().unwrap_or(0)
+    }
+}
+
+/// Removes the cgroup at `dir` once its processes are gone (they may still be dying: the
+/// kernel refuses with `EBUSY` until then, so it tries for a while).
+pub fn remove(dir: &Path) -> Result<(), String> {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if std::time::Instant::now() < end && e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("cannot remove cgroup {}: {e}", dir.display())),
+        }
+    }
 }
 
 /// Moves `pid` (not started yet) into the cgroup at `dir`.
@@ -124,7 +193,7 @@ mod tests {
         )
         .unwrap();
         fs::write(proc_dir.join("sys/kernel/pid_max"), "4096\n").unwrap();
-        let dir = create(&root, &proc_dir, None, Some(50)).unwrap();
+        let dir = create(&root, "container", &proc_dir, None, Some(50)).unwrap();
         let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap();
         assert_eq!(
             fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
@@ -137,7 +206,7 @@ mod tests {
         assert_eq!(read("pids.max"), "50");
         enter(&dir, Pid::from_raw(77)).unwrap();
         assert_eq!(read("cgroup.procs"), "77");
-        let err = create(&root, &base.join("nothing"), None, None).unwrap_err();
+        let err = create(&root, "container", &base.join("nothing"), None, None).unwrap_err();
         assert!(err.contains("meminfo"), "{err}");
         fs::remove_dir_all(&base).unwrap();
     }

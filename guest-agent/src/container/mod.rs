@@ -59,6 +59,10 @@ pub enum RootfsSource {
     Virtiofs { tag: String },
     /// A directory bind-mounted in its place (the host tests).
     Bind(PathBuf),
+    /// A directory of a pod VM's share (`hull_protocol::POD_FS_TAG`): the share is mounted
+    /// on `agent_root/run/hull/pod` in the container's mount namespace (where the host points
+    /// its bind sources), and `subdir` of it bound as the rootfs.
+    Share { tag: String, subdir: String },
 }
 
 /// Everything the children need, gathered and checked before the fork.

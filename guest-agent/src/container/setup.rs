@@ -395,6 +395,35 @@ fn mount_shares(config: &Config) -> Result<(), ErrorResponse> {
             None::<&str>,
         )
         .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))?,
+        RootfsSource::Share { tag, subdir } => {
+            let share = config
+                .agent_root
+                .join(hull_protocol::POD_DIR.trim_start_matches('/'));
+            std::fs::create_dir_all(&share)
+                .map_err(|e| io(format!("creating {}", share.display()), e))?;
+            mount(
+                Some(tag.as_str()),
+                &share,
+                Some("virtiofs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+            .map_err(|e| {
+                io(
+                    format!("mounting virtio-fs tag {tag:?} on {}", share.display()),
+                    e,
+                )
+            })?;
+            let dir = share.join(subdir);
+            mount(
+                Some(&dir),
+                root,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))?
+        }
     }
 
     if let Some(tag) = &config.binds_tag {

@@ -43,13 +43,11 @@ pub struct Owner<S> {
     connection: Option<Connection>,
     /// Streams attached and not yet claimed by a request.
     streams: HashMap<(ProcessRef, StreamKind), File>,
-    container_id: Option<String>,
-    /// What `exec` needs of the created container's spec.
-    container: Option<ContainerInfo>,
-    /// The created container, until `start_container` takes it.
-    created: Option<Box<dyn Waiting>>,
-    /// The init, then every exec'd process, in the order they were created. Entries stay after
-    /// the process has ended: `wait` still answers, and an exec id is never reused.
+    /// The VM's one container, or a pod's containers, in the order they were created.
+    containers: Vec<Container>,
+    /// The inits, then every exec'd process, in the order they were created. Entries stay
+    /// after the process has ended (`wait` still answers, and an exec id is never reused)
+    /// until a pod's container is removed.
     processes: Vec<Tracked>,
     /// `wait` requests not answered yet: request id and process.
     waits: Vec<(u64, ProcessRef)>,
@@ -61,6 +59,19 @@ struct Connection {
     outbox: Outbox,
     /// Told after each frame of the connection is handled.
     handled: Sender<()>,
+}
+
+/// A created container.
+#[derive(Debug)]
+struct Container {
+    id: String,
+    /// Its init: [`ProcessRef::Init`], or a pod's [`ProcessRef::Container`].
+    init: ProcessRef,
+    /// Its cgroup's name (`container`, or `pod-<id>`).
+    cgroup: String,
+    info: ContainerInfo,
+    /// Its init until a start takes it.
+    created: Option<Box<dyn Waiting>>,
 }
 
 #[derive(Debug)]
@@ -76,6 +87,8 @@ struct ContainerInfo {
 #[derive(Debug)]
 struct Tracked {
     process: ProcessRef,
+    /// The id of the container it belongs to.
+    container: String,
     pid: Pid,
     /// Whether the `started` response went out.
     started: bool,
@@ -96,6 +109,17 @@ fn err(kind: ErrorKind, message: impl Into<String>) -> Reply {
     Reply::Now(Err(ErrorResponse::new(kind, message)))
 }
 
+/// The error for a request about a container's init before that container exists.
+fn not_created(init: &ProcessRef) -> ErrorResponse {
+    match init {
+        ProcessRef::Container(id) => ErrorResponse::new(
+            ErrorKind::NotFound,
+            format!("no container {id:?} in this pod"),
+        ),
+        _ => ErrorResponse::new(ErrorKind::NotFound, "no container is created"),
+    }
+}
+
 impl<S: System> Owner<S> {
     pub fn new(paths: Paths, system: S) -> Self {
         Self {
@@ -103,9 +127,7 @@ impl<S: System> Owner<S> {
             system,
             connection: None,
             streams: HashMap::new(),
-            container_id: None,
-            container: None,
-            created: None,
+            containers: Vec::new(),
             processes: Vec::new(),
             waits: Vec::new(),
         }
@@ -224,11 +246,22 @@ impl<S: System> Owner<S> {
         }
     }
 
-    /// The init, if the container is running: started and not ended.
-    fn running_init(&self) -> Result<Pid, ErrorResponse> {
+    /// The container whose init is `init`.
+    fn container(&self, init: &ProcessRef) -> Option<&Container> {
+        self.containers.iter().find(|c| c.init == *init)
+    }
+
+    /// A pod's container by id, or why not.
+    fn pod_container(&self, id: &str) -> Result<&Container, ErrorResponse> {
+        self.container(&ProcessRef::Container(id.to_owned()))
+            .ok_or_else(|| not_created(&ProcessRef::Container(id.to_owned())))
+    }
+
+    /// The init `init`, if its container is running: started and not ended.
+    fn running_init(&self, init: &ProcessRef) -> Result<Pid, ErrorResponse> {
         let state = |m: &str| ErrorResponse::new(ErrorKind::InvalidState, m);
-        match self.find(&ProcessRef::Init) {
-            None => Err(state("no container is created")),
+        match self.find(init) {
+            None => Err(state(&not_created(init).message)),
             Some(Tracked { started: false, .. }) => Err(state("the container is not started")),
             Some(Tracked { exit: Some(_), .. }) => Err(state("the init process has exited")),
             Some(init) => Ok(init.pid),
@@ -283,7 +316,18 @@ impl<S: System> Owner<S> {
         let reply = match request.body {
             RequestBody::CreateContainer(create) => self.create(*create),
             RequestBody::ConfigureNetwork(config) => self.configure_network(&config),
-            RequestBody::StartContainer => self.start_container(id),
+            RequestBody::StartContainer => self.start(id, &ProcessRef::Init),
+            RequestBody::Start { process } => self.start(id, &process),
+            RequestBody::ContainerProcesses { container_id } => {
+                self.container_processes(&container_id)
+            }
+            RequestBody::Stats { container_id } => self.stats(&container_id),
+            RequestBody::Update {
+                container_id,
+                resources,
+            } => self.update(&container_id, &resources),
+            RequestBody::RemoveContainer { container_id } => self.remove_container(&container_id),
+            RequestBody::SetHostname { hostname } => self.set_hostname(&hostname),
             RequestBody::Signal {
                 process,
                 signal,
@@ -321,9 +365,14 @@ impl<S: System> Owner<S> {
     /// `create_container`. On failure the init's streams are closed, claimed or not, so the
     /// host's readers end and a retry attaches fresh ones.
     fn create(&mut self, create: CreateContainer) -> Reply {
-        let reply = self.try_create(create);
+        let init = if create.pod {
+            ProcessRef::Container(create.container_id.clone())
+        } else {
+            ProcessRef::Init
+        };
+        let reply = self.try_create(&init, create);
         if let Reply::Now(Err(_)) = &reply {
-            self.drop_streams(&ProcessRef::Init);
+            self.drop_streams(&init);
         }
         reply
     }
@@ -332,12 +381,9 @@ impl<S: System> Owner<S> {
         self.streams.retain(|(process, _), _| process != of);
     }
 
-    fn try_create(&mut self, create: CreateContainer) -> Reply {
-        if let Some(existing) = &self.container_id {
-            return err(
-                ErrorKind::InvalidState,
-                format!("container {existing:?} is already created"),
-            );
+    fn try_create(&mut self, init: &ProcessRef, create: CreateContainer) -> Reply {
+        if let Err(e) = self.may_create(&create) {
+            return Reply::Now(Err(e));
         }
         let CreateContainer {
             container_id,
@@ -345,21 +391,26 @@ impl<S: System> Owner<S> {
             rootfs,
             stdio,
             binds_fs_tag,
+            pod,
         } = create;
         let Validated { caps, seccomp } = match Config::validate(&spec) {
             Ok(v) => v,
             Err(e) => return Reply::Now(Err(e)),
         };
-        let (stdio, terminal_conn) =
-            match self.claim_stdio(&ProcessRef::Init, &stdio, &spec.process) {
-                Ok(v) => v,
-                Err(e) => return Reply::Now(Err(e)),
-            };
+        let (stdio, terminal_conn) = match self.claim_stdio(init, &stdio, &spec.process) {
+            Ok(v) => v,
+            Err(e) => return Reply::Now(Err(e)),
+        };
         let paths = &self.paths;
         let readonly = rootfs.readonly || spec.readonly_root;
-        let rootfs = match &paths.rootfs_override {
-            Some(dir) => RootfsSource::Bind(dir.clone()),
-            None => RootfsSource::Virtiofs { tag: rootfs.fs_tag },
+        let rootfs = match (&paths.rootfs_override, rootfs.subdir) {
+            (Some(dir), None) => RootfsSource::Bind(dir.clone()),
+            (Some(dir), Some(subdir)) => RootfsSource::Bind(dir.join(subdir)),
+            (None, None) => RootfsSource::Virtiofs { tag: rootfs.fs_tag },
+            (None, Some(subdir)) => RootfsSource::Share {
+                tag: rootfs.fs_tag,
+                subdir,
+            },
         };
         // The host's bind mounts come over virtio-fs; the host tests bind guest paths.
         let binds_tag = binds_fs_tag.filter(|_| paths.rootfs_override.is_none());
@@ -379,26 +430,94 @@ impl<S: System> Owner<S> {
             agent_root: paths.agent_root.clone(),
             stdio,
         };
-        let mut created = match self.system.create(config) {
+        let cgroup = if pod {
+            format!("pod-{container_id}")
+        } else {
+            "container".to_owned()
+        };
+        let mut created = match self.system.create(&cgroup, config) {
             Ok(created) => created,
             Err(e) => return Reply::Now(Err(e)),
         };
-        let terminal = match start_relay(&ProcessRef::Init, created.as_mut(), terminal_conn) {
+        let terminal = match start_relay(init, created.as_mut(), terminal_conn) {
             Ok(terminal) => terminal,
             Err(e) => return Reply::Now(Err(e)),
         };
-        self.container_id = Some(container_id);
-        self.container = Some(info);
         self.processes.push(Tracked {
-            process: ProcessRef::Init,
+            process: init.clone(),
+            container: container_id.clone(),
             pid: created.pid(),
             started: false,
             exit: None,
             reported: false,
             terminal,
         });
-        self.created = Some(created);
+        self.containers.push(Container {
+            id: container_id,
+            init: init.clone(),
+            cgroup,
+            info,
+            created: Some(created),
+        });
         Reply::Now(Ok(ResponseBody::Ok))
+    }
+
+    /// Whether `create` may make a container now: a VM holds one container, or a pod's
+    /// containers (each id once, a plain name since it names a cgroup), never both.
+    fn may_create(&self, create: &CreateContainer) -> Result<(), ErrorResponse> {
+        if let Some(existing) = self.containers.first() {
+            let existing_pod = existing.init != ProcessRef::Init;
+            if !create.pod || !existing_pod {
+                let why = if existing_pod {
+                    " in this pod VM, which takes only pod containers"
+                } else {
+                    ""
+                };
+                return Err(ErrorResponse::new(
+                    ErrorKind::InvalidState,
+                    format!("container {:?} is already created{why}", existing.id),
+                ));
+            }
+        }
+        if !create.pod {
+            return Ok(());
+        }
+        let id = &create.container_id;
+        let plain = !id.is_empty()
+            && id.len() <= 128
+            && !id.starts_with('.')
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !plain {
+            return Err(ErrorResponse::new(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "container_id {id:?}: a pod container's id is 1 to 128 of [A-Za-z0-9_.-], \
+                     not starting with a dot"
+                ),
+            ));
+        }
+        if self.containers.iter().any(|c| c.id == *id) {
+            return Err(ErrorResponse::new(
+                ErrorKind::AlreadyExists,
+                format!("container {id:?} is already created"),
+            ));
+        }
+        if let Some(subdir) = &create.rootfs.subdir {
+            let path = std::path::Path::new(subdir);
+            let relative = path.components().count() > 0
+                && path
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !relative {
+                return Err(ErrorResponse::new(
+                    ErrorKind::InvalidRequest,
+                    format!("rootfs.subdir {subdir:?}: not a relative path without `..`"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `exec`: checks, forks the process into the container, tracks it, then lets it run. On
@@ -413,7 +532,11 @@ impl<S: System> Owner<S> {
     }
 
     fn try_exec(&mut self, id: u64, process_ref: &ProcessRef, exec: Exec) -> Reply {
-        let init = match self.running_init() {
+        let init_ref = match &exec.container_id {
+            Some(id) => ProcessRef::Container(id.clone()),
+            None => ProcessRef::Init,
+        };
+        let init = match self.running_init(&init_ref) {
             Ok(init) => init,
             Err(e) => return Reply::Now(Err(e)),
         };
@@ -423,10 +546,12 @@ impl<S: System> Owner<S> {
                 format!("exec id {:?} is already taken", exec.exec_id),
             );
         }
-        let Some(info) = &self.container else {
+        let Some(container) = self.container(&init_ref) else {
             return err(ErrorKind::Internal, "a running init without its container");
         };
+        let info = &container.info;
         let (namespaces, seccomp) = (info.namespaces.clone(), info.seccomp.clone());
+        let (container_id, cgroup) = (container.id.clone(), container.cgroup.clone());
         let Exec {
             mut process, stdio, ..
         } = exec;
@@ -445,7 +570,7 @@ impl<S: System> Owner<S> {
             seccomp,
             stdio,
         };
-        let mut created = match self.system.exec(init, &namespaces, plan) {
+        let mut created = match self.system.exec(init, &cgroup, &namespaces, plan) {
             Ok(created) => created,
             Err(e) => return Reply::Now(Err(e)),
         };
@@ -456,6 +581,7 @@ impl<S: System> Owner<S> {
         // Tracked before it may run, so that its exit finds it.
         self.processes.push(Tracked {
             process: process_ref.clone(),
+            container: container_id,
             pid: created.pid(),
             started: false,
             exit: None,
@@ -555,17 +681,23 @@ impl<S: System> Owner<S> {
         Ok((StdioSetup::Pipes(fds), None))
     }
 
-    fn start_container(&mut self, id: u64) -> Reply {
-        let created = match self.created.take() {
-            Some(created) => created,
-            None if self.container_id.is_some() => {
-                return err(ErrorKind::InvalidState, "the container is already started")
-            }
-            None => return err(ErrorKind::InvalidState, "no container is created"),
+    /// Starts the init `init` of a created container.
+    fn start(&mut self, id: u64, init: &ProcessRef) -> Reply {
+        if matches!(init, ProcessRef::Exec(_)) {
+            return err(
+                ErrorKind::InvalidRequest,
+                format!("start names {init}; it must name a container's init"),
+            );
+        }
+        let Some(container) = self.containers.iter_mut().find(|c| c.init == *init) else {
+            return err(ErrorKind::InvalidState, not_created(init).message);
+        };
+        let Some(created) = container.created.take() else {
+            return err(ErrorKind::InvalidState, "the container is already started");
         };
         match created.start() {
             Ok(pid) => {
-                self.started(id, &ProcessRef::Init, pid);
+                self.started(id, init, pid);
                 Reply::Later
             }
             Err(e) => Reply::Now(Err(e)),
@@ -576,10 +708,7 @@ impl<S: System> Owner<S> {
     fn pid_of(&self, process: &ProcessRef) -> Result<(Pid, bool), ErrorResponse> {
         match self.find(process) {
             Some(tracked) => Ok((tracked.pid, tracked.exit.is_some())),
-            None if *process == ProcessRef::Init => Err(ErrorResponse::new(
-                ErrorKind::NotFound,
-                "no container is created",
-            )),
+            None if !matches!(process, ProcessRef::Exec(_)) => Err(not_created(process)),
             None => Err(ErrorResponse::new(
                 ErrorKind::NotFound,
                 format!("no such process: {process}"),
@@ -588,7 +717,7 @@ impl<S: System> Owner<S> {
     }
 
     fn signal(&mut self, process: &ProcessRef, number: i32, all: bool) -> Reply {
-        if all && *process != ProcessRef::Init {
+        if all && matches!(process, ProcessRef::Exec(_)) {
             return err(
                 ErrorKind::InvalidRequest,
                 format!("signal with all: true names {process}; it must name the init process"),
@@ -608,7 +737,9 @@ impl<S: System> Owner<S> {
             return err(ErrorKind::InvalidState, format!("{process} has exited"));
         }
         if all {
-            self.kill_all(signal);
+            for pid in self.container_pids(process) {
+                let _ = self.system.kill(pid, signal);
+            }
             return Reply::Now(Ok(ResponseBody::Ok));
         }
         match self.system.kill(pid, signal) {
@@ -619,8 +750,8 @@ impl<S: System> Owner<S> {
 
     fn wait(&mut self, id: u64, process: ProcessRef) -> Reply {
         match self.find(&process) {
-            None if process == ProcessRef::Init => {
-                err(ErrorKind::NotFound, "no container is created")
+            None if !matches!(process, ProcessRef::Exec(_)) => {
+                Reply::Now(Err(not_created(&process)))
             }
             None => err(ErrorKind::NotFound, format!("no such process: {process}")),
             Some(Tracked {
@@ -654,6 +785,7 @@ impl<S: System> Owner<S> {
     /// `configure_network`: in the network namespace of the container's init, or the agent's
     /// own before there is a container.
     fn configure_network(&self, config: &hull_protocol::NetworkConfig) -> Reply {
+        // A pod's containers share the VM's own namespace (they make none of their own).
         let target = match self.pid_of(&ProcessRef::Init) {
             Ok((init, _)) => match std::fs::File::open(format!("/proc/{init}/ns/net")) {
                 Ok(file) => Some(file),
@@ -669,27 +801,116 @@ impl<S: System> Owner<S> {
         Reply::Now(crate::network::configure(config, target.as_ref()).map(|()| ResponseBody::Ok))
     }
 
-    /// The container's processes (see [`System::container_pids`]); none before it is created.
-    fn container_pids(&self) -> Vec<Pid> {
-        match self.pid_of(&ProcessRef::Init) {
-            Ok((init, _)) => self.system.container_pids(init),
+    /// The processes of the container whose init is `init` (see [`System::container_pids`]);
+    /// none before it is created.
+    fn container_pids(&self, init: &ProcessRef) -> Vec<Pid> {
+        match self.pid_of(init) {
+            Ok((pid, _)) => self.system.container_pids(pid),
             Err(_) => Vec::new(),
         }
     }
 
+    /// Every container's processes.
     fn kill_all(&mut self, signal: Signal) {
-        for pid in self.container_pids() {
-            let _ = self.system.kill(pid, signal);
+        let inits: Vec<ProcessRef> = self.containers.iter().map(|c| c.init.clone()).collect();
+        for init in inits {
+            for pid in self.container_pids(&init) {
+                let _ = self.system.kill(pid, signal);
+            }
         }
     }
 
-    fn list_processes(&self) -> Reply {
+    fn processes_of(&self, init: &ProcessRef) -> Reply {
         let list = self
-            .container_pids()
+            .container_pids(init)
             .into_iter()
             .filter_map(|pid| self.system.process_info(pid))
             .collect();
         Reply::Now(Ok(ResponseBody::Processes(list)))
+    }
+
+    fn list_processes(&self) -> Reply {
+        self.processes_of(&ProcessRef::Init)
+    }
+
+    fn container_processes(&self, container_id: &str) -> Reply {
+        match self.pod_container(container_id) {
+            Ok(container) => self.processes_of(&container.init.clone()),
+            Err(e) => Reply::Now(Err(e)),
+        }
+    }
+
+    fn stats(&self, container_id: &str) -> Reply {
+        let container = match self.pod_container(container_id) {
+            Ok(container) => container,
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        Reply::Now(
+            self.system
+                .stats(&container.cgroup)
+                .map(ResponseBody::Stats),
+        )
+    }
+
+    fn update(&mut self, container_id: &str, resources: &hull_protocol::Resources) -> Reply {
+        let cgroup = match self.pod_container(container_id) {
+            Ok(container) => container.cgroup.clone(),
+            Err(e) => return Reply::Now(Err(e)),
+        };
+        Reply::Now(
+            self.system
+                .update(&cgroup, resources)
+                .map(|()| ResponseBody::Ok),
+        )
+    }
+
+    /// `remove_container`: a pod's container that was never started, or whose init has ended.
+    /// What is left of it is killed, its processes forgotten and its cgroup removed.
+    fn remove_container(&mut self, container_id: &str) -> Reply {
+        let init = ProcessRef::Container(container_id.to_owned());
+        let Some(index) = self.containers.iter().position(|c| c.init == init) else {
+            return Reply::Now(Err(not_created(&init)));
+        };
+        if self.containers[index].created.is_none() {
+            if let Ok((_, false)) = self.pid_of(&init) {
+                return err(
+                    ErrorKind::InvalidState,
+                    format!("{init} is running: stop it first"),
+                );
+            }
+        }
+        for pid in self.container_pids(&init) {
+            let _ = self.system.kill(pid, Signal::SIGKILL);
+        }
+        // A container never started: dropping its waiting init dismisses it.
+        let container = self.containers.remove(index);
+        drop(container.created);
+        self.processes.retain(|p| p.container != container.id);
+        let processes = &self.processes;
+        self.waits
+            .retain(|(_, process)| processes.iter().any(|p| p.process == *process));
+        self.streams.retain(|(process, _), _| *process != init);
+        self.system.remove(&container.cgroup);
+        Reply::Now(Ok(ResponseBody::Ok))
+    }
+
+    fn set_hostname(&mut self, hostname: &str) -> Reply {
+        let valid = !hostname.is_empty()
+            && hostname.len() <= 64
+            && hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+        if !valid {
+            return err(
+                ErrorKind::InvalidRequest,
+                format!("hostname {hostname:?}: 1 to 64 of [A-Za-z0-9.-]"),
+            );
+        }
+        Reply::Now(
+            self.system
+                .set_hostname(hostname)
+                .map(|()| ResponseBody::Ok),
+        )
     }
 
     /// A stream connection's hello: keeps the stream until a request claims it, or says why not.
@@ -704,7 +925,7 @@ impl<S: System> Owner<S> {
             );
         }
         let exists = match &process {
-            ProcessRef::Init => self.container_id.is_some(),
+            ProcessRef::Init | ProcessRef::Container(_) => self.container(&process).is_some(),
             ProcessRef::Exec(_) => self.find(&process).is_some(),
         };
         if exists {
@@ -776,6 +997,12 @@ mod tests {
         /// What `container_pids` gives.
         pids: Vec<Pid>,
         powered_off: Option<String>,
+        /// The cgroups made and not removed.
+        cgroups: Vec<String>,
+        /// Each exec's init and cgroup.
+        execs: Vec<(Pid, String)>,
+        updates: Vec<(String, hull_protocol::Resources)>,
+        hostname: Option<String>,
     }
 
     #[derive(Debug)]
@@ -811,17 +1038,45 @@ mod tests {
     }
 
     impl System for FakeSystem {
-        fn create(&mut self, _config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
+        fn create(
+            &mut self,
+            cgroup: &str,
+            _config: Config,
+        ) -> Result<Box<dyn Waiting>, ErrorResponse> {
+            self.cgroups.push(cgroup.to_owned());
             Ok(self.waiting())
         }
         fn exec(
             &mut self,
             init: Pid,
+            cgroup: &str,
             _namespaces: &[(&'static str, CloneFlags)],
             _plan: ExecPlan,
         ) -> Result<Box<dyn Waiting>, ErrorResponse> {
-            assert_eq!(init, Pid::from_raw(INIT_PID));
+            self.execs.push((init, cgroup.to_owned()));
             Ok(self.waiting())
+        }
+        fn stats(&self, cgroup: &str) -> Result<hull_protocol::ContainerStats, ErrorResponse> {
+            assert!(self.cgroups.iter().any(|c| c == cgroup), "{cgroup}");
+            Ok(hull_protocol::ContainerStats {
+                pids_current: 1,
+                ..Default::default()
+            })
+        }
+        fn update(
+            &mut self,
+            cgroup: &str,
+            resources: &hull_protocol::Resources,
+        ) -> Result<(), ErrorResponse> {
+            self.updates.push((cgroup.to_owned(), *resources));
+            Ok(())
+        }
+        fn remove(&mut self, cgroup: &str) {
+            self.cgroups.retain(|c| c != cgroup);
+        }
+        fn set_hostname(&mut self, hostname: &str) -> Result<(), ErrorResponse> {
+            self.hostname = Some(hostname.to_owned());
+            Ok(())
         }
         fn kill(&mut self, pid: Pid, signal: Signal) -> Result<(), nix::errno::Errno> {
             self.kills.push((pid, signal));
@@ -963,9 +1218,11 @@ mod tests {
             rootfs: Rootfs {
                 fs_tag: "rootfs".into(),
                 readonly: false,
+                subdir: None,
             },
             stdio,
             binds_fs_tag: None,
+            pod: false,
         }))
     }
 
@@ -974,6 +1231,7 @@ mod tests {
             exec_id: exec_id.into(),
             process: process(&["true"]),
             stdio: Stdio::NULL,
+            container_id: None,
         }))
     }
 
@@ -1072,7 +1330,7 @@ mod tests {
             let err = host.response(1).expect_err("an error response");
             assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err:?}");
         }
-        assert!(o.container_id.is_none());
+        assert!(o.containers.is_empty());
         assert_eq!(
             host.request(o, 2, create_body(Stdio::NULL)),
             Ok(ResponseBody::Ok)
@@ -1359,6 +1617,170 @@ mod tests {
         assert_eq!(
             o.system.powered_off.as_deref(),
             Some("shutdown requested by the host")
+        );
+    }
+
+    fn pod_create(id: &str) -> RequestBody {
+        let RequestBody::CreateContainer(mut create) = create_body(Stdio::NULL) else {
+            unreachable!()
+        };
+        create.container_id = id.into();
+        create.pod = true;
+        create.rootfs.fs_tag = hull_protocol::POD_FS_TAG.into();
+        create.rootfs.subdir = Some(format!("{id}/rootfs"));
+        RequestBody::CreateContainer(create)
+    }
+
+    #[test]
+    fn a_pod_vm_holds_several_containers_each_with_its_own_init_and_cgroup() {
+        let mut owner = owner();
+        let mut host = Host::connect(&mut owner, 1);
+        let o = &mut owner;
+        let (a, b) = (
+            ProcessRef::Container("a".into()),
+            ProcessRef::Container("b".into()),
+        );
+        assert_eq!(host.request(o, 1, pod_create("a")), Ok(ResponseBody::Ok));
+        assert_eq!(host.request(o, 2, pod_create("b")), Ok(ResponseBody::Ok));
+        assert_eq!(o.system.cgroups, ["pod-a", "pod-b"]);
+        // One id once; no single container beside pod ones; ids that are no plain names.
+        assert_eq!(
+            kind_of(host.request(o, 3, pod_create("a"))),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(
+            kind_of(host.request(o, 4, create_body(Stdio::NULL))),
+            ErrorKind::InvalidState
+        );
+        for bad in ["", "../x", ".hidden", "a/b"] {
+            assert_eq!(
+                kind_of(host.request(o, 5, pod_create(bad))),
+                ErrorKind::InvalidRequest,
+                "{bad:?}"
+            );
+        }
+        // The single container's requests do not reach a pod's containers.
+        assert_eq!(
+            kind_of(host.request(o, 6, RequestBody::StartContainer)),
+            ErrorKind::InvalidState
+        );
+        assert_eq!(
+            host.request(o, 7, RequestBody::Start { process: b.clone() }),
+            Ok(ResponseBody::Started { pid: INIT_PID + 1 })
+        );
+        assert_eq!(
+            kind_of(host.request(o, 8, RequestBody::Start { process: b.clone() })),
+            ErrorKind::InvalidState
+        );
+        // An exec joins the container it names: its init and its cgroup.
+        let RequestBody::Exec(mut exec) = exec_body("e1") else {
+            unreachable!()
+        };
+        exec.container_id = Some("b".into());
+        assert_eq!(
+            host.request(o, 9, RequestBody::Exec(exec.clone())),
+            Ok(ResponseBody::Started { pid: INIT_PID + 2 })
+        );
+        assert_eq!(
+            o.system.execs,
+            [(Pid::from_raw(INIT_PID + 1), "pod-b".to_owned())]
+        );
+        exec.exec_id = "e2".into();
+        exec.container_id = Some("a".into());
+        // `a` is created, not started.
+        assert_eq!(
+            kind_of(host.request(o, 10, RequestBody::Exec(exec))),
+            ErrorKind::InvalidState
+        );
+        assert_eq!(
+            host.request(
+                o,
+                11,
+                RequestBody::Stats {
+                    container_id: "b".into()
+                }
+            ),
+            Ok(ResponseBody::Stats(hull_protocol::ContainerStats {
+                pids_current: 1,
+                ..Default::default()
+            }))
+        );
+        let resources = hull_protocol::Resources {
+            memory_limit: Some(64 << 20),
+            pids_limit: None,
+        };
+        assert_eq!(
+            host.request(
+                o,
+                12,
+                RequestBody::Update {
+                    container_id: "b".into(),
+                    resources
+                }
+            ),
+            Ok(ResponseBody::Ok)
+        );
+        assert_eq!(o.system.updates, [("pod-b".to_owned(), resources)]);
+        assert_eq!(
+            kind_of(host.request(
+                o,
+                13,
+                RequestBody::Stats {
+                    container_id: "c".into()
+                }
+            )),
+            ErrorKind::NotFound
+        );
+        // A running container is not removed; an ended one is, and its id is free again.
+        let remove = |id: &str| RequestBody::RemoveContainer {
+            container_id: id.into(),
+        };
+        assert_eq!(
+            kind_of(host.request(o, 14, remove("b"))),
+            ErrorKind::InvalidState
+        );
+        o.handle(reaped(INIT_PID + 1, Ending::Exited(0)));
+        assert_eq!(
+            host.next(),
+            AgentMessage::Event(Event::Exited {
+                process: b.clone(),
+                pid: INIT_PID + 1,
+                status: ExitStatus::Code(0)
+            })
+        );
+        assert_eq!(host.request(o, 15, remove("b")), Ok(ResponseBody::Ok));
+        assert_eq!(o.system.cgroups, ["pod-a"]);
+        assert_eq!(
+            kind_of(host.request(o, 16, RequestBody::Wait { process: b })),
+            ErrorKind::NotFound
+        );
+        // A container never started is removed too.
+        assert_eq!(host.request(o, 17, remove("a")), Ok(ResponseBody::Ok));
+        assert_eq!(
+            kind_of(host.request(o, 18, RequestBody::Start { process: a })),
+            ErrorKind::InvalidState
+        );
+        assert_eq!(host.request(o, 19, pod_create("b")), Ok(ResponseBody::Ok));
+        assert_eq!(
+            host.request(
+                o,
+                20,
+                RequestBody::SetHostname {
+                    hostname: "pod-1".into()
+                }
+            ),
+            Ok(ResponseBody::Ok)
+        );
+        assert_eq!(o.system.hostname.as_deref(), Some("pod-1"));
+        assert_eq!(
+            kind_of(host.request(
+                o,
+                21,
+                RequestBody::SetHostname {
+                    hostname: "a b".into()
+                }
+            )),
+            ErrorKind::InvalidRequest
         );
     }
 }

@@ -2,6 +2,7 @@
 //! `/proc`, power off. Behind the [`System`] trait so the owner's rules run in unit tests with a
 //! made-up system: no forks, no signals, no namespaces.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -40,15 +41,30 @@ pub struct ExecPlan {
 
 /// The system calls behind the owner's requests.
 pub trait System {
-    /// Sets up the container's init (`container::create`).
-    fn create(&mut self, config: Config) -> Result<Box<dyn Waiting>, ErrorResponse>;
-    /// Sets up a process in the namespaces `namespaces` and root of the running `init`.
+    /// Sets up a container's init (`container::create`) in a cgroup of its own named `cgroup`
+    /// (see `container::cgroup::create`).
+    fn create(&mut self, cgroup: &str, config: Config) -> Result<Box<dyn Waiting>, ErrorResponse>;
+    /// Sets up a process in the namespaces `namespaces` and root of the running `init`, in the
+    /// init's cgroup `cgroup`.
     fn exec(
         &mut self,
         init: Pid,
+        cgroup: &str,
         namespaces: &[(&'static str, CloneFlags)],
         plan: ExecPlan,
     ) -> Result<Box<dyn Waiting>, ErrorResponse>;
+    /// What the cgroup `cgroup` has used.
+    fn stats(&self, cgroup: &str) -> Result<hull_protocol::ContainerStats, ErrorResponse>;
+    /// Changes the limits of the cgroup `cgroup`.
+    fn update(
+        &mut self,
+        cgroup: &str,
+        resources: &hull_protocol::Resources,
+    ) -> Result<(), ErrorResponse>;
+    /// Removes the cgroup `cgroup`, whose processes have ended.
+    fn remove(&mut self, cgroup: &str);
+    /// Sets the guest's host name.
+    fn set_hostname(&mut self, hostname: &str) -> Result<(), ErrorResponse>;
     fn kill(&mut self, pid: Pid, signal: Signal) -> Result<(), Errno>;
     /// The processes of the container whose init is `init`: those in the init's PID namespace
     /// if it has its own, else every process but the agent.
@@ -79,8 +95,8 @@ pub struct RealSystem {
     paths: Paths,
     /// The container's init made at boot (`container/zygote.rs`), until a container takes it.
     zygote: Option<Zygote>,
-    /// The container's cgroup (`container/cgroup.rs`), once made.
-    cgroup: Option<PathBuf>,
+    /// The containers' cgroups (`container/cgroup.rs`) by name, once made.
+    cgroups: HashMap<String, PathBuf>,
 }
 
 impl RealSystem {
@@ -88,7 +104,7 @@ impl RealSystem {
         Self {
             paths,
             zygote,
-            cgroup: None,
+            cgroups: HashMap::new(),
         }
     }
 
@@ -167,8 +183,8 @@ impl RealSystem {
 
     /// Puts a process that has not started yet in the container's cgroup. Without one (no
     /// cgroup v2 with the memory and pids controllers) the container runs unbounded: logged.
-    fn bound(&self, waiting: Box<dyn Waiting>) -> Box<dyn Waiting> {
-        if let Some(dir) = &self.cgroup {
+    fn bound(&self, cgroup: &str, waiting: Box<dyn Waiting>) -> Box<dyn Waiting> {
+        if let Some(dir) = self.cgroups.get(cgroup) {
             if let Err(err) = cgroup::enter(dir, waiting.pid()) {
                 console::log(&format!("warning: {err}"));
             }
@@ -178,11 +194,13 @@ impl RealSystem {
 }
 
 impl System for RealSystem {
-    fn create(&mut self, config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
+    fn create(&mut self, name: &str, config: Config) -> Result<Box<dyn Waiting>, ErrorResponse> {
         if let Some(root) = &self.paths.cgroup_root {
             let (memory, pids) = (config.spec.memory_limit, config.spec.pids_limit);
-            match cgroup::create(root, &self.paths.proc_dir, memory, pids) {
-                Ok(dir) => self.cgroup = Some(dir),
+            match cgroup::create(root, name, &self.paths.proc_dir, memory, pids) {
+                Ok(dir) => {
+                    self.cgroups.insert(name.to_owned(), dir);
+                }
                 Err(err) => console::log(&format!(
                     "warning: the container gets no cgroup of its own: {err}"
                 )),
@@ -191,19 +209,52 @@ impl System for RealSystem {
         let process = config.spec.process.clone();
         let waiting = self.create_unbounded(config)?;
         self.set_from_outside(waiting.as_ref(), &process)?;
-        Ok(self.bound(waiting))
+        Ok(self.bound(name, waiting))
     }
 
     fn exec(
         &mut self,
         init: Pid,
+        name: &str,
         namespaces: &[(&'static str, CloneFlags)],
         plan: ExecPlan,
     ) -> Result<Box<dyn Waiting>, ErrorResponse> {
         let process = plan.process.clone();
         let waiting = self.exec_unbounded(init, namespaces, plan)?;
         self.set_from_outside(waiting.as_ref(), &process)?;
-        Ok(self.bound(waiting))
+        Ok(self.bound(name, waiting))
+    }
+
+    fn stats(&self, name: &str) -> Result<hull_protocol::ContainerStats, ErrorResponse> {
+        let dir = self.cgroups.get(name).ok_or_else(|| {
+            ErrorResponse::new(ErrorKind::Unsupported, "the container has no cgroup")
+        })?;
+        Ok(cgroup::stats(dir))
+    }
+
+    fn update(
+        &mut self,
+        name: &str,
+        resources: &hull_protocol::Resources,
+    ) -> Result<(), ErrorResponse> {
+        let dir = self.cgroups.get(name).ok_or_else(|| {
+            ErrorResponse::new(ErrorKind::Unsupported, "the container has no cgroup")
+        })?;
+        cgroup::update(dir, resources).map_err(|e| ErrorResponse::new(ErrorKind::Io, e))
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(dir) = self.cgroups.remove(name) {
+            if let Err(err) = cgroup::remove(&dir) {
+                console::log(&format!("warning: {err}"));
+            }
+        }
+    }
+
+    fn set_hostname(&mut self, hostname: &str) -> Result<(), ErrorResponse> {
+        nix::unistd::sethostname(hostname).map_err(|e| {
+            ErrorResponse::new(ErrorKind::Io, format!("sethostname({hostname:?}): {e}"))
+        })
     }
 
     fn kill(&mut self, pid: Pid, signal: Signal) -> Result<(), Errno> {

@@ -389,9 +389,11 @@ fn write_vm_files(
             rootfs: Rootfs {
                 fs_tag: ROOTFS_TAG.to_owned(),
                 readonly: spec.readonly,
+                subdir: None,
             },
             stdio: spec.stdio(),
             binds_fs_tag: (!spec.binds.is_empty()).then(|| hull_protocol::BINDS_FS_TAG.to_owned()),
+            pod: false,
         },
         control_socket: state.path().join("control.sock"),
         console_socket: checked.console_socket.clone(),

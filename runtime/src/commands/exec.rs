@@ -270,6 +270,7 @@ fn run_foreground(
                 exec_id: exec_id.clone(),
                 process,
                 stdio,
+                container_id: None,
             })),
             Some(REQUEST_DEADLINE),
         )
