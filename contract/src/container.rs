@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 /// What `hull` gives hull-vmm to run a container (`--container FILE`, JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerConfig {
-    /// The request that creates the container (its id, spec, rootfs and init's stdio).
-    pub create: CreateContainer,
+    /// The request that creates the container (its id, spec, rootfs and init's stdio). None
+    /// for a pod VM: it starts with no container, and its clients create the pod's containers
+    /// (`CreateContainer::pod`) on the control socket.
+    pub create: Option<CreateContainer>,
     /// Where to serve `hull` commands.
     pub control_socket: PathBuf,
     /// With a terminal: where to send the pty master (runc's `--console-socket`). Without
@@ -50,8 +52,11 @@ impl ContainerConfig {
                 path: path.to_owned(),
                 source,
             })?;
-        if matches!(config.create.stdio, Stdio::Terminal { .. }) && config.console_socket.is_none()
-        {
+        let terminal = config
+            .create
+            .as_ref()
+            .is_some_and(|c| matches!(c.stdio, Stdio::Terminal { .. }));
+        if terminal && config.console_socket.is_none() {
             return Err(ContainerConfigError::NoConsoleSocket {
                 path: path.to_owned(),
             });
@@ -82,7 +87,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hull-ccfg-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut config = ContainerConfig {
-            create: CreateContainer {
+            create: Some(CreateContainer {
                 container_id: "c1".into(),
                 spec: hull_protocol::spec::ContainerSpec {
                     process: hull_protocol::spec::Process {
@@ -101,7 +106,7 @@ mod tests {
                 stdio: Stdio::Terminal { rows: 24, cols: 80 },
                 binds_fs_tag: None,
                 pod: false,
-            },
+            }),
             control_socket: dir.join("control.sock"),
             console_socket: Some(dir.join("console.sock")),
         };

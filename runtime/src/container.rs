@@ -53,6 +53,10 @@ pub struct Saved {
     /// Its interfaces mirrored into the VM (their TAPs and qdiscs are removed at `delete`).
     #[serde(default)]
     pub mirrored: Vec<crate::network::Mirrored>,
+    /// A pod VM (`create --pod`): the VM is the pod's sandbox and runs no container of its
+    /// own; the shim makes the pod's containers in it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pod: bool,
 }
 
 /// A container's status, as runc reports it.
@@ -206,6 +210,11 @@ impl Container {
         }
         self.sync_network()
             .with_context(|| format!("cannot start container {}", self.saved.id))?;
+        if self.saved.pod {
+            // The pod's containers are started by the shim; the VM itself runs already.
+            self.saved.started = true;
+            return self.save();
+        }
         let answer = self
             .client()?
             .request(RequestBody::StartContainer, Some(REQUEST_DEADLINE))
@@ -276,6 +285,14 @@ impl Container {
         if signal == libc::SIGKILL && !all {
             return self.kill_vmm();
         }
+        if self.saved.pod {
+            // A pod VM has no init of its own: hull-vmm powers it off on a terminating signal.
+            let pid = nix::unistd::Pid::from_raw(self.saved.pid);
+            let signal = nix::sys::signal::Signal::try_from(signal)
+                .with_context(|| format!("signal {signal}"))?;
+            return nix::sys::signal::kill(pid, signal)
+                .with_context(|| format!("cannot signal pod VM {}", self.saved.id));
+        }
         self.client()?
             .request(
                 RequestBody::Signal {
@@ -331,6 +348,7 @@ impl Container {
         if let Some(cgroup) = &self.saved.cgroup {
             cgroup.remove();
         }
+        crate::state::release_pod_share(&self.dir);
         std::fs::remove_dir_all(&self.dir)
             .with_context(|| format!("cannot remove {}", self.dir.display()))
     }

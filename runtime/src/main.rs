@@ -4,38 +4,13 @@
 //! accepted before or after the command; `hull doctor` tells whether this host can run hull's
 //! micro-VMs and how.
 
-/// `println!` that does not panic when standard output is closed (`hull list | head`).
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
-    }};
-}
-
-mod cgroup;
-mod commands;
-mod container;
-mod forward;
-mod hooks;
-mod logger;
-mod mountpoints;
-mod network;
-mod paths;
-mod signal_name;
-mod spec;
-mod state;
-mod template;
-#[cfg(test)]
-mod testutil;
-mod tty;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::commands::{Command, Global};
-use crate::logger::LogFormat;
+use hull::commands::{Command, Global};
+use hull::logger::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(name = "hull", version, about = "Run OCI containers in micro-VMs")]

@@ -62,6 +62,51 @@ pub const VMM_LOG: &str = "vmm.log";
 /// Where hull-vmm jails itself (`--jail`): empty on the host, its jail in its own mount
 /// namespace.
 pub const JAIL: &str = "jail";
+/// A pod VM's one share (`hull_protocol::POD_FS_TAG`): a shared mount of its own, so that the
+/// containers' rootfs and bind mounts that the shim mounts under it later reach hull-vmm's
+/// jail (a slave of it) and through it the guest.
+pub const POD_SHARE: &str = "pod";
+
+/// Makes `<dir>/pod` and makes it a shared mount of its own (a bind on itself, private, then
+/// shared: a peer group of its own, whatever `/` is).
+pub fn share_pod(dir: &Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    use nix::mount::{mount, MsFlags};
+    let share = dir.join(POD_SHARE);
+    std::fs::DirBuilder::new()
+        .mode(0o711)
+        .create(&share)
+        .with_context(|| format!("cannot make {}", share.display()))?;
+    let none = None::<&str>;
+    mount(Some(&share), &share, none, MsFlags::MS_BIND, none)
+        .with_context(|| format!("cannot bind {} on itself", share.display()))?;
+    for (flag, what) in [
+        (MsFlags::MS_PRIVATE, "private"),
+        (MsFlags::MS_SHARED, "shared"),
+    ] {
+        if let Err(err) = mount(none, &share, none, flag, none) {
+            release_pod_share(dir);
+            return Err(err).with_context(|| format!("cannot make {} {what}", share.display()));
+        }
+    }
+    Ok(share)
+}
+
+/// Detaches `<dir>/pod` and everything mounted under it, if it is there: before anything
+/// removes the state directory, which must never reach into a container's rootfs.
+pub fn release_pod_share(dir: &Path) {
+    let share = dir.join(POD_SHARE);
+    loop {
+        match nix::mount::umount2(&share, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => continue,
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => return,
+            Err(err) => {
+                log::warn!("cannot unmount {}: {err}", share.display());
+                return;
+            }
+        }
+    }
+}
 
 /// `<root>/<id>/`, removed with everything in it on drop unless kept.
 #[derive(Debug)]
@@ -136,6 +181,7 @@ impl Drop for StateDir {
         if self.keep {
             return;
         }
+        release_pod_share(&self.path);
         if let Err(err) = std::fs::remove_dir_all(&self.path) {
             if err.kind() != std::io::ErrorKind::NotFound {
                 log::warn!("cannot remove {}: {err}", self.path.display());

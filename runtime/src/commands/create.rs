@@ -58,6 +58,10 @@ pub struct CreateArgs {
     /// HULL_COLD_BOOT=1).
     #[arg(long = "cold-boot")]
     cold_boot: bool,
+    /// Make a pod VM: the sandbox of a Kubernetes pod, whose containers
+    /// containerd-shim-hull-v2 then makes in it (the spec's process is not run).
+    #[arg(long)]
+    pod: bool,
     /// The container id, unique under --root.
     id: String,
 }
@@ -83,6 +87,7 @@ impl CreateArgs {
             systemd_cgroup: global.systemd_cgroup,
             attached,
             cold_boot: self.cold_boot || crate::template::cold_by_environment(),
+            pod: self.pod,
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct CreateOptions {
     pub attached: bool,
     /// Boot the kernel rather than restore the VM from its template.
     pub cold_boot: bool,
+    /// A pod VM (`--pod`).
+    pub pod: bool,
 }
 
 /// A created container whose hull-vmm is hull's child.
@@ -330,6 +337,9 @@ fn make_state_dir(opts: &CreateOptions, checked: &Checked) -> anyhow::Result<Sta
     // mount namespace is all the guest can reach of it. Searchable by anyone, so that a
     // container whose root is a mapped id (a user namespace) reaches its binds: each keeps its
     // own owner and mode.
+    if opts.pod {
+        crate::state::share_pod(state.path())?;
+    }
     let binds = state.binds();
     std::fs::DirBuilder::new()
         .mode(0o711)
@@ -374,7 +384,18 @@ fn write_vm_files(
         binds_dir: state.binds(),
     };
     let max_vcpus = host_max_vcpus();
-    let config = spec.vm_config(&paths, max_vcpus);
+    let mut config = spec.vm_config(&paths, max_vcpus);
+    if opts.pod {
+        let size = crate::spec::pod_size(&spec.spec, &spec.config_path)?;
+        config.vcpus = size.vcpus.clamp(1, max_vcpus.max(1));
+        config.mem_size_mib = size.mem_size_mib;
+        config.shared_dirs = vec![hull_contract::vm::SharedDirConfig {
+            tag: hull_protocol::POD_FS_TAG.to_owned(),
+            path: state.path().join(crate::state::POD_SHARE),
+            read_only: false,
+            binds: Vec::new(),
+        }];
+    }
     config
         .validate(usize::from(max_vcpus))
         .with_context(|| format!("VM configuration for {}", spec.config_path.display()))?;
@@ -383,7 +404,7 @@ fn write_vm_files(
         &serde_json::to_vec_pretty(&config).expect("a VmConfig serializes"),
     )?;
     let container_config = ContainerConfig {
-        create: CreateContainer {
+        create: (!opts.pod).then(|| CreateContainer {
             container_id: opts.id.clone(),
             spec: spec.container.clone(),
             rootfs: Rootfs {
@@ -394,7 +415,7 @@ fn write_vm_files(
             stdio: spec.stdio(),
             binds_fs_tag: (!spec.binds.is_empty()).then(|| hull_protocol::BINDS_FS_TAG.to_owned()),
             pod: false,
-        },
+        }),
         control_socket: state.path().join("control.sock"),
         console_socket: checked.console_socket.clone(),
     };
@@ -540,6 +561,7 @@ fn record(
                 NetNamespace::New => None,
             })),
             mirrored: Vec::new(),
+            pod: opts.pod,
         },
     };
     let mut created = Created {
@@ -553,6 +575,18 @@ fn record(
     crate::hooks::run_hooks("prestart", &checked.hooks.prestart, &state_doc)?;
     // After the hooks, which may have added interfaces (Docker's does).
     created.container.sync_network()?;
+    if let (true, Some(hostname)) = (opts.pod, &spec.container.hostname) {
+        created
+            .container
+            .client()?
+            .request(
+                hull_protocol::RequestBody::SetHostname {
+                    hostname: hostname.clone(),
+                },
+                Some(crate::container::REQUEST_DEADLINE),
+            )
+            .with_context(|| format!("cannot set the pod's host name {hostname:?}"))?;
+    }
     created.container.save()?;
     if let Some(path) = &opts.pid_file {
         write_atomic(path, pid.to_string().as_bytes())

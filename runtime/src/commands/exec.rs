@@ -473,6 +473,7 @@ mod tests {
                 cgroup: None,
                 network: None,
                 mirrored: Vec::new(),
+                pod: false,
             },
         };
         (container, dir)

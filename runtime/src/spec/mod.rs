@@ -366,6 +366,64 @@ pub fn mem_size_mib(limit: Option<u64>) -> u32 {
     mib.clamp(u64::from(MIN_MEM_SIZE_MIB), u64::from(MAX_MEM_SIZE_MIB)) as u32
 }
 
+/// A pod VM's vCPUs and memory (`hull create --pod`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodSize {
+    pub vcpus: u8,
+    pub mem_size_mib: u32,
+}
+
+/// vCPUs of a pod VM whose sandbox spec asks for none.
+pub const DEFAULT_POD_VCPUS: u8 = 1;
+/// Memory of a pod VM whose sandbox spec asks for none: its containers share it, each within
+/// its own limit (guest memory the containers never touch costs the host nothing).
+pub const DEFAULT_POD_MEM_SIZE_MIB: u32 = 512;
+/// The sandbox spec's annotations that size a pod VM (the pod's own annotations, which
+/// containerd passes on when the runtime's `pod_annotations` lists them).
+pub const POD_VCPUS_ANNOTATION: &str = "io.hull.pod.vcpus";
+pub const POD_MEMORY_ANNOTATION: &str = "io.hull.pod.memory-mib";
+/// containerd 1.7's annotation of the pod's memory limit in bytes (the sum of its containers').
+pub const CRI_SANDBOX_MEMORY_ANNOTATION: &str = "io.kubernetes.cri.sandbox-memory";
+
+/// A pod VM's size from its sandbox spec: [`POD_VCPUS_ANNOTATION`] and
+/// [`POD_MEMORY_ANNOTATION`] if given; else memory for [`CRI_SANDBOX_MEMORY_ANNOTATION`] (the
+/// pod's limit plus headroom); else the defaults. A value that is no number in range is an
+/// error naming the annotation.
+pub fn pod_size(spec: &Value, config_path: &Path) -> Result<PodSize, SpecError> {
+    let annotation = |name: &str| lookup(spec, &["annotations", name]);
+    let number = |name: &str, min: u64, max: u64| -> Result<Option<u64>, SpecError> {
+        let Some(value) = annotation(name) else {
+            return Ok(None);
+        };
+        match value.as_str().and_then(|s| s.trim().parse::<u64>().ok()) {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(SpecError::invalid(
+                config_path,
+                format!("annotations.{name:?}"),
+                value,
+                format!("must be a whole number from {min} to {max}"),
+            )),
+        }
+    };
+    let vcpus = number(POD_VCPUS_ANNOTATION, 1, 255)?.map_or(DEFAULT_POD_VCPUS, |n| n as u8);
+    let explicit = number(
+        POD_MEMORY_ANNOTATION,
+        u64::from(MIN_MEM_SIZE_MIB),
+        u64::from(MAX_MEM_SIZE_MIB),
+    )?;
+    let from_cri = number(CRI_SANDBOX_MEMORY_ANNOTATION, 0, u64::MAX)?
+        .filter(|bytes| *bytes > 0)
+        .map(|bytes| mem_size_mib(Some(bytes)));
+    let mem_size_mib = explicit
+        .map(|n| n as u32)
+        .or(from_cri)
+        .unwrap_or(DEFAULT_POD_MEM_SIZE_MIB);
+    Ok(PodSize {
+        vcpus,
+        mem_size_mib,
+    })
+}
+
 /// Counts the CPUs of a cpuset list such as `0-3,7`.
 fn count_cpus(list: &str) -> Option<u32> {
     let mut count = 0u32;
@@ -857,5 +915,36 @@ mod tests {
             err.starts_with("field `kernel` = /no/such/vmlinux: No such file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_pod_vm_is_sized_by_its_annotations_or_the_defaults() {
+        let path = Path::new("/b/config.json");
+        let with = |annotations: Value| json!({"annotations": annotations});
+        assert_eq!(
+            pod_size(&json!({}), path).unwrap(),
+            PodSize {
+                vcpus: DEFAULT_POD_VCPUS,
+                mem_size_mib: DEFAULT_POD_MEM_SIZE_MIB
+            }
+        );
+        let sized = pod_size(
+            &with(json!({POD_VCPUS_ANNOTATION: "2", POD_MEMORY_ANNOTATION: "768"})),
+            path,
+        )
+        .unwrap();
+        assert_eq!((sized.vcpus, sized.mem_size_mib), (2, 768));
+        let cri = pod_size(&with(json!({CRI_SANDBOX_MEMORY_ANNOTATION: "268435456"})), path);
+        assert_eq!(cri.unwrap().mem_size_mib, 256 + MEM_HEADROOM_MIB);
+        for bad in [
+            json!({POD_VCPUS_ANNOTATION: "0"}),
+            json!({POD_VCPUS_ANNOTATION: "two"}),
+            json!({POD_MEMORY_ANNOTATION: "16"}),
+            json!({POD_MEMORY_ANNOTATION: 512}),
+        ] {
+            let err = pod_size(&with(bad.clone()), path).unwrap_err().to_string();
+            let name = bad.as_object().unwrap().keys().next().unwrap().clone();
+            assert!(err.contains(&name) && err.contains("config.json"), "{err}");
+        }
     }
 }

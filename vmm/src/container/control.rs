@@ -28,9 +28,15 @@ pub struct ClientRequest {
     pub writer: ClientWriter,
 }
 
-/// Whether a client may send this request (else the error to answer with).
-pub fn allowed(body: &RequestBody) -> Result<(), ErrorResponse> {
+/// Whether a client may send this request (else the error to answer with). In a pod VM
+/// (`pod`) clients create the pod's containers; elsewhere `create_container` is hull-vmm's.
+pub fn allowed(body: &RequestBody, pod: bool) -> Result<(), ErrorResponse> {
     match body {
+        RequestBody::CreateContainer(create) if pod && create.pod => Ok(()),
+        RequestBody::CreateContainer(_) if pod => Err(ErrorResponse::new(
+            ErrorKind::InvalidRequest,
+            "a pod VM takes only pod containers (`pod`: true)",
+        )),
         RequestBody::CreateContainer(_) | RequestBody::Shutdown => Err(ErrorResponse::new(
             ErrorKind::InvalidRequest,
             "create_container and shutdown are hull-vmm's own requests",
@@ -54,6 +60,7 @@ pub fn serve<T: From<ClientRequest> + Send + 'static>(
     path: &Path,
     inbox: SyncSender<T>,
     kernel_release: String,
+    pod: bool,
 ) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = hull_protocol::unix_path::bind(path).map_err(|e| {
@@ -86,7 +93,7 @@ pub fn serve<T: From<ClientRequest> + Send + 'static>(
             let inbox = inbox.clone();
             let release = kernel_release.clone();
             let spawned = clients.spawn(ThreadKind::ControlClient, move || {
-                serve_client(conn, &inbox, &release)
+                serve_client(conn, &inbox, &release, pod)
             });
             if let Err(err) = spawned {
                 log::warn!("control socket: cannot start a client thread: {err}");
@@ -123,6 +130,7 @@ fn serve_client<T: From<ClientRequest>>(
     mut conn: UnixStream,
     inbox: &SyncSender<T>,
     release: &str,
+    pod: bool,
 ) {
     if conn.set_write_timeout(Some(CLIENT_WRITE_DEADLINE)).is_err() {
         return;
@@ -143,7 +151,7 @@ fn serve_client<T: From<ClientRequest>>(
     loop {
         match read_frame::<_, HostMessage>(&mut conn) {
             Ok(Some(HostMessage::Request(request))) => {
-                if let Err(err) = allowed(&request.body) {
+                if let Err(err) = allowed(&request.body, pod) {
                     respond(&writer, request.id, Err(err));
                     continue;
                 }
@@ -174,7 +182,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("control.sock");
         let (tx, rx) = std::sync::mpsc::sync_channel::<ClientRequest>(8);
-        serve(&Spawner::detached(), &path, tx, "6.12".into()).unwrap();
+        serve(&Spawner::detached(), &path, tx, "6.12".into(), false).unwrap();
 
         let answering = std::thread::spawn(move || {
             let msg: ClientRequest = rx.recv().unwrap();
@@ -195,10 +203,30 @@ mod tests {
             .unwrap();
         assert_eq!(answer, ResponseBody::Processes(vec![]));
         answering.join().unwrap();
-        assert!(allowed(&RequestBody::Wait {
-            process: ProcessRef::Init
-        })
-        .is_ok());
+        let wait = RequestBody::Wait {
+            process: ProcessRef::Init,
+        };
+        assert!(allowed(&wait, false).is_ok() && allowed(&wait, true).is_ok());
+        // A pod VM's clients make its pod containers, and nothing else.
+        let mut create = hull_protocol::CreateContainer {
+            container_id: "c".into(),
+            spec: Default::default(),
+            rootfs: hull_protocol::Rootfs {
+                fs_tag: hull_protocol::POD_FS_TAG.into(),
+                readonly: false,
+                subdir: Some("c/rootfs".into()),
+            },
+            stdio: hull_protocol::Stdio::NULL,
+            binds_fs_tag: None,
+            pod: true,
+        };
+        let body =
+            |c: &hull_protocol::CreateContainer| RequestBody::CreateContainer(Box::new(c.clone()));
+        assert!(allowed(&body(&create), true).is_ok());
+        assert!(allowed(&body(&create), false).is_err());
+        create.pod = false;
+        assert!(allowed(&body(&create), true).is_err());
+        assert!(allowed(&RequestBody::Shutdown, true).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -216,7 +244,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("control.sock");
         let (tx, _rx) = std::sync::mpsc::sync_channel::<ClientRequest>(8);
-        serve(&Spawner::detached(), &path, tx, "6.12".into()).unwrap();
+        serve(&Spawner::detached(), &path, tx, "6.12".into(), false).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();

@@ -10,6 +10,11 @@
 //!    init's status (code, or 128 + signal).
 //!
 //! A signal that would end a process, received before the container exists, ends the VM.
+//!
+//! A pod VM (`create` absent from the container file) starts with no container: once the agent
+//! is connected it reports `created` and serves the control socket, where the pod's shim creates
+//! the pod's containers (`CreateContainer::pod`) and waits for their processes. A signal that
+//! would end a process powers the VM off (the pod is stopped), and hull-vmm exits with 128 + N.
 
 pub use hull_contract::console;
 pub mod control;
@@ -87,7 +92,7 @@ pub type ExitCell = Arc<Mutex<Option<i32>>>;
 /// returns the slave, for [`start`]. Done before hull-vmm jails itself: the jail holds neither
 /// `/dev/ptmx` nor the console socket.
 pub fn open_host_pty(config: &ContainerConfig) -> anyhow::Result<Option<OwnedFd>> {
-    let Stdio::Terminal { rows, cols } = config.create.stdio else {
+    let Some(Stdio::Terminal { rows, cols }) = config.create.as_ref().map(|c| c.stdio) else {
         return Ok(None);
     };
     let socket = config
@@ -124,7 +129,10 @@ pub fn start(
 ) -> io::Result<ExitCell> {
     let status: ExitCell = Arc::new(Mutex::new(None));
     let created = Arc::new(AtomicBool::new(false));
-    let terminal = matches!(config.create.stdio, Stdio::Terminal { .. });
+    let terminal = config
+        .create
+        .as_ref()
+        .is_some_and(|c| matches!(c.stdio, Stdio::Terminal { .. }));
     let (tx, rx) = sync_channel(INBOX_CAPACITY);
     let threads = Spawner::new(stopper.clone());
     let supervisor = Supervisor {
@@ -279,7 +287,22 @@ impl Supervisor {
         self.threads
             .spawn(ThreadKind::AgentReader, move || read_agent(reader, &tx))?;
 
-        let stdio = self.config.create.stdio;
+        let Some(create) = self.config.create.clone() else {
+            // A pod VM: its clients make its containers.
+            control::serve(
+                &self.threads,
+                &self.config.control_socket,
+                self.tx.clone(),
+                hello.kernel_release,
+                true,
+            )?;
+            return Ok(Running {
+                control,
+                outputs: 0,
+                done: channel().1,
+            });
+        };
+        let stdio = create.stdio;
         let mut streams = Vec::new();
         for kind in stdio.streams() {
             let mut conn = hybrid::connect(&self.vsock, STDIO_PORT, Some(AGENT_DEADLINE))
@@ -292,7 +315,7 @@ impl Supervisor {
 
         let id = self.send(
             &mut control,
-            RequestBody::CreateContainer(Box::new(self.config.create.clone())),
+            RequestBody::CreateContainer(Box::new(create)),
             Route::Own("create_container"),
         )?;
         self.await_own(rx, id, "create container")?;
@@ -307,6 +330,7 @@ impl Supervisor {
             &self.config.control_socket,
             self.tx.clone(),
             hello.kernel_release,
+            false,
         )?;
         Ok(Running {
             control,
@@ -480,6 +504,15 @@ impl Supervisor {
                 },
             };
             match incoming {
+                Incoming::Signal(signal) if self.config.create.is_none() => {
+                    // A pod VM stops.
+                    if deadline.is_none() {
+                        log::info!("stopping the pod VM on signal {signal}");
+                        exited = true;
+                        self.set_status(128 + signal);
+                        self.shut_down(&mut running, &mut deadline);
+                    }
+                }
                 Incoming::Signal(signal) => {
                     let body = RequestBody::Signal {
                         process: ProcessRef::Init,
