@@ -62,6 +62,8 @@ pub const VMM_LOG: &str = "vmm.log";
 /// Where hull-vmm jails itself (`--jail`): empty on the host, its jail in its own mount
 /// namespace.
 pub const JAIL: &str = "jail";
+/// hull-vmm's hybrid vsock socket: streams to the guest's processes are opened here.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// A pod VM's one share (`hull_protocol::POD_FS_TAG`): a shared mount of its own, so that the
 /// containers' rootfs and bind mounts that the shim mounts under it later reach hull-vmm's
 /// jail (a slave of it) and through it the guest.
@@ -157,7 +159,7 @@ impl StateDir {
 
     /// `vsock.sock`.
     pub fn vsock(&self) -> PathBuf {
-        self.path.join("vsock.sock")
+        self.path.join(VSOCK_SOCKET)
     }
 
     /// `binds/`: the share of the container's bind mounts, an entry each.

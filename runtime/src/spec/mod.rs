@@ -934,7 +934,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!((sized.vcpus, sized.mem_size_mib), (2, 768));
-        let cri = pod_size(&with(json!({CRI_SANDBOX_MEMORY_ANNOTATION: "268435456"})), path);
+        let cri = pod_size(
+            &with(json!({CRI_SANDBOX_MEMORY_ANNOTATION: "268435456"})),
+            path,
+        );
         assert_eq!(cri.unwrap().mem_size_mib, 256 + MEM_HEADROOM_MIB);
         for bad in [
             json!({POD_VCPUS_ANNOTATION: "0"}),
