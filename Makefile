@@ -19,7 +19,7 @@ CARGO ?= cargo
 HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static containerd \
 	qemu-system-x86 kmod xz-utils runc docker.io podman
 
-.PHONY: demo test test-nested kernel agent build bench bench-nested lint deps clean fuzz
+.PHONY: demo test test-nested kernel agent build bench bench-nested lint deps clean fuzz install deb
 
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found: hull needs a Rust toolchain (rustup) on PATH" >&2; exit 1; }
@@ -44,6 +44,32 @@ agent: deps
 # hull and hull-vmm.
 build: deps
 	$(CARGO) build --release --workspace --bins
+
+# Installs hull, hull-vmm, containerd-shim-hull-v2 in $(PREFIX)/bin and the guest kernel and
+# initramfs in $(PREFIX)/share/hull/guest, where hull finds them (docs/kubernetes.md).
+PREFIX ?= /usr/local
+DESTDIR ?=
+install: kernel agent build
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/hull/guest
+	install -m 0755 target/release/hull target/release/hull-vmm \
+		target/release/containerd-shim-hull-v2 $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 $(KERNEL) $(INITRAMFS) $(DESTDIR)$(PREFIX)/share/hull/guest/
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/hull/deploy
+	install -m 0644 deploy/containerd-hull.toml deploy/runtimeclass.yaml \
+		$(DESTDIR)$(PREFIX)/share/hull/deploy/
+
+# A Debian package of the same files under /usr (build/hull_<version>_amd64.deb).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+deb: kernel agent build
+	rm -rf build/deb && mkdir -p build/deb/DEBIAN
+	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/build/deb PREFIX=/usr
+	printf '%s\n' 'Package: hull' 'Version: $(VERSION)' 'Architecture: amd64' \
+		'Maintainer: hull developers <hull@localhost>' 'Depends: libc6' \
+		'Recommends: containerd' 'Section: admin' 'Priority: optional' \
+		'Description: OCI runtime and containerd shim that run containers in KVM micro-VMs' \
+		' hull (runc-compatible CLI), hull-vmm, containerd-shim-hull-v2 and the guest.' \
+		> build/deb/DEBIAN/control
+	dpkg-deb --root-owner-group --build build/deb build/hull_$(VERSION)_amd64.deb
 
 DEMO_BUNDLE := build/demo-bundle
 DEMO_ROOT := build/demo-state

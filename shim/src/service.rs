@@ -1138,3 +1138,43 @@ impl containerd_shim::Task for Service {
         Ok(Empty::new())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_is_grouped_with_its_sandbox_by_cri_s_annotations() {
+        let dir = std::env::temp_dir().join(format!("hull-shim-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |spec: serde_json::Value| {
+            std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+        };
+        write(serde_json::json!({"annotations": {SANDBOX_ID: "pod1", CONTAINER_TYPE: "sandbox"}}));
+        assert_eq!(sandbox_of(&dir).as_deref(), Some("pod1"));
+        assert!(is_sandbox_spec(&dir));
+        write(
+            serde_json::json!({"annotations": {SANDBOX_ID: "pod1", CONTAINER_TYPE: "container"}}),
+        );
+        assert_eq!(sandbox_of(&dir).as_deref(), Some("pod1"));
+        assert!(!is_sandbox_spec(&dir));
+        write(serde_json::json!({"process": {}}));
+        assert_eq!(sandbox_of(&dir), None);
+        std::fs::write(dir.join("config.json"), "{not json").unwrap();
+        assert_eq!(sandbox_of(&dir), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_exit_is_set_once_and_waiters_see_it() {
+        let exit = Arc::new(Exit::default());
+        let waiter = {
+            let exit = exit.clone();
+            std::thread::spawn(move || exit.wait().0)
+        };
+        assert!(exit.set(143));
+        assert!(!exit.set(0));
+        assert_eq!(waiter.join().unwrap(), 143);
+        assert_eq!(exit.get().map(|e| e.0), Some(143));
+    }
+}

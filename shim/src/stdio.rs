@@ -144,3 +144,34 @@ pub fn relay(attached: Attached, fifos: &Fifos) -> anyhow::Result<Relays> {
     }
     Ok(relays)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_gets_a_pipe_for_each_fifo_given_or_a_terminal() {
+        let mut fifos = Fifos {
+            stdin: String::new(),
+            stdout: "/run/out".into(),
+            stderr: "/run/err".into(),
+            terminal: false,
+        };
+        assert_eq!(
+            fifos.stdio(24, 80),
+            Stdio::Pipes {
+                stdin: false,
+                stdout: true,
+                stderr: true
+            }
+        );
+        fifos.terminal = true;
+        assert_eq!(
+            fifos.stdio(30, 100),
+            Stdio::Terminal {
+                rows: 30,
+                cols: 100
+            }
+        );
+    }
+}
