@@ -17,6 +17,7 @@ CARGO ?= cargo
 # are for the nested AMD lane (tests/lanes/nested.sh), runc is what `make bench` compares with,
 # docker.io and podman are clients the end-to-end tests drive.
 HOST_PACKAGES := python3 binutils util-linux cpio bc gcc libc6-dev busybox-static containerd \
+	protobuf-compiler containernetworking-plugins \
 	qemu-system-x86 kmod xz-utils runc docker.io podman
 
 .PHONY: demo test test-nested kernel agent build bench bench-nested lint deps clean fuzz install deb

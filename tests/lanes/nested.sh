@@ -33,6 +33,7 @@
 #   NESTED_KVM_AMD   kvm_amd parameters (default "npt=1 nested=0")
 #   NESTED_WORK      scratch directory (default ${TMPDIR:-/tmp}/hull-nested-$UID)
 #   HULL_VMM HULL    the binaries to test (default target/release/{hull-vmm,hull})
+#   HULL_SHIM        containerd-shim-hull-v2 for the cri test (default: beside HULL)
 #   HULL_GUEST_DIR   vmlinux, initramfs.cpio, test-initramfs.cpio (default build/guest)
 # Exit status: 0 when every program passed (or was skipped), 1 when one failed, timed out or
 # was not run, 2 on a usage or set-up error, 3 when QEMU failed or hung.
@@ -194,6 +195,33 @@ for spec in "${programs[@]}"; do
             host_bins+=("$path")
         done
     fi
+    # The CRI test: containerd with its CRI plugin, runc for the runc handler, Debian's CNI
+    # plugins (bridge and veth are among L1's modules; no netfilter is, so the test leaves
+    # portmap out of its conflist there and keeps ipMasq off), and hull's shim beside hull,
+    # where the test looks for it when HULL_CONTAINERD_SHIM_HULL_V2 is not set.
+    if [[ $name == cri ]]; then
+        for b in containerd ctr containerd-shim-runc-v2 runc tar sha256sum; do
+            path=$(command -v "$b") || die "the cri test needs $b"
+            host_bins+=("$path")
+        done
+        if [[ ! -x /usr/lib/cni/bridge ]]; then
+            log "the cri test needs Debian's CNI plugins: apt-get install containernetworking-plugins"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                containernetworking-plugins >&2 || true
+        fi
+        for plugin in bridge host-local loopback; do
+            [[ -x /usr/lib/cni/$plugin ]] ||
+                die "the cri test needs /usr/lib/cni/$plugin (apt-get install containernetworking-plugins)"
+            host_bins+=("/usr/lib/cni/$plugin")
+        done
+        # containerd's CRI copies the node's /etc/hosts into each sandbox.
+        printf '127.0.0.1\tlocalhost\n::1\tlocalhost\n' >"$payload/etc/hosts"
+        shim=${HULL_SHIM:-$(dirname "$hull")/containerd-shim-hull-v2}
+        # Without it the test's hull case fails, saying so.
+        if [[ -f $shim ]]; then
+            cp "$shim" "$payload/hull/bin/"
+        fi
+    fi
 done
 [[ -n $exec_cmd ]] && printf '%s\n' "$exec_cmd" >"$payload/etc/exec"
 for f in "${files[@]}"; do
@@ -206,7 +234,7 @@ for bin in "${host_bins[@]}"; do
     mkdir -p "$payload$(dirname "$bin")"
     cp -L "$bin" "$payload$bin"
 done
-for bin in "$hull_vmm" "$hull" "${host_bins[@]}" "$payload"/t/*; do
+for bin in "$payload"/hull/bin/* "${host_bins[@]}" "$payload"/t/*; do
     [[ -e $bin ]] || continue
     ldd "$bin" 2>/dev/null | grep -oE '/[^ ]+' | while read -r lib; do
         [[ -e $payload$lib ]] && continue

@@ -1,8 +1,9 @@
 //! OCI images for end-to-end tests, built locally because no registry is reachable: a
 //! one-layer busybox image (Debian's `busybox-static` with every applet linked in `/bin`) as
 //! the OCI image layout tarball `ctr images import` reads (`oci-layout`, `index.json`,
-//! `blobs/sha256/`). GNU tar writes the tars (sorted, owned by root, mtime 0) and `sha256sum`
-//! the digests, so the same busybox always gives the same image.
+//! `blobs/sha256/`), or that layout as a directory, for a registry to serve
+//! ([`crate::registry`]). GNU tar writes the tars (sorted, owned by root, mtime 0) and
+//! `sha256sum` the digests, so the same busybox always gives the same image.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +23,23 @@ pub struct Blob {
 /// `dir` (which must be empty or missing) and returns the path of its tarball, `dir/image.tar`.
 /// The image's config says `PATH=/bin` and `Cmd ["sh"]`.
 pub fn write_busybox_image(dir: &Path, reference: &str) -> PathBuf {
+    let layout = write_busybox_layout(dir, reference, &[]);
+    let image = dir.join("image.tar");
+    write_layout_tarball(&layout, &image);
+    image
+}
+
+/// Writes the OCI image layout directory `layout` as the tarball `out` (what `ctr images
+/// import` reads).
+pub fn write_layout_tarball(layout: &Path, out: &Path) {
+    tar(layout, &["oci-layout", "index.json", "blobs"], out);
+}
+
+/// Writes a busybox image named `reference` as an OCI image layout directory, `dir/layout`
+/// (`dir` must be empty or missing), and returns that path. The image's config says
+/// `PATH=/bin` and `Cmd ["sh"]`, or, if `entrypoint` is not empty, that `Entrypoint` and no
+/// `Cmd` (a pause image's config: what it runs takes no arguments).
+pub fn write_busybox_layout(dir: &Path, reference: &str, entrypoint: &[&str]) -> PathBuf {
     let busybox = ensure_busybox();
     let rootfs = dir.join("rootfs");
     for sub in ["bin", "proc", "sys", "dev", "etc", "tmp"] {
@@ -47,8 +65,14 @@ pub fn write_busybox_image(dir: &Path, reference: &str) -> PathBuf {
     // Uncompressed: the layer's digest is also its diff id.
     let layer = add_blob(&layout, &layer_tar);
 
+    let runs = if entrypoint.is_empty() {
+        r#""Cmd":["sh"]"#.to_owned()
+    } else {
+        let words: Vec<String> = entrypoint.iter().map(|w| json_string(w)).collect();
+        format!(r#""Entrypoint":[{}]"#, words.join(","))
+    };
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],{runs}}},"rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
         layer.digest
     );
     let config = add_blob_bytes(&layout, config.as_bytes());
@@ -71,10 +95,7 @@ pub fn write_busybox_image(dir: &Path, reference: &str) -> PathBuf {
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .expect("write oci-layout");
-
-    let image = dir.join("image.tar");
-    tar(&layout, &["oci-layout", "index.json", "blobs"], &image);
-    image
+    layout
 }
 
 /// Moves the file `path` into the layout's blobs under its digest.

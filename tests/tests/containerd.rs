@@ -12,11 +12,11 @@
 //! task, container, image or namespace in containerd, no shim or `hull-vmm`, no hull state
 //! directory, no mount. Two VMs, one after the other: about two minutes on a PVM host.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hull_tests::containerd::{signal, tail_of, Containerd as Daemon};
 use hull_tests::harness::{
     processes, require_guest_artifacts, run, workspace_bin, Finished, TempDir,
 };
@@ -28,8 +28,6 @@ const IMAGE: &str = "docker.io/library/hull-busybox:test";
 const VM_DEADLINE: Duration = Duration::from_secs(300);
 /// For any other `ctr` command.
 const CTR_DEADLINE: Duration = Duration::from_secs(120);
-/// For containerd to answer on its socket, and to exit when told to.
-const DAEMON_DEADLINE: Duration = Duration::from_secs(60);
 /// For a task to be seen stopped, and for its output to arrive.
 const TASK_DEADLINE: Duration = Duration::from_secs(120);
 /// Bytes of each log quoted when a step fails.
@@ -48,53 +46,24 @@ const DETACHED_SCRIPT: &str = "trap 'echo got TERM; exit 143' TERM; echo init-wa
 /// What the exec runs in the detached container.
 const EXEC_SCRIPT: &str = "echo exec in $(hostname) sees $(cat /mark); exit 5";
 
-/// A private containerd: config, root, state, socket and log in a temporary directory; the
-/// daemon is killed, and what the test made in it removed, on drop.
+/// The test's private containerd (CRI off) and its namespace; what the test made in it is
+/// removed on drop.
 struct Containerd {
-    dir: TempDir,
-    daemon: Option<Child>,
+    daemon: Daemon,
     namespace: String,
-    started: Instant,
 }
 
 impl Containerd {
     fn start() -> Self {
-        let dir = TempDir::new("containerd");
-        let path = dir.path();
-        let config = format!(
-            "version = 2\n\
-             root = \"{root}\"\n\
-             state = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{socket}\"\n\
-             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n",
-            root = path.join("root").display(),
-            state = path.join("state").display(),
-            socket = path.join("containerd.sock").display(),
-            opt = path.join("opt").display(),
+        let daemon = Daemon::start(
+            "containerd",
+            |_| "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".into(),
+            &[],
         );
-        std::fs::write(path.join("config.toml"), config).expect("write config.toml");
-        let log = File::create(path.join("containerd.log")).expect("create containerd.log");
-        let daemon = Command::new("containerd")
-            .arg("--config")
-            .arg(path.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup the log file"))
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let mut containerd = Self {
-            dir,
-            daemon: Some(daemon),
+        Self {
+            daemon,
             namespace: format!("hull-test-{}", std::process::id()),
-            started: Instant::now(),
-        };
-        containerd.wait_until_serving();
-        containerd
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
+        }
     }
 
     /// Where the runc shim tells hull to keep its state (`--root`).
@@ -104,44 +73,16 @@ impl Containerd {
 
     /// The task's bundle, where the shim keeps hull's `log.json`.
     fn bundle(&self, id: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join("state/io.containerd.runtime.v2.task")
+        self.daemon
+            .state()
+            .join("io.containerd.runtime.v2.task")
             .join(&self.namespace)
             .join(id)
     }
 
-    fn wait_until_serving(&mut self) {
-        loop {
-            if self.socket().exists() && self.ctr(&["version"], CTR_DEADLINE).status.success() {
-                eprintln!("containerd serving after {:?}", self.started.elapsed());
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.daemon.as_mut().map(Child::try_wait) {
-                self.fail(&format!("containerd exited at start: {status}"));
-            }
-            if self.started.elapsed() > DAEMON_DEADLINE {
-                self.fail(&format!(
-                    "containerd not serving within {DAEMON_DEADLINE:?}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
     /// `ctr` against this containerd in the test's namespace, killed after `deadline`.
     fn ctr(&self, args: &[&str], deadline: Duration) -> Finished {
-        let mut cmd = Command::new("timeout");
-        cmd.arg("--kill-after=10")
-            .arg(deadline.as_secs().to_string())
-            .arg("ctr")
-            .arg("--connect-timeout=10s")
-            .arg("--address")
-            .arg(self.socket())
-            .args(["--namespace", &self.namespace])
-            .args(args);
-        // `timeout` ends it first; this is for `timeout` itself.
-        run(cmd, deadline + Duration::from_secs(30))
+        self.daemon.ctr(&self.namespace, args, deadline)
     }
 
     /// `ctr` that must succeed; returns its standard output.
@@ -195,18 +136,8 @@ impl Containerd {
     /// The daemon's log, the tails of hull's logs for each container (the shim's `log.json`,
     /// hull-vmm's `vmm.log`, the guest's `console.log`), whichever still exist.
     fn diagnostics(&self) -> String {
-        let mut text = String::new();
-        let mut quote = |path: PathBuf| {
-            if let Ok(bytes) = std::fs::read(&path) {
-                let tail = &bytes[bytes.len().saturating_sub(TAIL_BYTES)..];
-                text.push_str(&format!(
-                    "\n--- {} ---\n{}",
-                    path.display(),
-                    String::from_utf8_lossy(tail).trim_end()
-                ));
-            }
-        };
-        quote(self.dir.path().join("containerd.log"));
+        let mut text = self.daemon.log_tail(TAIL_BYTES);
+        let mut quote = |path: PathBuf| text.push_str(&tail_of(&path, TAIL_BYTES));
         for id in IDS {
             quote(self.bundle(id).join("log.json"));
             quote(self.runc_root().join(id).join("vmm.log"));
@@ -244,18 +175,6 @@ impl Containerd {
             .collect()
     }
 
-    /// Mounts under the temporary directory (the tasks' rootfs, snapshots).
-    fn leftover_mounts(&self) -> Vec<String> {
-        let prefix = format!("{}/", self.dir.path().display());
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        mountinfo
-            .lines()
-            .filter_map(|line| line.split(' ').nth(4))
-            .filter(|point| point.starts_with(&prefix))
-            .map(str::to_owned)
-            .collect()
-    }
-
     /// Removes everything the test made in containerd and checks that nothing of it is left
     /// anywhere; then stops the daemon.
     fn shut_down(mut self) {
@@ -286,28 +205,11 @@ impl Containerd {
         }
         // The shim makes the namespace's runc root and leaves it, as it does with runc.
         let _ = std::fs::remove_dir(&runc_root);
-        self.stop_daemon();
-        let mounts = self.leftover_mounts();
+        self.daemon.stop();
+        let mounts = self.daemon.leftover_mounts();
         if !mounts.is_empty() {
             self.fail(&format!("mounts left behind: {mounts:?}"));
         }
-    }
-
-    /// SIGTERM to containerd, SIGKILL if it has not exited within the deadline.
-    fn stop_daemon(&mut self) {
-        let Some(mut daemon) = self.daemon.take() else {
-            return;
-        };
-        signal(daemon.id() as i32, libc::SIGTERM);
-        let end = Instant::now() + DAEMON_DEADLINE;
-        while let Ok(None) = daemon.try_wait() {
-            if Instant::now() > end {
-                let _ = daemon.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = daemon.wait();
     }
 }
 
@@ -315,10 +217,10 @@ impl Drop for Containerd {
     /// After a failure: kill the tasks, remove containers, image and namespace as far as
     /// containerd still can, then whatever it could not (hull's VMs and state, shims, mounts).
     fn drop(&mut self) {
-        let Some(daemon) = self.daemon.as_mut() else {
+        if self.daemon.pid().is_none() {
             return;
-        };
-        if let Ok(None) = daemon.try_wait() {
+        }
+        if self.daemon.exited().is_none() {
             let quick = Duration::from_secs(30);
             for id in IDS {
                 let _ = self.ctr(&["tasks", "kill", "--signal", "SIGKILL", id], quick);
@@ -328,7 +230,7 @@ impl Drop for Containerd {
             let _ = self.ctr(&["images", "rm", "--sync", IMAGE], quick);
             let _ = self.ctr(&["namespaces", "rm", &self.namespace], quick);
         }
-        self.stop_daemon();
+        self.daemon.stop();
         let root = self.runc_root();
         for id in IDS {
             if root.join(id).exists() {
@@ -344,23 +246,12 @@ impl Drop for Containerd {
         for (pid, _) in self.leftover_processes() {
             signal(pid, libc::SIGKILL);
         }
-        for point in self.leftover_mounts().iter().rev() {
-            if let Ok(point) = std::ffi::CString::new(point.as_str()) {
-                // SAFETY: `point` is a NUL-terminated path that outlives the call.
-                unsafe { libc::umount2(point.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        self.daemon.force_clean();
         let _ = std::fs::remove_dir_all(&root);
     }
 }
 
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours; `pid` is positive,
-    // one process this test started.
-    unsafe { libc::kill(pid, sig) };
-}
-
-/// Every process but this one, with its command line (arguments joined by spaces).
+/// A finished `ctr`, for a failure message.
 fn describe(out: &Finished) -> String {
     format!(
         "{} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
