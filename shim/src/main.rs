@@ -18,6 +18,9 @@ mod service;
 mod stdio;
 
 fn main() {
+    // A panic in any thread is logged where containerd keeps the shim's log (its standard
+    // error goes nowhere).
+    std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
     containerd_shim::run::<service::Shim>(
         service::RUNTIME_ID,
         Some(containerd_shim::Config {

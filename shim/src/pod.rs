@@ -103,16 +103,14 @@ fn prepare_into(
     for m in rootfs_mounts {
         let fs_type = (!m.type_.is_empty()).then_some(m.type_.as_str());
         let source = (!m.source.is_empty()).then_some(m.source.as_str());
-        containerd_shim::mount::mount_rootfs(fs_type, source, &m.options, &bundle_rootfs)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| {
-                format!(
-                    "cannot mount the rootfs ({} {}) on {}",
-                    m.type_,
-                    m.source,
-                    bundle_rootfs.display()
-                )
-            })?;
+        mount_snapshot(fs_type, source, &m.options, &bundle_rootfs).with_context(|| {
+            format!(
+                "cannot mount the rootfs ({} {}) on {}",
+                m.type_,
+                m.source,
+                bundle_rootfs.display()
+            )
+        })?;
         prepared.bundle_rootfs = Some(bundle_rootfs.clone());
     }
     let spec = hull::spec::BundleSpec::load(bundle)?;
@@ -179,6 +177,54 @@ fn prepare_into(
         binds_fs_tag: None,
         pod: true,
     })
+}
+
+/// Mounts one of containerd's rootfs mounts (an overlay, or a bind of a snapshot directory):
+/// the options that are mount flags become flags, the others the file system's data. Done
+/// here, in the shim's own thread: containerd-shim's helper forks and waits through a reaper
+/// that this shim does not run.
+fn mount_snapshot(
+    fs_type: Option<&str>,
+    source: Option<&str>,
+    options: &[String],
+    target: &Path,
+) -> anyhow::Result<()> {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for option in options {
+        match option.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags.remove(MsFlags::MS_RDONLY),
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+            other => data.push(other),
+        }
+    }
+    let data = data.join(",");
+    let fs_type = if flags.contains(MsFlags::MS_BIND) {
+        None
+    } else {
+        fs_type
+    };
+    mount(
+        source,
+        target,
+        fs_type,
+        flags,
+        (!data.is_empty()).then_some(data.as_str()),
+    )?;
+    if flags.contains(MsFlags::MS_BIND | MsFlags::MS_RDONLY) {
+        // A bind is made read-only by a remount.
+        let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(None::<&str>, target, None::<&str>, remount, None::<&str>)?;
+    }
+    Ok(())
 }
 
 /// Binds `source` on `target` (with its submounts if `recursive`), read-only if asked.

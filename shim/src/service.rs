@@ -166,26 +166,27 @@ fn hull_delete(root: &Path, id: &str) -> anyhow::Result<()> {
     run_hull(root, &["delete", "--force", id])
 }
 
+/// Runs `hull --root ROOT ARGS...`. Its standard streams are not pipes: a pod's hull-vmm
+/// inherits them and outlives hull, so a pipe would not end. Errors come from a file.
 fn run_hull(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     let hull = hull_binary()?;
-    let log = root.join(format!("hull-{}.log", std::process::id()));
-    let output = Command::new(&hull)
+    std::fs::create_dir_all(root).with_context(|| format!("cannot make {}", root.display()))?;
+    let errors = root.join(format!(".hull-{}-{}.err", std::process::id(), args[0]));
+    let stderr = std::fs::File::create(&errors)
+        .with_context(|| format!("cannot make {}", errors.display()))?;
+    let status = Command::new(&hull)
         .arg("--root")
         .arg(root)
-        .arg("--log")
-        .arg(&log)
         .args(args)
         .stdin(std::process::Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {}", hull.display()))?;
-    let _ = std::fs::remove_file(&log);
-    if !output.status.success() {
-        bail!(
-            "hull {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim(),
-            String::from_utf8_lossy(&output.stdout).trim()
-        );
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .status()
+        .with_context(|| format!("cannot run {}", hull.display()));
+    let said = std::fs::read_to_string(&errors).unwrap_or_default();
+    let _ = std::fs::remove_file(&errors);
+    if !status?.success() {
+        bail!("hull {}: {}", args.join(" "), said.trim());
     }
     Ok(())
 }
@@ -653,6 +654,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
+        log::info!("create {:?}", req.id);
         let bundle = PathBuf::from(&req.bundle);
         let sandbox = is_sandbox_spec(&bundle);
         let made = if sandbox {
@@ -705,6 +707,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
+        log::info!("start {:?}", req.id);
         let pid = self.vmm_pid();
         if self.is_sandbox(&req.id) && req.exec_id.is_empty() {
             self.with_proc(&req.id, "", |p| {
@@ -785,6 +788,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
+        log::info!("state {:?}", req.id);
         let pid = self.vmm_pid();
         let bundle = {
             let state = self.state();
@@ -843,6 +847,7 @@ impl containerd_shim::Task for Service {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
+        log::info!("kill {:?}", req.id);
         if self.is_sandbox(&req.id) && req.exec_id.is_empty() {
             let pid = self.vmm_pid() as i32;
             let exited = self.with_proc(&req.id, "", |p| Ok(p.exit.get().is_some()))?;
@@ -878,6 +883,7 @@ impl containerd_shim::Task for Service {
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
+        log::info!("exec {:?}", req.id);
         let bundle = {
             let state = self.state();
             match state.tasks.get(&req.id) {
@@ -993,6 +999,7 @@ impl containerd_shim::Task for Service {
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        log::info!("wait {:?}", req.id);
         let exit = self.with_proc(&req.id, &req.exec_id, |p| Ok(p.exit.clone()))?;
         let (code, at) = exit.wait();
         Ok(api::WaitResponse {
@@ -1057,6 +1064,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
+        log::info!("delete {:?}", req.id);
         let pid = self.vmm_pid();
         let (code, at) = self.with_proc(&req.id, &req.exec_id, |p| {
             if p.started && p.exit.get().is_none() {
@@ -1130,6 +1138,7 @@ impl containerd_shim::Task for Service {
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<Empty> {
+        log::info!("shutdown");
         let state = self.state();
         if state.sandbox.is_some() || !state.tasks.is_empty() {
             return Ok(Empty::new());

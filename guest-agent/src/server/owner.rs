@@ -805,8 +805,9 @@ impl<S: System> Owner<S> {
     /// none before it is created.
     fn container_pids(&self, init: &ProcessRef) -> Vec<Pid> {
         match self.pid_of(init) {
-            Ok((pid, _)) => self.system.container_pids(pid),
-            Err(_) => Vec::new(),
+            Ok((pid, false)) => self.system.container_pids(pid),
+            // Ended: its PID namespace went with it (and its pid may be another's now).
+            Ok((_, true)) | Err(_) => Vec::new(),
         }
     }
 
@@ -1748,7 +1749,12 @@ mod tests {
                 status: ExitStatus::Code(0)
             })
         );
+        // An ended init's pid tells nothing any more: nothing is killed for it (another
+        // container's processes would be).
+        o.system.pids = vec![Pid::from_raw(4242)];
+        let kills = o.system.kills.len();
         assert_eq!(host.request(o, 15, remove("b")), Ok(ResponseBody::Ok));
+        assert_eq!(o.system.kills.len(), kills);
         assert_eq!(o.system.cgroups, ["pod-a"]);
         assert_eq!(
             kind_of(host.request(o, 16, RequestBody::Wait { process: b })),

@@ -269,7 +269,10 @@ impl System for RealSystem {
                 .map(|s| s.st_ino)
         };
         let own = pidns("self");
-        let init_ns = pidns(&init.to_string());
+        let Some(init_ns) = pidns(&init.to_string()) else {
+            // The init is gone: so is what it could tell apart.
+            return Vec::new();
+        };
         let mut pids = Vec::new();
         let Ok(entries) = std::fs::read_dir(proc_dir) else {
             return pids;
@@ -283,8 +286,8 @@ impl System for RealSystem {
                 continue;
             }
             let ns = pidns(&pid.to_string());
-            let mine = match (init_ns, own) {
-                (Some(init_ns), Some(own)) if init_ns != own => ns == Some(init_ns),
+            let mine = match own {
+                Some(own) if init_ns != own => ns == Some(init_ns),
                 _ => true,
             };
             if mine {

@@ -354,9 +354,10 @@ fn make_state_dir(opts: &CreateOptions, checked: &Checked) -> anyhow::Result<Sta
         };
         made.with_context(|| format!("cannot make the mount point {}", point.display()))?;
     }
-    if spec.readonly {
+    if spec.readonly && !opts.pod {
         // The guest cannot make mount points in a read-only share: make them here, as runc
-        // does before it remounts the root read-only.
+        // does before it remounts the root read-only. (A pod VM runs nothing of its bundle:
+        // its sandbox's rootfs is left as it is.)
         let mounts = crate::mountpoints::spec_mounts(&spec.spec, &spec.config_path)?;
         let points =
             crate::mountpoints::plan(&mounts, |source| checked.bundle.join(source).is_file());
