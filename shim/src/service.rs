@@ -788,7 +788,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        log::info!("state {:?}", req.id);
+        log::debug!("state {:?}", req.id);
         let pid = self.vmm_pid();
         let bundle = {
             let state = self.state();
@@ -999,7 +999,7 @@ impl containerd_shim::Task for Service {
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        log::info!("wait {:?}", req.id);
+        log::debug!("wait {:?}", req.id);
         let exit = self.with_proc(&req.id, &req.exec_id, |p| Ok(p.exit.clone()))?;
         let (code, at) = exit.wait();
         Ok(api::WaitResponse {
