@@ -113,6 +113,8 @@ BENCH := target/release/hull-bench
 bench: kernel agent build
 	$(CARGO) build --release -q -p hull-bench
 	$(BENCH) --kernel $(KERNEL) --initramfs $(INITRAMFS) --test-initramfs $(TEST_INITRAMFS)
+	$(CARGO) build --release -q -p hull-tests --bin cri_bench
+	target/release/cri_bench --lane "$$(if [ -d /sys/module/kvm_pvm ]; then echo PVM host; else echo this host; fi)"
 	@if [ ! -c /dev/kvm ] || [ -d /sys/module/kvm_pvm ]; then $(MAKE) --no-print-directory bench-nested; fi
 
 # hull and runc side by side inside the nested lane's level-1 machine: absolute times there
@@ -123,6 +125,15 @@ bench-nested: kernel agent build
 	tests/lanes/nested.sh --host-bin "$$(command -v runc)" --file $(BENCH):/hull/bin/hull-bench \
 		--exec 'hull-bench --lane "nested AMD (QEMU TCG, emulated SVM)" --kernel $$HULL_KERNEL \
 			--initramfs $$HULL_INITRAMFS --boot-runs 5 --hull-runs 10'
+	$(CARGO) build --release -q -p hull-tests --bin cri_bench
+	printf '127.0.0.1\tlocalhost\n' >build/nested-hosts
+	tests/lanes/nested.sh $$(for b in containerd ctr containerd-shim-runc-v2 runc tar sha256sum; do \
+			echo --host-bin "$$(command -v $$b)"; done) \
+		$$(for p in bridge host-local loopback; do echo --host-bin /usr/lib/cni/$$p; done) \
+		--file build/nested-hosts:/etc/hosts \
+		--file target/release/containerd-shim-hull-v2:/hull/bin/containerd-shim-hull-v2 \
+		--file target/release/cri_bench:/hull/bin/cri_bench \
+		--exec 'cri_bench --lane "nested AMD (QEMU TCG, emulated SVM)"'
 
 lint: deps
 	$(CARGO) fmt --all -- --check
