@@ -17,7 +17,62 @@ mod pod;
 mod service;
 mod stdio;
 
+/// The flags of containerd's shim protocol that take a value.
+const VALUE_FLAGS: [&str; 6] = [
+    "-namespace",
+    "-id",
+    "-address",
+    "-publish-binary",
+    "-socket",
+    "-bundle",
+];
+
+/// What containerd-shim's own parser lets through and a user should hear about: a missing
+/// `-namespace` or `-id`, an action other than `start` or `delete` (or none, to serve).
+fn check_arguments(args: &[String]) -> Result<(), String> {
+    let (mut namespace, mut id, mut actions) = (None, None, Vec::new());
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let flag = arg.split('=').next().unwrap_or(arg).trim_start_matches('-');
+        let inline = arg.split_once('=').map(|(_, v)| v.to_owned());
+        if VALUE_FLAGS.contains(&format!("-{flag}").as_str()) && arg.starts_with('-') {
+            let value = inline.or_else(|| args.next().cloned()).unwrap_or_default();
+            match flag {
+                "namespace" => namespace = Some(value),
+                "id" => id = Some(value),
+                _ => {}
+            }
+        } else if !arg.starts_with('-') {
+            actions.push(arg.clone());
+        }
+    }
+    if namespace.as_deref().unwrap_or("").is_empty() {
+        return Err("-namespace is missing: containerd starts this shim with \
+                    -namespace NS -address SOCKET -id ID start"
+            .into());
+    }
+    match actions.as_slice() {
+        [] => {}
+        [action] if action == "start" || action == "delete" => {}
+        [action] => {
+            return Err(format!(
+                "unknown action {action:?}: the actions are start and delete (none: serve)"
+            ))
+        }
+        more => return Err(format!("one action at most, not {more:?}")),
+    }
+    if id.as_deref().unwrap_or("").is_empty() {
+        return Err("-id is missing: the task's id is needed to start, serve or delete".into());
+    }
+    Ok(())
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(why) = check_arguments(&args) {
+        eprintln!("containerd-shim-hull-v2: {why}");
+        std::process::exit(1);
+    }
     // A panic in any thread is logged where containerd keeps the shim's log (its standard
     // error goes nowhere).
     std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
@@ -30,4 +85,37 @@ fn main() {
             ..Default::default()
         }),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(args: &str) -> Result<(), String> {
+        check_arguments(
+            &args
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn wrong_arguments_are_named() {
+        let ok = "-namespace k8s.io -address /run/c.sock -publish-binary /bin/c -id t1 start";
+        assert_eq!(check(ok), Ok(()));
+        assert_eq!(check("-namespace=k8s.io -id=t1 delete"), Ok(()));
+        assert_eq!(
+            check("-namespace k8s.io -id t1 -socket unix:///s -debug"),
+            Ok(())
+        );
+        assert!(check("").unwrap_err().contains("-namespace"));
+        assert!(check("-namespace k8s.io start")
+            .unwrap_err()
+            .contains("-id"));
+        assert!(check("-namespace k8s.io -id t1 frobnicate")
+            .unwrap_err()
+            .contains("frobnicate"));
+        assert!(check("-namespace k8s.io -id t1 start delete").is_err());
+    }
 }

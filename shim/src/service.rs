@@ -208,6 +208,14 @@ fn rpc_error(code: Code, message: impl Into<String>) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
 }
 
+/// A ttrpc error as a person reads it: a status's message, without the structure around it.
+fn said(err: &ttrpc::Error) -> String {
+    match err {
+        ttrpc::Error::RpcStatus(status) => status.message().to_owned(),
+        other => other.to_string(),
+    }
+}
+
 fn internal(err: anyhow::Error) -> ttrpc::Error {
     rpc_error(Code::INTERNAL, format!("{err:#}"))
 }
@@ -448,7 +456,7 @@ impl Service {
     }
 
     fn create_container(&self, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
-        let (_, vsock, share) = self.sockets().map_err(|e| anyhow!("{e:?}"))?;
+        let (_, vsock, share) = self.sockets().map_err(|e| anyhow!("{}", said(&e)))?;
         let fifos = fifos_of(req);
         let stdio = fifos.stdio(24, 80);
         let bundle = PathBuf::from(&req.bundle);
@@ -457,7 +465,7 @@ impl Service {
         let created = (|| {
             let attached = stdio::attach(&vsock, &guest, &stdio)?;
             self.request(RequestBody::CreateContainer(Box::new(create)))
-                .map_err(|e| anyhow!("the pod VM's agent refused: {e:?}"))?;
+                .map_err(|e| anyhow!("the pod VM's agent refused: {}", said(&e)))?;
             stdio::relay(attached, &fifos)
         })();
         let relays = match created {
@@ -1099,7 +1107,11 @@ impl containerd_shim::Task for Service {
             if let Err(err) = self.request(RequestBody::RemoveContainer {
                 container_id: req.id.clone(),
             }) {
-                log::info!("remove container {} from the pod VM: {err:?}", req.id);
+                log::info!(
+                    "remove container {} from the pod VM: {}",
+                    req.id,
+                    said(&err)
+                );
             }
             if let Some(task) = self.state().tasks.remove(&req.id) {
                 task.prepared.release();

@@ -5,7 +5,6 @@
 //! ([`Containerd::start`]); the daemon is stopped (SIGTERM, then SIGKILL) on drop.
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +21,8 @@ pub const PROGRAMS: [&str; 3] = ["containerd", "ctr", "containerd-shim-runc-v2"]
 pub struct Containerd {
     dir: TempDir,
     daemon: Option<Child>,
+    /// What `start` added to the daemon's environment, for a restart.
+    env: Vec<(String, OsString)>,
     started: Instant,
 }
 
@@ -52,23 +53,49 @@ impl Containerd {
             plugins = plugins(path),
         );
         std::fs::write(path.join("config.toml"), config).expect("write config.toml");
-        let log = File::create(path.join("containerd.log")).expect("create containerd.log");
+        let mut containerd = Self {
+            dir,
+            daemon: None,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            started: Instant::now(),
+        };
+        containerd.spawn_daemon();
+        containerd.wait_until_serving(containerd.started);
+        containerd
+    }
+
+    /// Starts the daemon again once [`Self::stop`] has stopped it (as `systemctl restart`
+    /// does): the same config, root, state, socket and environment, its log going on in the
+    /// same file. Returns once `ctr version` gets an answer. The shims the daemon had started
+    /// ran on meanwhile: the new one finds them by their bundles.
+    pub fn start_again(&mut self) {
+        assert!(self.daemon.is_none(), "containerd is running already");
+        let spawned = Instant::now();
+        self.spawn_daemon();
+        self.wait_until_serving(spawned);
+    }
+
+    /// Starts `containerd --config config.toml`, its output appended to `containerd.log`.
+    fn spawn_daemon(&mut self) {
+        let path = self.dir();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path.join("containerd.log"))
+            .expect("open containerd.log");
         let daemon = Command::new("containerd")
             .arg("--config")
             .arg(path.join("config.toml"))
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup the log file"))
             .stderr(log)
             .spawn()
             .expect("start containerd");
-        let mut containerd = Self {
-            dir,
-            daemon: Some(daemon),
-            started: Instant::now(),
-        };
-        containerd.wait_until_serving();
-        containerd
+        self.daemon = Some(daemon);
     }
 
     /// The temporary directory holding everything of this containerd.
@@ -96,7 +123,8 @@ impl Containerd {
         self.started
     }
 
-    fn wait_until_serving(&mut self) {
+    /// Waits for the daemon spawned at `spawned` to answer on its socket.
+    fn wait_until_serving(&mut self, spawned: Instant) {
         loop {
             if self.socket().exists()
                 && self
@@ -104,7 +132,7 @@ impl Containerd {
                     .status
                     .success()
             {
-                eprintln!("containerd serving after {:?}", self.started.elapsed());
+                eprintln!("containerd serving after {:?}", spawned.elapsed());
                 return;
             }
             if let Some(status) = self.exited() {
@@ -113,7 +141,7 @@ impl Containerd {
                     self.log_tail(8192)
                 );
             }
-            if self.started.elapsed() > DAEMON_DEADLINE {
+            if spawned.elapsed() > DAEMON_DEADLINE {
                 panic!(
                     "containerd not serving within {DAEMON_DEADLINE:?}\n{}",
                     self.log_tail(8192)

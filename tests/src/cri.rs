@@ -223,6 +223,22 @@ impl CriNode {
         }
     }
 
+    /// Restarts containerd as `systemctl restart containerd` does: SIGTERM
+    /// ([`Containerd::stop`]), then, once `while_down` has returned, the same daemon again
+    /// ([`Containerd::start_again`]), which finds the pods' shims; connects a new client and
+    /// waits for the CRI plugin's network to be ready. Returns how long containerd was down.
+    pub fn restart_containerd(&mut self, while_down: impl FnOnce()) -> Duration {
+        let stopping = Instant::now();
+        self.containerd.stop();
+        while_down();
+        self.containerd.start_again();
+        let down = stopping.elapsed();
+        self.cri = Cri::connect(&self.containerd.socket(), CRI_DEADLINE)
+            .unwrap_or_else(|e| self.fail(&e.to_string()));
+        self.wait_for_network();
+        down
+    }
+
     /// The CRI client.
     pub fn cri(&self) -> &Cri {
         &self.cri

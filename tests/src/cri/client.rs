@@ -3,6 +3,7 @@
 //! sequences of calls. The client owns a single-threaded tokio runtime and blocks on it for
 //! each call, under a deadline.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -133,6 +134,14 @@ impl Cri {
         let request = api::StatusRequest { verbose: false };
         let status = self.call("Status", self.deadline, self.rt().status(request))?;
         Ok(status.status.unwrap_or_default())
+    }
+
+    /// `Status` with `verbose`: the runtime's `info` (containerd: its CRI config as JSON under
+    /// `config`, with each runtime handler's `PodAnnotations`).
+    pub fn status_info(&self) -> Result<HashMap<String, String>, CriError> {
+        let request = api::StatusRequest { verbose: true };
+        let status = self.call("Status", self.deadline, self.rt().status(request))?;
+        Ok(status.info)
     }
 
     /// `RunPodSandbox` with the runtime handler `handler`: the sandbox's id.
