@@ -369,83 +369,52 @@ fn root_propagation(spec: &ContainerSpec) -> Result<(), ErrorResponse> {
 }
 
 /// The virtio-fs shares: the rootfs on `rootfs_dir`, and the host's bind sources on
-/// `agent_root/run/hull/binds`.
+/// `agent_root/run/hull/binds` (in a pod VM: the pod's share on `agent_root/run/hull/pod`,
+/// whose `<id>/rootfs` is bound as the rootfs and whose `<id>/binds` hold the bind sources).
 fn mount_shares(config: &Config) -> Result<(), ErrorResponse> {
     let root = &config.rootfs_dir;
     std::fs::create_dir_all(root).map_err(|e| io(format!("creating {}", root.display()), e))?;
-    match &config.rootfs {
-        RootfsSource::Virtiofs { tag } => mount(
-            Some(tag.as_str()),
-            root,
-            Some("virtiofs"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| {
-            io(
-                format!("mounting virtio-fs tag {tag:?} on {}", root.display()),
-                e,
-            )
-        })?,
-        RootfsSource::Bind(dir) => mount(
+    let bind_root = |dir: &Path| {
+        mount(
             Some(dir),
             root,
             None::<&str>,
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
         )
-        .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))?,
+        .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))
+    };
+    match &config.rootfs {
+        RootfsSource::Virtiofs { tag } => mount_virtiofs(tag, root, MsFlags::empty())?,
+        RootfsSource::Bind(dir) => bind_root(dir)?,
         RootfsSource::Share { tag, subdir } => {
-            let share = config
-                .agent_root
-                .join(hull_protocol::POD_DIR.trim_start_matches('/'));
-            std::fs::create_dir_all(&share)
-                .map_err(|e| io(format!("creating {}", share.display()), e))?;
-            mount(
-                Some(tag.as_str()),
-                &share,
-                Some("virtiofs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                None::<&str>,
-            )
-            .map_err(|e| {
-                io(
-                    format!("mounting virtio-fs tag {tag:?} on {}", share.display()),
-                    e,
-                )
-            })?;
-            let dir = share.join(subdir);
-            mount(
-                Some(&dir),
-                root,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .map_err(|e| io(format!("bind-mounting {} as the rootfs", dir.display()), e))?
+            let share = agent_dir(config, hull_protocol::POD_DIR)?;
+            mount_virtiofs(tag, &share, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+            bind_root(&share.join(subdir))?;
         }
     }
-
     if let Some(tag) = &config.binds_tag {
-        let dir = config
-            .agent_root
-            .join(hull_protocol::BINDS_DIR.trim_start_matches('/'));
-        std::fs::create_dir_all(&dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
-        mount(
-            Some(tag.as_str()),
-            &dir,
-            Some("virtiofs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-        .map_err(|e| {
-            io(
-                format!("mounting virtio-fs tag {tag:?} on {}", dir.display()),
-                e,
-            )
-        })?;
+        let dir = agent_dir(config, hull_protocol::BINDS_DIR)?;
+        mount_virtiofs(tag, &dir, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
     }
     Ok(())
+}
+
+/// `path` (absolute in the guest) below the agent's root, made if missing.
+fn agent_dir(config: &Config, path: &str) -> Result<std::path::PathBuf, ErrorResponse> {
+    let dir = config.agent_root.join(path.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}
+
+/// Mounts the virtio-fs share `tag` on `dir`.
+fn mount_virtiofs(tag: &str, dir: &Path, flags: MsFlags) -> Result<(), ErrorResponse> {
+    mount(Some(tag), dir, Some("virtiofs"), flags, None::<&str>).map_err(|e| {
+        io(
+            format!("mounting virtio-fs tag {tag:?} on {}", dir.display()),
+            e,
+        )
+    })
 }
 
 /// Mount flags, propagation flags and file system data of a mount's `options`.
