@@ -552,7 +552,15 @@ fn containerd_env(hull_shim: Option<&Path>) -> Vec<(&'static str, OsString)> {
             std::env::join_paths(path).expect("PATH entries hold no ':'"),
         ));
     }
-    if std::env::var_os("HULL_GUEST_DIR").is_none() {
+    let installed = hull_shim
+        .and_then(Path::parent)
+        .map(|bin| bin.join("../share/hull/guest/vmlinux"))
+        .is_some_and(|kernel| kernel.is_file());
+    if installed {
+        // An installed layout (`make install`): hull finds its guest beside itself, which an
+        // empty HULL_GUEST_DIR leaves it to do.
+        env.push(("HULL_GUEST_DIR", OsString::new()));
+    } else if std::env::var_os("HULL_GUEST_DIR").is_none() {
         let (kernel, initramfs) = guest_artifacts();
         if let Some(dir) = kernel.parent().filter(|d| {
             kernel.file_name() == Some("vmlinux".as_ref())

@@ -109,6 +109,67 @@ fn hull_node_shim() -> Option<PathBuf> {
     Some(hull_shim())
 }
 
+/// What `make install` installs runs a pod: the shim, hull and hull-vmm from `PREFIX/bin`, the
+/// guest from `PREFIX/share/hull/guest`, found by hull beside itself (no HULL_GUEST_DIR).
+#[test]
+fn cri_pod_from_make_install() {
+    if let Some(why) = hull_tests::cri::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let make = std::process::Command::new("make").arg("--version").output();
+    if !workspace.join("Makefile").is_file() || !make.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no source tree or no make here (the nested lane's level-1 machine)");
+        return;
+    }
+    require_guest_artifacts();
+    hull_shim(); // built, or this fails saying so
+    let prefix = hull_tests::harness::TempDir::new("make-install");
+    // The recipe alone: the kernel, agent and binaries are built already (`make test`).
+    let install = std::process::Command::new("make")
+        .current_dir(&workspace)
+        .args([
+            "--no-print-directory",
+            "-o",
+            "kernel",
+            "-o",
+            "agent",
+            "-o",
+            "build",
+        ])
+        .arg("install")
+        .arg(format!("PREFIX={}", prefix.path().display()))
+        .output()
+        .expect("run make install");
+    assert!(
+        install.status.success(),
+        "make install: {}{}",
+        String::from_utf8_lossy(&install.stdout),
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let shim = prefix.path().join("bin/containerd-shim-hull-v2");
+    for installed in [
+        "bin/hull",
+        "bin/hull-vmm",
+        "bin/containerd-shim-hull-v2",
+        "share/hull/guest/vmlinux",
+        "share/hull/guest/initramfs.cpio",
+        "share/hull/deploy/containerd-hull.toml",
+        "share/hull/deploy/runtimeclass.yaml",
+    ] {
+        assert!(
+            prefix.path().join(installed).is_file(),
+            "make install left out {installed}"
+        );
+    }
+    pod_scenario(HULL_HANDLER, Some(&shim));
+}
+
 /// One pod's life under `handler`, timed step by step.
 fn pod_scenario(handler: &'static str, shim: Option<&Path>) {
     let start = Instant::now();
