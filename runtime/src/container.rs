@@ -348,7 +348,12 @@ impl Container {
         if let Some(cgroup) = &self.saved.cgroup {
             cgroup.remove();
         }
-        crate::state::release_pod_share(&self.dir);
+        if !crate::state::release_pod_share(&self.dir) {
+            bail!(
+                "cannot delete {}: its pod share is still mounted",
+                self.dir.display()
+            );
+        }
         std::fs::remove_dir_all(&self.dir)
             .with_context(|| format!("cannot remove {}", self.dir.display()))
     }

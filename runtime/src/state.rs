@@ -87,7 +87,7 @@ pub fn share_pod(dir: &Path) -> anyhow::Result<PathBuf> {
         (MsFlags::MS_SHARED, "shared"),
     ] {
         if let Err(err) = mount(none, &share, none, flag, none) {
-            release_pod_share(dir);
+            let _ = release_pod_share(dir);
             return Err(err).with_context(|| format!("cannot make {} {what}", share.display()));
         }
     }
@@ -95,16 +95,18 @@ pub fn share_pod(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Detaches `<dir>/pod` and everything mounted under it, if it is there: before anything
-/// removes the state directory, which must never reach into a container's rootfs.
-pub fn release_pod_share(dir: &Path) {
+/// removes the state directory, which must never reach into a container's rootfs. False if
+/// a mount may still be there: the directory must then be left as it is.
+pub fn release_pod_share(dir: &Path) -> bool {
     let share = dir.join(POD_SHARE);
     loop {
         match nix::mount::umount2(&share, nix::mount::MntFlags::MNT_DETACH) {
             Ok(()) => continue,
-            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => return,
+            // Not (or no longer) a mount point, or not there at all.
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => return true,
             Err(err) => {
                 log::warn!("cannot unmount {}: {err}", share.display());
-                return;
+                return false;
             }
         }
     }
@@ -183,7 +185,13 @@ impl Drop for StateDir {
         if self.keep {
             return;
         }
-        release_pod_share(&self.path);
+        if !release_pod_share(&self.path) {
+            log::warn!(
+                "{} left in place: its pod share is still mounted",
+                self.path.display()
+            );
+            return;
+        }
         if let Err(err) = std::fs::remove_dir_all(&self.path) {
             if err.kind() != std::io::ErrorKind::NotFound {
                 log::warn!("cannot remove {}: {err}", self.path.display());
@@ -204,6 +212,54 @@ mod tests {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ))
+    }
+
+    fn mounted(path: &Path) -> bool {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let path = path.to_str().unwrap();
+        mountinfo
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(path))
+    }
+
+    #[test]
+    fn a_pod_share_is_mounted_shared_and_released_before_its_directory_goes() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let root = temp_root();
+        let state = StateDir::create(&root, "pod1").unwrap();
+        // Nothing there yet: nothing to release.
+        assert!(release_pod_share(state.path()));
+        let share = share_pod(state.path()).unwrap();
+        assert!(mounted(&share));
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = mountinfo
+            .lines()
+            .find(|l| l.split_whitespace().nth(4) == share.to_str())
+            .unwrap();
+        assert!(line.contains(" shared:"), "{line}");
+        // A container's rootfs bound below it survives the state directory's removal.
+        let rootfs = root.parent().unwrap().join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::write(rootfs.join("keep"), "x").unwrap();
+        std::fs::create_dir(share.join("c1")).unwrap();
+        let none = None::<&str>;
+        nix::mount::mount(
+            Some(&rootfs),
+            &share.join("c1"),
+            none,
+            nix::mount::MsFlags::MS_BIND,
+            none,
+        )
+        .unwrap();
+        let dir = state.path().to_owned();
+        drop(state);
+        assert!(!dir.exists());
+        assert!(!mounted(&share));
+        assert_eq!(std::fs::read_to_string(rootfs.join("keep")).unwrap(), "x");
+        std::fs::remove_dir_all(root.parent().unwrap()).unwrap();
     }
 
     #[test]

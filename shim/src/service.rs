@@ -622,7 +622,8 @@ fn wait_pid(pid: i32) -> u32 {
             Ok(_) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(err) => {
-                // Not the shim's child (it was not reparented here): watch it by its pidfd.
+                // Not the shim's child (it was not reparented here): its status cannot be had,
+                // only its end, seen by polling.
                 log::warn!("cannot wait for pid {pid} ({err}); polling it");
                 while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
                     std::thread::sleep(Duration::from_millis(200));
