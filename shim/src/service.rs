@@ -67,14 +67,19 @@ impl ExitSignal {
     }
 }
 
-/// The sandbox a bundle's task belongs to: CRI's annotation, if the bundle's spec has it.
-fn sandbox_of(bundle: &Path) -> Option<String> {
+/// The annotation `key` of a bundle's spec, if it has it.
+fn annotation(bundle: &Path, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(bundle.join("config.json")).ok()?;
     let spec: serde_json::Value = serde_json::from_str(&text).ok()?;
     spec.get("annotations")?
-        .get(SANDBOX_ID)?
+        .get(key)?
         .as_str()
         .map(str::to_owned)
+}
+
+/// The sandbox a bundle's task belongs to: CRI's annotation, if the bundle's spec has it.
+fn sandbox_of(bundle: &Path) -> Option<String> {
+    annotation(bundle, SANDBOX_ID)
 }
 
 /// `hull`'s state root for a containerd namespace (`HULL_SHIM_ROOT`, default `/run/hull/cri`).
@@ -405,9 +410,8 @@ impl Service {
             .trim()
             .parse()
             .with_context(|| format!("{}: not a pid", pid_file.display()))?;
-        let mut proc = Proc::new(None, fifos_of(req));
+        let proc = Proc::new(None, fifos_of(req));
         let exit = proc.exit.clone();
-        proc.started = false;
         self.state().sandbox = Some(Sandbox {
             id: req.id.clone(),
             bundle,
@@ -643,18 +647,9 @@ fn fifos_of(req: &api::CreateTaskRequest) -> Fifos {
     }
 }
 
+/// Whether a bundle is a pod's sandbox (CRI's container type).
 fn is_sandbox_spec(bundle: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(bundle.join("config.json")) else {
-        return false;
-    };
-    let Ok(spec) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return false;
-    };
-    let annotations = spec.get("annotations");
-    let kind = annotations
-        .and_then(|a| a.get(CONTAINER_TYPE))
-        .and_then(|v| v.as_str());
-    kind == Some("sandbox")
+    annotation(bundle, CONTAINER_TYPE).as_deref() == Some("sandbox")
 }
 
 impl containerd_shim::Task for Service {
